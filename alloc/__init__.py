@@ -1,0 +1,10 @@
+"""bitalloc: mixed-precision bit allocation — probe how sensitive each layer is, choose widths under a
+budget of true bits per weight, quantize, pack and run. See DESIGN.md for the flow."""
+from .api import allocate, measure, prepare, solve
+from .errors import BitallocError
+from .options import QuantSpec
+from .plan import BitPlan
+from .units import Unit
+
+__all__ = ["allocate", "measure", "prepare", "solve", "BitallocError", "QuantSpec", "BitPlan", "Unit"]
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""The public verbs: ``allocate`` (model -> BitPlan) and the steps it is made of.
+
+    prepare(model, calibration)       model, tokenizer, units, options, calibration windows
+    measure(prepared, probe)          SensitivityTable, cached on disk by content hash
+    solve(table, budget, solver)      BitPlan
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import data_hash, read_text, windows
+from .errors import BitallocError
+from .model import load_model, model_info
+from .options import QuantSpec, parse_options
+from .plan import BitPlan
+from .units import Unit, check_finite, find_units
+from .workload import make_workload
+
+DEFAULT_PROBE = "fisher"
+DEFAULT_SOLVER = "ilp"
+DEFAULT_SEQ_LEN = 512
+DEFAULT_WINDOWS = 128
+
+
+@dataclass
+class Prepared:
+    """A model ready for probing: what ``allocate`` works on."""
+
+    model: nn.Module
+    tokenizer: Any
+    kind: str                         # "causal_lm" or "encoder"
+    units: list[Unit]
+    options: list[QuantSpec]
+    tokens: torch.Tensor              # (n_windows, seq_len) calibration token ids
+    info: dict = field(default_factory=dict)
+    batch_size: int = 8
+
+    @property
+    def workload(self):
+        return make_workload(self.model, self.kind, self.tokens, batch_size=self.batch_size)
+
+
+def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: str | torch.Tensor | None = None,
+            calib_file: str | os.PathLike | None = None, tokenizer: Any = None, options: list[QuantSpec] | str | None = None,
+            include: tuple[str, ...] = (), seq_len: int = DEFAULT_SEQ_LEN, n_windows: int = DEFAULT_WINDOWS,
+            batch_size: int = 8, strict_windows: bool = False) -> Prepared:
+    """Load (if a path), find units, tokenize calibration text into windows.
+
+    ``calibration``: text, or a (n, seq) tensor of token ids; ``calib_file``: a text file; neither: Python's
+    own help topics (alloc/calibration.py)."""
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model, tokenizer, kind = load_model(model)
+    else:
+        kind = "causal_lm" if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None \
+            else "encoder"
+        if tokenizer is None and not isinstance(calibration, torch.Tensor):
+            path = getattr(model, "name_or_path", None)
+            if not path or not Path(path).is_dir():
+                raise BitallocError("pass tokenizer= or calibration token ids: the model has no local path to load a tokenizer from")
+            import transformers
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model.eval()
+    units = find_units(model, include=include)
+    check_finite(model, units)
+    if isinstance(options, str) or options is None:
+        options = parse_options(options)
+    max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_len and seq_len > max_len:
+        seq_len = max_len
+    if isinstance(calibration, torch.Tensor):
+        tokens = calibration.long()
+        if tokens.dim() != 2 or tokens.numel() == 0:
+            raise BitallocError("calibration token ids must be a non-empty (n_windows, seq_len) tensor")
+    else:
+        text = calibration if isinstance(calibration, str) else read_text(calib_file)
+        if not text.strip():
+            raise BitallocError("calibration text is empty: give at least one window of text")
+        source = f"calibration file {str(calib_file)!r}" if calib_file else "calibration text"
+        tokens = windows(tokenizer, text, seq_len=seq_len, n_windows=n_windows, source=source, strict=strict_windows)
+    info = model_info(model)
+    return Prepared(model, tokenizer, kind, units, list(options), tokens, info, batch_size)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BITALLOC_CACHE", Path.home() / ".cache" / "bitalloc"))
+
+
+def table_key(prepared: Prepared, probe_name: str, settings: dict) -> str:
+    blob = json.dumps({"model": prepared.info["hash"], "data": data_hash(prepared.tokens), "probe": probe_name,
+                       "settings": settings, "options": [o.to_json() for o in prepared.options],
+                       "units": [[u.name, list(u.shape), u.kind] for u in prepared.units]}, sort_keys=True, default=str)
+    return hashlib.blake2b(blob.encode(), digest_size=12).hexdigest()
+
+
+def measure(prepared: Prepared, probe: str = DEFAULT_PROBE, *, settings: dict | None = None,
+            cache: bool = True):
+    """The SensitivityTable of ``probe`` on ``prepared``; loaded from the cache when inputs match."""
+    from .sensitivity import SensitivityTable, get_probe
+    probe_obj = get_probe(probe, **(settings or {}))
+    key = table_key(prepared, probe, probe_obj.settings())
+    path = cache_dir() / "tables" / f"{probe}-{key}.safetensors"
+    if cache and path.is_file() and Path(str(path) + ".json").is_file():
+        table = SensitivityTable.load(path)
+        table.meta["cached"] = str(path)
+        return table
+    table = probe_obj.measure(prepared.workload, prepared.units, prepared.options)
+    table.meta.update(model=prepared.info, data_hash=data_hash(prepared.tokens),
+                      n_windows=len(prepared.tokens), seq_len=prepared.tokens.shape[1])
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table.save(path)
+    return table
+
+
+def solve(table, budget_bits: float, solver: str = DEFAULT_SOLVER, *, settings: dict | None = None,
+          count_overhead: bool = True, fuse: bool = False) -> BitPlan:
+    from .solvers import get_solver
+    return get_solver(solver, **(settings or {}))(table, budget_bits, count_overhead=count_overhead, fuse=fuse)
+
+
+def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: float = 3.2, *,
+             calibration: str | torch.Tensor | None = None, tokenizer: Any = None, probe: str = DEFAULT_PROBE,
+             solver: str = DEFAULT_SOLVER, options: list[QuantSpec] | str | None = None,
+             include: tuple[str, ...] = (), fuse: bool = False, count_overhead: bool = True,
+             seq_len: int = DEFAULT_SEQ_LEN, n_windows: int = DEFAULT_WINDOWS, cache: bool = True,
+             probe_settings: dict | None = None, solver_settings: dict | None = None) -> BitPlan:
+    """Choose a width per layer so the model fits ``budget_bits`` TRUE bits per weight on average.
+
+    ``model``: an ``nn.Module`` (with ``tokenizer=`` or token-id ``calibration``) or a local model folder;
+    ``calibration``: text or (n, seq) token ids (default: Python's help topics); ``probe`` / ``solver``:
+    names from ``bitalloc.sensitivity.PROBES`` / ``bitalloc.solvers.SOLVERS``; ``fuse``: q/k/v and gate/up
+    share a width; ``count_overhead=False``: budget in nominal bits (codes only).
+    """
+    prepared = prepare(model, calibration=calibration, tokenizer=tokenizer, options=options, include=include,
+                       seq_len=seq_len, n_windows=n_windows)
+    table = measure(prepared, probe, settings=probe_settings, cache=cache)
+    return solve(table, budget_bits, solver, settings=solver_settings, count_overhead=count_overhead, fuse=fuse)

@@ -1,0 +1,202 @@
+"""The ``bitalloc`` command. Each subcommand is one step of the flow in DESIGN.md; ``allocate`` runs them all.
+
+Errors in the user's input print one line (``bitalloc: error: ...``) and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+from .errors import BitallocError
+
+
+def _budget(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not a number of bits per weight, e.g. 3.2") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local Hugging Face model folder (default: the embedded refllama-s)")
+    p.add_argument("--calib", help="calibration text file (default: Python's own help topics)")
+    p.add_argument("--options", help="candidate widths, e.g. 2,3,4,8 or 3g64 (default 2,3,4,8 at --group-size)")
+    p.add_argument("--group-size", type=int, default=128, help="weights per scale along the input (default 128)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric codes (no zero points)")
+    p.add_argument("--include", default="", help="also quantize these modules (comma list of names or globs, e.g. lm_head)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens (default 512)")
+    p.add_argument("--n-windows", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the sensitivity-table cache")
+
+
+def _prepare(args):
+    from .api import prepare
+    from .options import parse_options
+    options = parse_options(args.options, group_size=args.group_size, symmetric=args.symmetric)
+    include = tuple(s.strip() for s in args.include.split(",") if s.strip())
+    return prepare(args.model, calib_file=args.calib, options=options, include=include, seq_len=args.seq_len,
+                   n_windows=args.n_windows)
+
+
+def _print_plan(plan, table) -> None:
+    index = {u.name: i for i, u in enumerate(table.units)}
+    width = max(len(n) for n in plan.layers)
+    print(f"{'layer':<{width}}  {'params':>9}  {'format':>8}  {'bpw':>6}  {'cost':>10}")
+    for name, spec in plan.layers.items():
+        shape = plan.shapes[name]
+        j = table.options.index(spec)
+        cost = float(table.cost[index[name], j])
+        print(f"{name:<{width}}  {shape[0] * shape[1]:>9,}  {spec.label():>8}  "
+              f"{spec.bits_per_weight(shape):>6.3f}  {cost:>10.4g}")
+
+
+def cmd_allocate(args) -> None:
+    from .api import measure, solve
+    t0 = time.time()
+    prepared = _prepare(args)
+    table = measure(prepared, args.probe, cache=not args.no_cache)
+    plan = solve(table, args.budget, args.solver, count_overhead=not args.nominal, fuse=args.fuse)
+    plan.extra["quantizer"] = args.quantizer
+    _print_plan(plan, table)
+    print(f"\nbudget {args.budget} {'nominal' if args.nominal else 'true'} bits/weight · "
+          f"true {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver}"
+          f" · {len(plan.layers)} layers, {plan.n_params:,} weights, {plan.size_bytes() / 2**20:.2f} MiB packed")
+    if args.eval:
+        _evaluate_plans(args, prepared, table, plan)
+    plan.save(args.out)
+    print(f"plan written to {args.out} ({time.time() - t0:.1f} s)")
+
+
+def _evaluate_plans(args, prepared, table, plan) -> None:
+    from .api import solve
+    from .calibration import read_text, windows
+    from .evaluate import Evaluator
+    from .quantize_model import quantize_model, set_unit_weights, unit_weights
+    text = read_text(args.eval)
+    tokens = windows(prepared.tokenizer, text, seq_len=prepared.tokens.shape[1], n_windows=args.eval_windows,
+                     source=f"eval file {args.eval!r}")
+    evaluator = Evaluator(prepared.model, prepared.kind, prepared.units, tokens)
+    uniform = solve(table, args.budget, "uniform", count_overhead=not args.nominal)
+    rows = [("fp", None, evaluator.fp)]
+    for label, p in (("plan", plan), (f"uniform {next(iter(uniform.layers.values())).label()}", uniform)):
+        quantize_model(prepared.model, prepared.units, p, quantizer=args.quantizer, calibration=prepared.tokens)
+        weights = unit_weights(prepared.model, prepared.units)
+        set_unit_weights(prepared.model, prepared.units, evaluator.fp_weights)
+        rows.append((label, p, evaluator.score(weights, desc=f"eval {label}")))
+    metric = "ppl" if prepared.kind == "causal_lm" else "cosine"
+    print(f"\n{'model':<18} {'true bpw':>9} {metric:>9} {'KL':>8}   ({len(tokens)} windows of {tokens.shape[1]} "
+          f"tokens, {args.quantizer})")
+    for label, p, s in rows:
+        bpw = f"{p.true_bpw:.4f}" if p else "16"
+        value = s.ppl if metric == "ppl" else s.cosine
+        kl = f"{s.kl:.4f}" if s.kl is not None else "-"
+        print(f"{label:<18} {bpw:>9} {value:>9.4f} {kl:>8}")
+    plan.extra["eval"] = {label: s.as_dict() for label, _, s in rows}
+
+
+def cmd_probe(args) -> None:
+    from .api import measure
+    prepared = _prepare(args)
+    t0 = time.time()
+    table = measure(prepared, args.probe, cache=not args.no_cache)
+    table.save_csv(args.out)
+    source = "cache" if "cached" in table.meta else "measured"
+    print(f"{args.probe}: {len(table.units)} units × {len(table.options)} options ({source}, "
+          f"{time.time() - t0:.1f} s) -> {args.out}")
+
+
+def cmd_solve(args) -> None:
+    from .api import solve
+    from .sensitivity.table import SensitivityTable
+    table = SensitivityTable.load_csv(args.table)
+    plan = solve(table, args.budget, args.solver, count_overhead=not args.nominal, fuse=args.fuse)
+    _print_plan(plan, table)
+    print(f"\ntrue {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · objective {plan.objective:.6g}")
+    plan.save(args.out)
+    print(f"plan written to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from .api import prepare
+    from .calibration import read_text, windows
+    from .evaluate import Evaluator
+    from .plan import BitPlan
+    from .quantize_model import quantize_model, set_unit_weights, unit_weights
+    prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows)
+    plan = BitPlan.load(args.plan, units=prepared.units)
+    tokens = windows(prepared.tokenizer, read_text(args.text), seq_len=args.seq_len, n_windows=args.eval_windows,
+                     source=f"eval file {args.text!r}")
+    evaluator = Evaluator(prepared.model, prepared.kind, prepared.units, tokens)
+    quantize_model(prepared.model, prepared.units, plan, quantizer=args.quantizer, calibration=prepared.tokens)
+    weights = unit_weights(prepared.model, prepared.units)
+    set_unit_weights(prepared.model, prepared.units, evaluator.fp_weights)
+    s = evaluator.score(weights)
+    print(f"fp: {evaluator.fp.as_dict()}\nplan ({plan.true_bpw:.4f} true bpw, {args.quantizer}): {s.as_dict()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .api import DEFAULT_PROBE, DEFAULT_SOLVER
+    parser = argparse.ArgumentParser(prog="bitalloc", description="Mixed-precision bit allocation under a memory budget.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("allocate", help="probe, solve and write a plan (the whole flow)")
+    _add_model_args(p)
+    p.add_argument("--budget", type=_budget, required=True, help="average TRUE bits per weight (codes+scales+zeros)")
+    p.add_argument("--probe", default=DEFAULT_PROBE, help=f"sensitivity probe (default {DEFAULT_PROBE})")
+    p.add_argument("--solver", default=DEFAULT_SOLVER, help=f"solver (default {DEFAULT_SOLVER})")
+    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"], help="quantizer for --eval (default rtn)")
+    p.add_argument("--fuse", action="store_true", help="q/k/v and gate/up share one width")
+    p.add_argument("--nominal", action="store_true", help="budget counts code bits only (count_overhead=False)")
+    p.add_argument("--eval", help="text file: report perplexity of fp, the plan and the best uniform plan")
+    p.add_argument("--eval-windows", type=int, default=64, help="eval windows (default 64)")
+    p.add_argument("--out", default="plan.json", help="plan JSON to write (default plan.json)")
+    p.set_defaults(func=cmd_allocate)
+
+    p = sub.add_parser("probe", help="measure a sensitivity table and write it as CSV")
+    _add_model_args(p)
+    p.add_argument("--probe", default=DEFAULT_PROBE, help=f"probe name (default {DEFAULT_PROBE})")
+    p.add_argument("--out", required=True, help="CSV to write: unit,bits,group_size,symmetric,cost,size_bits,...")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("solve", help="solve a budget from a sensitivity table CSV")
+    p.add_argument("--table", required=True)
+    p.add_argument("--budget", type=_budget, required=True)
+    p.add_argument("--solver", default=DEFAULT_SOLVER)
+    p.add_argument("--fuse", action="store_true")
+    p.add_argument("--nominal", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("eval", help="perplexity / KL (or embedding cosine) of a plan")
+    p.add_argument("--model")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--text", required=True, help="evaluation text file")
+    p.add_argument("--calib", help="calibration text for GPTQ")
+    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"])
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--n-windows", type=int, default=128)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            args.func(args)
+    except BitallocError as e:
+        print(f"bitalloc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bitalloc: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""One exception type for every mistake a user can make.
+
+The CLI prints ``error: <message>`` and exits with status 2 for these; anything else is a bug and keeps its
+traceback. Messages are one line and say how to fix the problem.
+"""
+
+
+class BitallocError(ValueError):
+    """Bad input: a budget, a model, a plan, a table or a file the user gave us."""

@@ -1,0 +1,75 @@
+"""Evaluation: perplexity on a text, KL to the full-precision model, embedding cosine for encoders.
+
+Perplexity protocol (BENCHMARK.md): non-overlapping windows of ``seq_len`` tokens, the mean next-token
+cross-entropy of each window, averaged over windows, exponentiated. The Evaluator computes the fp model's
+outputs once and then scores any number of quantized weight sets against them in one pass each.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .quantize_model import set_unit_weights, unit_weights
+from .units import Unit
+
+
+@dataclass
+class Scores:
+    ppl: float | None          # causal LMs
+    kl: float | None           # mean KL(fp ‖ quantized) per token, causal LMs
+    cosine: float | None       # mean embedding cosine to fp, encoders
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+class Evaluator:
+    def __init__(self, model: nn.Module, kind: str, units: list[Unit], tokens: torch.Tensor, *,
+                 batch_size: int = 8, progress: bool = True):
+        self.model, self.kind, self.units, self.tokens = model, kind, units, tokens
+        self.batch_size, self.progress = batch_size, progress
+        self.fp_weights = unit_weights(model, units)
+        self._reference: list[torch.Tensor] = []
+        self.fp = self._score(None)
+
+    def _batches(self):
+        return [self.tokens[i:i + self.batch_size] for i in range(0, len(self.tokens), self.batch_size)]
+
+    @torch.no_grad()
+    def _score(self, weights: dict[str, torch.Tensor] | None, desc: str = "eval fp") -> Scores:
+        first = weights is None
+        set_unit_weights(self.model, self.units, self.fp_weights if first else weights)
+        nll, kl, cos, n = 0.0, 0.0, 0.0, 0
+        try:
+            for k, batch in enumerate(tqdm(self._batches(), desc=desc, leave=False, disable=not self.progress)):
+                if self.kind == "causal_lm":
+                    logits = self.model(input_ids=batch, use_cache=False).logits.float()
+                    logp = F.log_softmax(logits, dim=-1)
+                    target = batch[:, 1:]
+                    nll += float(-logp[:, :-1].gather(-1, target[..., None]).squeeze(-1).mean(-1).sum())
+                    if first:
+                        self._reference.append(logp)
+                    else:
+                        ref = self._reference[k]
+                        kl += float((ref.exp() * (ref - logp)).sum(-1).mean(-1).sum())
+                else:
+                    emb = self.model(input_ids=batch).last_hidden_state.mean(1).float()
+                    if first:
+                        self._reference.append(emb)
+                    else:
+                        cos += float(F.cosine_similarity(emb, self._reference[k], dim=-1).sum())
+                n += len(batch)
+        finally:
+            set_unit_weights(self.model, self.units, self.fp_weights)
+        if self.kind == "causal_lm":
+            return Scores(ppl=math.exp(nll / n), kl=0.0 if first else kl / n, cosine=None)
+        return Scores(ppl=None, kl=None, cosine=1.0 if first else cos / n)
+
+    def score(self, weights: dict[str, torch.Tensor], desc: str = "eval") -> Scores:
+        """Scores of the model with ``weights`` (unit name -> (out, in)) in place of the fp ones."""
+        return self._score(weights, desc)

@@ -1,0 +1,195 @@
+"""BitPlan: the ordered map layer name -> QuantSpec that every solver returns, with a versioned JSON form.
+
+    {"format": "bitalloc.plan", "version": 1, "model": {...}, "budget_bits": 3.2, "true_bpw": 3.19,
+     "nominal_bpw": 3.05, "solver": "ilp", "probe": "fisher", "objective": 0.12,
+     "layers": {"model.layers.0.self_attn.q_proj": {"bits": 3, "group_size": 128, "symmetric": false,
+                                                    "shape": [384, 384]}, ...}}
+
+``true_bpw`` counts codes + scales + zeros (kernels/pack.py); ``nominal_bpw`` counts codes only. Both are
+derived from the layers and recomputed on load, so a hand-edited plan always reports what it really costs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .errors import BitallocError
+from .files import atomic_write_text
+from .options import QuantSpec
+from .units import Unit
+
+FORMAT = "bitalloc.plan"
+VERSION = 1
+
+
+@dataclass
+class BitPlan:
+    layers: dict[str, QuantSpec]
+    shapes: dict[str, tuple[int, int]]
+    budget_bits: float | None = None
+    solver: str = "manual"
+    probe: str = "none"
+    objective: float | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- derived figures -------------------------------------------------------------------------------
+    def _bits(self, count_overhead: bool) -> float:
+        return sum(self.layers[n].size_bits(self.shapes[n], count_overhead=count_overhead) for n in self.layers)
+
+    @property
+    def n_params(self) -> int:
+        return sum(s[0] * s[1] for s in self.shapes.values())
+
+    @property
+    def true_bpw(self) -> float:
+        return self._bits(True) / self.n_params
+
+    @property
+    def nominal_bpw(self) -> float:
+        return self._bits(False) / self.n_params
+
+    def size_bytes(self) -> float:
+        """Bytes the quantized layers take when packed."""
+        return self._bits(True) / 8
+
+    def bits_histogram(self) -> dict[int, int]:
+        """bits -> number of parameters stored at that width."""
+        hist: dict[int, int] = {}
+        for name, spec in self.layers.items():
+            hist[spec.bits] = hist.get(spec.bits, 0) + self.shapes[name][0] * self.shapes[name][1]
+        return dict(sorted(hist.items()))
+
+    @classmethod
+    def from_choice(cls, units: Iterable[Unit], specs: Iterable[QuantSpec], **meta: Any) -> "BitPlan":
+        units = list(units)
+        return cls(layers={u.name: s for u, s in zip(units, specs)}, shapes={u.name: u.shape for u in units}, **meta)
+
+    # -- JSON --------------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model,
+            "budget_bits": self.budget_bits,
+            "true_bpw": round(self.true_bpw, 6),
+            "nominal_bpw": round(self.nominal_bpw, 6),
+            "solver": self.solver,
+            "probe": self.probe,
+            "objective": self.objective,
+            **({"extra": self.extra} if self.extra else {}),
+            "layers": {n: {**s.to_json(), "shape": list(self.shapes[n])} for n, s in self.layers.items()},
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str = "plan") -> "BitPlan":
+        """Validate every field; raise BitallocError naming the first bad one."""
+        def bad(what: str) -> BitallocError:
+            return BitallocError(f"{source}: {what}")
+
+        if not isinstance(data, dict):
+            raise bad("is not a JSON object: expected a bitalloc plan")
+        if data.get("format") != FORMAT:
+            raise bad(f"'format' is {data.get('format')!r}, not {FORMAT!r}: this is not a bitalloc plan")
+        version = data.get("version")
+        if not _is_int(version) or version < 1:
+            raise bad(f"'version' must be a positive integer, got {version!r}")
+        if version > VERSION:
+            raise bad(f"plan format version {version} is newer than this bitalloc reads ({VERSION}): upgrade bitalloc")
+        budget = data.get("budget_bits")
+        if budget is not None and not _is_number(budget):
+            raise bad(f"'budget_bits' must be a number or null, got {budget!r}")
+        for key in ("true_bpw", "nominal_bpw"):
+            if key in data and not _is_number(data[key]):
+                raise bad(f"{key!r} must be a number, got {data[key]!r}")
+        for key in ("solver", "probe"):
+            if not isinstance(data.get(key, ""), str):
+                raise bad(f"{key!r} must be a string, got {data[key]!r}")
+        objective = data.get("objective")
+        if objective is not None and not _is_number(objective):
+            raise bad(f"'objective' must be a number or null, got {objective!r}")
+        model = data.get("model", {})
+        if not isinstance(model, dict):
+            raise bad(f"'model' must be an object, got {model!r}")
+        extra = data.get("extra", {})
+        if not isinstance(extra, dict):
+            raise bad(f"'extra' must be an object, got {extra!r}")
+        layers = data.get("layers")
+        if not isinstance(layers, dict) or not layers:
+            raise bad("'layers' must be a non-empty object mapping layer names to {bits, group_size, symmetric}")
+        specs, shapes = {}, {}
+        for name, entry in layers.items():
+            if not isinstance(entry, dict):
+                raise bad(f"layer {name!r} must be an object with bits, group_size, symmetric; got {entry!r}")
+            for key, check, kind in (("bits", _is_int, "an integer"), ("group_size", _is_int, "an integer"),
+                                     ("symmetric", lambda v: isinstance(v, bool), "true or false")):
+                if key not in entry:
+                    raise bad(f"layer {name!r} lacks {key!r}")
+                if not check(entry[key]):
+                    raise bad(f"layer {name!r}: {key!r} must be {kind}, got {entry[key]!r}")
+            shape = entry.get("shape")
+            if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
+                raise bad(f"layer {name!r}: 'shape' must be [out_features, in_features], got {shape!r}")
+            try:
+                specs[name] = QuantSpec(entry["bits"], entry["group_size"], entry["symmetric"])
+            except BitallocError as e:
+                raise bad(f"layer {name!r}: {e}") from None
+            shapes[name] = (shape[0], shape[1])
+        plan = cls(specs, shapes, budget_bits=budget, solver=data.get("solver", "manual"),
+                   probe=data.get("probe", "none"), objective=objective, model=model, extra=extra)
+        if budget is not None and plan.true_bpw > budget + 1e-9:
+            warnings.warn(f"{source}: its layers take {plan.true_bpw:.4f} true bits per weight, over its budget "
+                          f"{budget}", stacklevel=2)
+        return plan
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, units: list[Unit] | None = None) -> "BitPlan":
+        try:
+            text = open(path, encoding="utf-8").read()
+        except FileNotFoundError:
+            raise BitallocError(f"plan file {str(path)!r} does not exist: give the path of a saved plan") from None
+        except (UnicodeDecodeError, IsADirectoryError):
+            raise BitallocError(f"plan file {str(path)!r} is not a JSON text file") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BitallocError(f"plan file {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno}): "
+                                "re-save it with bitalloc") from None
+        plan = cls.from_json(data, source=f"plan {str(path)!r}")
+        if units is not None:
+            plan.check_units(units)
+        return plan
+
+    def check_units(self, units: list[Unit]) -> None:
+        """Refuse a plan made for another model: name the unknown, missing or reshaped layers."""
+        by_name = {u.name: u for u in units}
+        unknown = [n for n in self.layers if n not in by_name]
+        if unknown:
+            raise BitallocError(f"plan names {len(unknown)} layer(s) this model does not have ({_few(unknown)}): "
+                                "it was made for another model")
+        missing = [u.name for u in units if u.name not in self.layers]
+        if missing:
+            raise BitallocError(f"plan lacks {len(missing)} layer(s) of this model ({_few(missing)}): "
+                                "it was made for another model or with other --include settings")
+        reshaped = [n for n in self.layers if tuple(by_name[n].shape) != tuple(self.shapes[n])]
+        if reshaped:
+            raise BitallocError(f"plan shapes differ from the model's for {_few(reshaped)}: it was made for another model")
+
+
+def _few(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f", … (+{len(names) - k})" if len(names) > k else "")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)

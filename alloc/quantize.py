@@ -1,0 +1,124 @@
+"""Quantizers: round-to-nearest (RTN) and GPTQ, group-wise, one interface.
+
+Both return a QuantizedWeight: integer codes plus per-group scales and zeros, exactly what the packer stores;
+``dequantize`` gives back the float weight the codes stand for (W_hat = (q - zero) * scale). Scales are
+rounded to fp16 here, so a fake-quantized model and the packed one compute the same numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .options import QuantSpec
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor            # (out, in) int32 in [0, 2**bits)
+    scales: torch.Tensor           # (out, G) float32 holding fp16-representable values
+    zeros: torch.Tensor            # (out, G) int32 (symmetric: the constant 2**(bits-1))
+    spec: QuantSpec
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.codes.shape[1] if self.spec.group_size == -1 else self.spec.group_size
+        scale = self.scales.repeat_interleave(g, dim=1)[:, : self.codes.shape[1]]
+        zero = self.zeros.repeat_interleave(g, dim=1)[:, : self.codes.shape[1]]
+        return (self.codes - zero).float() * scale
+
+
+def _group_view(W: torch.Tensor, group_size: int, fill: float) -> torch.Tensor:
+    """(out, in) -> (out, G, g), padding the last group with ``fill``."""
+    out_f, in_f = W.shape
+    g = in_f if group_size == -1 else group_size
+    G = math.ceil(in_f / g)
+    if G * g != in_f:
+        W = torch.cat([W, W.new_full((out_f, G * g - in_f), fill)], dim=1)
+    return W.view(out_f, G, g)
+
+
+def group_params(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of every group of ``W`` (out, in) -> (out, G) each; the range always includes 0."""
+    maxq = 2**spec.bits - 1
+    W = W.float()
+    if spec.symmetric:
+        absmax = _group_view(W.abs(), spec.group_size, 0.0).amax(-1)
+        scale = 2 * absmax / maxq
+        zero = torch.full_like(scale, (maxq + 1) // 2, dtype=torch.int32)
+    else:
+        xmin = _group_view(W, spec.group_size, math.inf).amin(-1).clamp(max=0)
+        xmax = _group_view(W, spec.group_size, -math.inf).amax(-1).clamp(min=0)
+        scale = (xmax - xmin) / maxq
+        zero = None
+    scale = scale.clamp(min=1e-6).half().float()          # stored as fp16: quantize with what is stored
+    if zero is None:
+        zero = torch.round(-xmin / scale).clamp(0, maxq).to(torch.int32)
+    return scale, zero
+
+
+def _expand(t: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:
+    g = in_features if spec.group_size == -1 else spec.group_size
+    return t.repeat_interleave(g, dim=1)[:, :in_features]
+
+
+def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest, group-wise. ``W`` (out, in)."""
+    scale, zero = group_params(W, spec)
+    s, z = _expand(scale, spec, W.shape[1]), _expand(zero, spec, W.shape[1])
+    codes = torch.clamp(torch.round(W.float() / s) + z, 0, 2**spec.bits - 1).to(torch.int32)
+    return QuantizedWeight(codes, scale, zero, spec)
+
+
+def fake_quantize(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """W -> dequantize(rtn(W)), same dtype as W; fp16 specs only round to fp16."""
+    if spec.is_float:
+        return W.half().to(W.dtype)
+    return rtn(W, spec).dequantize().to(W.dtype)
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
+         damp: float = 0.01) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022): quantize columns in order, spreading each column's error over the
+    columns not yet quantized through the inverse Hessian. ``W`` (out, in), ``H`` = XᵀX (in, in).
+    Group parameters are taken from the error-updated weights when a group starts."""
+    out_f, in_f = W.shape
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)      # (in, in), upper
+
+    g = in_f if spec.group_size == -1 else spec.group_size
+    if spec.group_size != -1:
+        block_size = max(block_size // g, 1) * g                            # groups never straddle blocks
+    G = math.ceil(in_f / g)
+    maxq = 2**spec.bits - 1
+    codes = torch.zeros(out_f, in_f, dtype=torch.int32)
+    scales = torch.zeros(out_f, G)
+    zeros = torch.zeros(out_f, G, dtype=torch.int32)
+    if spec.group_size == -1:
+        scales[:], zeros[:] = group_params(W, spec)
+
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            gi = col // g
+            if spec.group_size != -1 and col % g == 0:
+                s, z = group_params(W1[:, i:i + g], QuantSpec(spec.bits, -1, spec.symmetric))
+                scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / scales[:, gi]) + zeros[:, gi], 0, maxq)
+            codes[:, col] = q.to(torch.int32)
+            err = (w - (q - zeros[:, gi]) * scales[:, gi]) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return QuantizedWeight(codes, scales, zeros, spec)

@@ -1,0 +1,143 @@
+"""Apply a BitPlan to a model's weights: RTN or GPTQ per layer, in place (fake-quantized floats).
+
+Returns the QuantizedWeight of every layer (codes, scales, zeros) so kernels/ can pack exactly what was
+evaluated. GPTQ walks the model's blocks in order: each block's layers see inputs that went through the
+already-quantized blocks before it (XᵀX collected on those), as in the GPTQ paper.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import BitallocError
+from .plan import BitPlan
+from .quantize import QuantizedWeight, gptq, rtn
+from .units import Unit, find_blocks, set_weight_matrix, weight_matrix
+
+QUANTIZERS = ("rtn", "gptq")
+
+
+def unit_weights(model: nn.Module, units: Iterable[Unit]) -> dict[str, torch.Tensor]:
+    """A copy of each unit's weight as (out, in)."""
+    modules = dict(model.named_modules())
+    return {u.name: weight_matrix(modules[u.name], u.kind).detach().clone() for u in units}
+
+
+def set_unit_weights(model: nn.Module, units: Iterable[Unit], weights: dict[str, torch.Tensor]) -> None:
+    modules = dict(model.named_modules())
+    for u in units:
+        if u.name in weights:
+            set_weight_matrix(modules[u.name], u.kind, weights[u.name].to(modules[u.name].weight.dtype))
+
+
+def quantize_model(model: nn.Module, units: list[Unit], plan: BitPlan, *, quantizer: str = "rtn",
+                   calibration: torch.Tensor | None = None, batch_size: int = 8,
+                   progress: bool = True) -> dict[str, QuantizedWeight]:
+    """Quantize every unit of ``plan`` in place; fp16 (bits=16) units are only rounded to fp16."""
+    if quantizer not in QUANTIZERS:
+        raise BitallocError(f"unknown quantizer {quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
+    plan.check_units(units)
+    if quantizer == "rtn":
+        return _rtn_model(model, units, plan, progress)
+    if calibration is None:
+        raise BitallocError("GPTQ needs calibration text: pass --calib FILE (or calibration tokens)")
+    return _gptq_model(model, units, plan, calibration, batch_size, progress)
+
+
+def _rtn_model(model, units, plan, progress) -> dict[str, QuantizedWeight]:
+    modules = dict(model.named_modules())
+    out = {}
+    for u in tqdm(units, desc="quantize (rtn)", leave=False, disable=not progress):
+        spec = plan.layers[u.name]
+        W = weight_matrix(modules[u.name], u.kind).detach().float()
+        if spec.is_float:
+            set_weight_matrix(modules[u.name], u.kind, W.half().float())
+            continue
+        q = rtn(W, spec)
+        out[u.name] = q
+        set_weight_matrix(modules[u.name], u.kind, q.dequantize())
+    return out
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _gptq_units(model, units, plan, run, progress_desc, progress) -> dict[str, QuantizedWeight]:
+    """Collect XᵀX for ``units`` with one pass of ``run()``, then GPTQ each of them in place."""
+    modules = dict(model.named_modules())
+    H: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            H[name] = H.get(name, 0) + x.T @ x
+        return fn
+
+    handles = [modules[u.name].register_forward_hook(hook(u.name)) for u in units if u.kind != "embedding"]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for u in units:
+        spec = plan.layers[u.name]
+        W = weight_matrix(modules[u.name], u.kind).detach().float()
+        if spec.is_float:
+            set_weight_matrix(modules[u.name], u.kind, W.half().float())
+            continue
+        q = rtn(W, spec) if u.kind == "embedding" else gptq(W, H[u.name], spec)
+        out[u.name] = q
+        set_weight_matrix(modules[u.name], u.kind, q.dequantize())
+    return out
+
+
+def _gptq_model(model, units, plan, calibration, batch_size, progress) -> dict[str, QuantizedWeight]:
+    blocks = find_blocks(model, units)
+    batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
+    out: dict[str, QuantizedWeight] = {}
+    in_blocks = set()
+    if blocks:
+        # Capture what enters the first block (hidden states and the keyword arguments: masks, rotary).
+        captured: list[tuple[tuple, dict]] = []
+
+        def catch(module, args, kwargs):
+            captured.append((args, kwargs))
+            raise _StopForward
+
+        handle = blocks[0][1].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    try:
+                        model(input_ids=b, use_cache=False)
+                    except _StopForward:
+                        pass
+        finally:
+            handle.remove()
+        for name, block in tqdm(blocks, desc="quantize (gptq)", leave=False, disable=not progress):
+            block_units = [u for u in units if u.name.startswith(name + ".")]
+            in_blocks.update(u.name for u in block_units)
+
+            def run_block(block=block):
+                for args, kwargs in captured:
+                    block(*args, **kwargs)
+
+            out.update(_gptq_units(model, block_units, plan, run_block, name, progress))
+            with torch.no_grad():  # the quantized block's outputs feed the next block
+                for k, (args, kwargs) in enumerate(captured):
+                    y = block(*args, **kwargs)
+                    y = y[0] if isinstance(y, (tuple, list)) else y
+                    captured[k] = ((y, *args[1:]), kwargs)
+    rest = [u for u in units if u.name not in in_blocks]
+    if rest:
+        def run_model():
+            for b in batches:
+                model(input_ids=b, use_cache=False)
+        out.update(_gptq_units(model, rest, plan, run_model, "rest", progress))
+    return out

@@ -1,0 +1,64 @@
+"""Workloads: a model plus calibration windows, in the form probes and solvers use (sensitivity/base.py).
+
+CausalLMWorkload: next-token cross-entropy as the loss, KL(fp ‖ quantized) as the divergence.
+EncoderWorkload: mean-pooled sentence embeddings; divergence = 1 − cosine to the fp embedding. It has no
+training loss, so gradient probes refuse it (use output_error or measured_kl).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import BitallocError
+
+
+class CausalLMWorkload:
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 8):
+        self.model = model
+        self.tokens = tokens                      # (n_windows, seq_len) int64
+        self.batch_size = batch_size
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        for i in range(0, len(self.tokens), self.batch_size):
+            yield self.tokens[i:i + self.batch_size]
+
+    def n_batches(self) -> int:
+        return -(-len(self.tokens) // self.batch_size)
+
+    def subset(self, n_windows: int) -> "CausalLMWorkload":
+        return type(self)(self.model, self.tokens[:n_windows], batch_size=self.batch_size)
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=batch).logits.float()             # (b, seq, vocab)
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(batch)[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    @staticmethod
+    def divergence(reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Mean over tokens of KL(p_ref ‖ p_out)."""
+        ref = F.log_softmax(reference.float(), dim=-1)
+        out = F.log_softmax(output.float(), dim=-1)
+        return (ref.exp() * (ref - out)).sum(-1).mean()
+
+
+class EncoderWorkload(CausalLMWorkload):
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=batch).last_hidden_state      # (b, seq, dim); windows have no padding
+        return hidden.mean(dim=1).float()                            # mean pooling -> (b, dim)
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        raise BitallocError("an encoder has no training loss for gradient probes: use --probe output_error or measured_kl")
+
+    @staticmethod
+    def divergence(reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        return 1 - F.cosine_similarity(reference.float(), output.float(), dim=-1).mean()
+
+
+def make_workload(model: nn.Module, kind: str, tokens: torch.Tensor, *, batch_size: int = 8):
+    cls = CausalLMWorkload if kind == "causal_lm" else EncoderWorkload
+    return cls(model, tokens, batch_size=batch_size)

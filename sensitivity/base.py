@@ -1,0 +1,96 @@
+"""The Probe interface and the Workload it runs against.
+
+A probe never sees Hugging Face: it gets a Workload (alloc/workload.py builds one for causal LMs and
+encoders) that can run calibration batches and give a loss, and returns a SensitivityTable whose cost[u, o]
+approximates the loss increase when unit u alone is stored as option o.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import BitallocError
+from ..options import QuantSpec
+from ..units import Unit
+from .table import SensitivityTable
+
+
+class Workload(Protocol):
+    """What a probe needs from a model: its modules, calibration batches, outputs and a loss."""
+
+    model: nn.Module
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """Calibration batches, each (batch, seq) token ids; the same sequence on every call."""
+
+    def n_batches(self) -> int: ...
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, vocab) next-token logits (or (batch, dim) embeddings for encoders)."""
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Scalar training-style loss on ``batch`` (next-token cross-entropy for causal LMs)."""
+
+    def divergence(self, reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Mean divergence of ``output`` from the full-precision ``reference`` (KL for LMs)."""
+
+
+class Probe(ABC):
+    """Base class; subclasses are frozen dataclasses whose fields are the probe's settings."""
+
+    name: ClassVar[str]
+    needs_grad: ClassVar[bool] = False
+
+    def settings(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+    @abstractmethod
+    def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
+        """cost[u, o] for every unit × option."""
+
+    def table(self, units: list[Unit], options: list[QuantSpec], cost: torch.Tensor, **meta: Any) -> SensitivityTable:
+        return SensitivityTable(units, options, cost, {"probe": self.name, "settings": self.settings(), **meta})
+
+
+def modules_by_name(model: nn.Module, units: list[Unit]) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    return {u.name: modules[u.name] for u in units}
+
+
+def check_loss(loss: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise BitallocError(f"the loss is {loss.item()} on {where}: check the calibration text and the model's dtype")
+
+
+def check_trainable(model: nn.Module, units: list[Unit]) -> None:
+    """Gradient probes need float weights they can differentiate through."""
+    for name, module in modules_by_name(model, units).items():
+        if not torch.is_floating_point(module.weight):
+            raise BitallocError(f"layer {name!r} has {module.weight.dtype} weights: gradient probes need float "
+                                "weights; use --probe output_error")
+
+
+PROBES: dict[str, str] = {
+    "output_error": "bitalloc.sensitivity.output_error:OutputErrorProbe",
+    "fisher": "bitalloc.sensitivity.fisher:FisherProbe",
+    "hessian_trace": "bitalloc.sensitivity.hessian_trace:HessianTraceProbe",
+    "block_similarity": "bitalloc.sensitivity.output_similarity:BlockSimilarityProbe",
+    "measured_kl": "bitalloc.sensitivity.measured_kl:MeasuredKLProbe",
+}
+
+
+def get_probe(name: str, **settings: Any) -> Probe:
+    """Instantiate a probe by name (lazy import, so ``import bitalloc`` stays light)."""
+    import importlib
+    if name not in PROBES:
+        raise BitallocError(f"unknown probe {name!r}: choose one of {', '.join(PROBES)}")
+    module_name, _, cls_name = PROBES[name].partition(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    try:
+        return cls(**settings)
+    except TypeError as e:
+        raise BitallocError(f"probe {name!r}: {e}") from None

@@ -1,0 +1,139 @@
+"""SensitivityTable: units × options -> predicted cost (loss increase), the input of every solver.
+
+Saved as a safetensors file (the cost matrix) plus a JSON sidecar (units, options, which probe made it on
+which model and data), or as CSV with one row per unit × option:
+``unit,bits,group_size,symmetric,cost,size_bits,out_features,in_features,fused_group``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import BitallocError
+from ..files import atomic_path, atomic_write_text
+from ..options import QuantSpec
+from ..units import Unit
+
+CSV_COLUMNS = ["unit", "bits", "group_size", "symmetric", "cost", "size_bits", "out_features", "in_features",
+               "fused_group"]
+
+
+@dataclass
+class SensitivityTable:
+    units: list[Unit]
+    options: list[QuantSpec]
+    cost: torch.Tensor                      # (U, O) float64: predicted loss increase
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cost = torch.as_tensor(self.cost, dtype=torch.float64)
+        if self.cost.shape != (len(self.units), len(self.options)):
+            raise BitallocError(f"cost table is {tuple(self.cost.shape)}, expected (units, options) = "
+                                f"({len(self.units)}, {len(self.options)})")
+        names = [u.name for u in self.units]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise BitallocError(f"the table lists unit(s) {dup[:3]} more than once: keep one row per unit × option")
+        if not torch.isfinite(self.cost).all():
+            bad = [self.units[i].name for i in torch.nonzero(~torch.isfinite(self.cost))[:, 0].unique().tolist()]
+            raise BitallocError(f"the table has NaN/Inf costs for {bad[:3]}: re-run the probe")
+        if (self.cost < 0).any():
+            bad = [self.units[i].name for i in torch.nonzero(self.cost < 0)[:, 0].unique().tolist()]
+            raise BitallocError(f"the table has negative costs for {bad[:3]}: costs are loss increases, clamp them at 0")
+
+    @property
+    def probe(self) -> str:
+        return self.meta.get("probe", "unknown")
+
+    def sizes(self, *, count_overhead: bool = True) -> torch.Tensor:
+        """(U, O) float64 storage bits of each unit under each option."""
+        return torch.tensor([[o.size_bits(u.shape, count_overhead=count_overhead) for o in self.options]
+                             for u in self.units], dtype=torch.float64)
+
+    def numels(self) -> torch.Tensor:
+        return torch.tensor([u.numel for u in self.units], dtype=torch.float64)
+
+    # -- safetensors + JSON sidecar ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path`` (safetensors) and ``path + '.json'`` (sidecar)."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            save_file({"cost": self.cost.contiguous()}, str(tmp))
+        atomic_write_text(str(path) + ".json", json.dumps({
+            "format": "bitalloc.table", "version": 1, "meta": self.meta,
+            "units": [{"name": u.name, "shape": list(u.shape), "kind": u.kind, "fused_group": u.fused_group}
+                      for u in self.units],
+            "options": [o.to_json() for o in self.options]}, indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SensitivityTable":
+        from safetensors.torch import load_file
+        side = json.loads(Path(str(path) + ".json").read_text())
+        cost = load_file(str(path))["cost"]
+        units = [Unit(u["name"], tuple(u["shape"]), u["kind"], u["fused_group"]) for u in side["units"]]
+        options = [QuantSpec(**o) for o in side["options"]]
+        return cls(units, options, cost, side.get("meta", {}))
+
+    # -- CSV ----------------------------------------------------------------------------------------------
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        sizes = self.sizes()
+        for i, u in enumerate(self.units):
+            for j, o in enumerate(self.options):
+                writer.writerow([u.name, o.bits, o.group_size, str(o.symmetric).lower(), repr(float(self.cost[i, j])),
+                                 int(sizes[i, j]), u.shape[0], u.shape[1], u.fused_group or ""])
+        return buf.getvalue()
+
+    def save_csv(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, self.to_csv())
+
+    @classmethod
+    def load_csv(cls, path: str | os.PathLike) -> "SensitivityTable":
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise BitallocError(f"table {str(path)!r} does not exist: write one with `bitalloc probe --out`") from None
+        rows = list(csv.DictReader(io.StringIO(text)))
+        need = {"unit", "bits", "group_size", "cost", "size_bits", "out_features", "in_features"}
+        if not rows or not need <= set(rows[0]):
+            have = sorted(rows[0]) if rows else []
+            raise BitallocError(f"table {str(path)!r} needs columns {sorted(need)}, has {have}")
+        units: dict[str, Unit] = {}
+        costs: dict[tuple[str, QuantSpec], float] = {}
+        for line, row in enumerate(rows, start=2):
+            try:
+                spec = QuantSpec(int(row["bits"]), int(row["group_size"]),
+                                 row.get("symmetric", "false").strip().lower() == "true")
+                cost = float(row["cost"])
+                shape = (int(row["out_features"]), int(row["in_features"]))
+            except (ValueError, TypeError):
+                raise BitallocError(f"table {str(path)!r} line {line}: bits/group_size/cost/shape must be numbers") from None
+            if not math.isfinite(cost) or cost < 0:
+                raise BitallocError(f"table {str(path)!r} line {line}: cost {row['cost']} for {row['unit']} is "
+                                    "negative or NaN: costs are loss increases ≥ 0")
+            name = row["unit"]
+            if (name, spec) in costs:
+                raise BitallocError(f"table {str(path)!r} line {line}: unit {name!r} has option {spec.label()} twice")
+            units.setdefault(name, Unit(name, shape, "linear", row.get("fused_group") or None))
+            if int(row["size_bits"]) != spec.size_bits(shape):
+                raise BitallocError(f"table {str(path)!r} line {line}: size_bits {row['size_bits']} is not what "
+                                    f"{spec.label()} on {shape} takes ({spec.size_bits(shape)})")
+            costs[(name, spec)] = cost
+        options = sorted({spec for _, spec in costs})
+        missing = [(n, o.label()) for n in units for o in options if (n, o) not in costs]
+        if missing:
+            raise BitallocError(f"table {str(path)!r} lacks options for some units, e.g. {missing[:3]}: every unit "
+                                "needs a row for every option")
+        cost = torch.tensor([[costs[(n, o)] for o in options] for n in units], dtype=torch.float64)
+        return cls(list(units.values()), options, cost, {"probe": "csv", "source": str(path)})
