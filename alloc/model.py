@@ -32,6 +32,7 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = to
     if not (path / "config.json").is_file():
         raise BitallocError(f"{str(path)!r} is not a model folder (no config.json): give a Hugging Face model folder")
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     kwargs = {"dtype": dtype, "local_files_only": True}
     if attn:
         kwargs["attn_implementation"] = attn

@@ -25,6 +25,7 @@ FUSED_SIBLINGS = (
     ("gate_up", ("w1", "w3")),
 )
 HEAD_NAMES = ("lm_head", "embed_out", "output")
+HEAD_PARENTS = ("pooler",)          # BERT's pooler feeds only the (unused) CLS head, not sentence embeddings
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ def _head_names(model: nn.Module) -> set[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     for name, module in model.named_modules():
-        if module is out or name.split(".")[-1] in HEAD_NAMES:
+        parts = name.split(".")
+        if module is out or parts[-1] in HEAD_NAMES or any(p in HEAD_PARENTS for p in parts[:-1]):
             heads.add(name)
     return heads
 

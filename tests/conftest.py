@@ -1,0 +1,44 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+REFLLAMA = REPO / "examples" / "models" / "refllama-s"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
+
+
+def _save_with_tokenizer(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REFLLAMA / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama with refllama-s's tokenizer and random weights, saved as a model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    return _save_with_tokenizer(LlamaForCausalLM(config).eval(), tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def calib_text() -> str:
+    from bitalloc.calibration import default_text
+    return default_text()[:60000]
+
+
+@pytest.fixture
+def calib_file(tmp_path, calib_text) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text(calib_text)
+    return path

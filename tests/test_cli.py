@@ -1,0 +1,126 @@
+"""The bitalloc command: the main job on a tiny model, and every kind of bad input the spine names."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bitalloc.cli import main
+
+FAST = ["--seq-len", "64", "--n-windows", "4"]
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_allocate_writes_plan_and_table(tiny_llama_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    code, stdout, _ = run(["allocate", "--model", tiny_llama_dir, "--calib", calib_file, "--budget", "3.2",
+                           "--out", out, *FAST, "--eval", calib_file, "--eval-windows", "2"], capsys)
+    assert code == 0
+    plan = json.loads(out.read_text())
+    assert plan["format"] == "bitalloc.plan" and plan["true_bpw"] <= 3.2
+    assert "model.layers.0.self_attn.q_proj" in plan["layers"] and "true" in stdout
+    assert "uniform" in stdout and "ppl" in stdout
+    assert plan["extra"]["eval"]["fp"]["ppl"] > 1
+
+
+def test_probe_then_solve(tiny_llama_dir, calib_file, tmp_path, capsys):
+    table = tmp_path / "t.csv"
+    code, _, _ = run(["probe", "--model", tiny_llama_dir, "--calib", calib_file, "--probe", "output_error",
+                      "--out", table, *FAST], capsys)
+    assert code == 0
+    header = table.read_text().splitlines()[0].split(",")
+    assert header[:2] == ["unit", "bits"] and {"group_size", "cost", "size_bits"} <= set(header)
+    code, stdout, _ = run(["solve", "--table", table, "--budget", "2.8", "--out", tmp_path / "p.json"], capsys)
+    assert code == 0 and json.loads((tmp_path / "p.json").read_text())["true_bpw"] <= 2.8
+
+
+@pytest.mark.parametrize("budget,match", [("1.5", r"infeasible.*--budget ≥ 2\.\d+"), ("17", "out of range")])
+def test_bad_budget(tiny_llama_dir, calib_file, tmp_path, capsys, budget, match):
+    out = tmp_path / "plan.json"
+    code, _, err = run(["allocate", "--model", tiny_llama_dir, "--calib", calib_file, "--budget", budget,
+                        "--out", out, *FAST, "--probe", "output_error"], capsys)
+    import re
+    lines = [line for line in err.splitlines() if line.startswith("bitalloc: error:")]
+    assert code == 2 and len(lines) == 1 and re.search(match, lines[0]) and not out.exists()
+
+
+def test_bad_model_paths(tmp_path, capsys):
+    code, _, err = run(["allocate", "--model", tmp_path / "missing", "--budget", "3", "--out", tmp_path / "p.json"], capsys)
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "notamodel").mkdir()
+    code, _, err = run(["allocate", "--model", tmp_path / "notamodel", "--budget", "3", "--out", tmp_path / "p.json"], capsys)
+    assert code == 2 and "not a model folder" in err and not (tmp_path / "p.json").exists()
+
+
+def test_bad_calibration(tiny_llama_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    code, _, err = run(["allocate", "--model", tiny_llama_dir, "--calib", empty, "--budget", "3", "--out",
+                        tmp_path / "p.json"], capsys)
+    assert code == 2 and "empty" in err
+    short = tmp_path / "short.txt"
+    short.write_text("def f(): pass")
+    code, _, err = run(["allocate", "--model", tiny_llama_dir, "--calib", short, "--budget", "3", "--out",
+                        tmp_path / "p.json"], capsys)
+    assert code == 2 and "shorter than one window" in err and not (tmp_path / "p.json").exists()
+
+
+def test_nan_weights(tiny_llama_dir, tmp_path, calib_file, capsys):
+    from transformers import AutoModelForCausalLM
+    import shutil
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    bad = tmp_path / "nan_model"
+    model.save_pretrained(bad)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama_dir / f, bad / f)
+    code, _, err = run(["allocate", "--model", bad, "--calib", calib_file, "--budget", "3", "--out",
+                        tmp_path / "p.json", *FAST], capsys)
+    assert code == 2 and "model.layers.1.mlp.down_proj" in err and "NaN" in err
+
+
+def test_include_unsupported(tiny_llama_dir, calib_file, tmp_path, capsys):
+    code, _, err = run(["allocate", "--model", tiny_llama_dir, "--calib", calib_file, "--budget", "3",
+                        "--include", "model.norm", "--out", tmp_path / "p.json", *FAST], capsys)
+    assert code == 2 and "cannot quantize" in err
+
+
+def test_plan_for_another_model(tiny_llama_dir, calib_file, tmp_path, capsys):
+    plan = {"format": "bitalloc.plan", "version": 1, "budget_bits": 3, "solver": "x", "probe": "y",
+            "layers": {"encoder.layer.0.query": {"bits": 3, "group_size": 128, "symmetric": False, "shape": [8, 8]}}}
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(plan))
+    code, _, err = run(["eval", "--model", tiny_llama_dir, "--plan", path, "--text", calib_file, "--seq-len", "64",
+                        "--n-windows", "2"], capsys)
+    assert code == 2 and "encoder.layer.0.query" in err and "another model" in err
+
+
+def test_wrong_types_in_plan(tiny_llama_dir, calib_file, tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"format": "bitalloc.plan", "version": 1, "layers": {"a": {"bits": "three"}}}))
+    code, _, err = run(["eval", "--model", tiny_llama_dir, "--plan", path, "--text", calib_file], capsys)
+    assert code == 2 and "'bits' must be an integer" in err
+
+
+def test_console_script_is_installed():
+    res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "bitalloc"), "--help"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and "allocate" in res.stdout
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    from bitalloc.files import atomic_path
+    target = tmp_path / "x.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
