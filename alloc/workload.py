@@ -39,6 +39,11 @@ class CausalLMWorkload:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
     @staticmethod
+    def loss_terms(batch: torch.Tensor) -> int:
+        """How many per-token terms ``loss`` averages (predicted positions)."""
+        return batch.numel() - len(batch)
+
+    @staticmethod
     def divergence(reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Mean over tokens of KL(p_ref ‖ p_out)."""
         ref = F.log_softmax(reference.float(), dim=-1)

@@ -35,6 +35,9 @@ class Workload(Protocol):
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Scalar training-style loss on ``batch`` (next-token cross-entropy for causal LMs)."""
 
+    def loss_terms(self, batch: torch.Tensor) -> int:
+        """Optional: how many terms ``loss`` averages (1 if it is a sum); K-FAC uses it to undo the mean."""
+
     def divergence(self, reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Mean divergence of ``output`` from the full-precision ``reference`` (KL for LMs)."""
 
@@ -77,6 +80,7 @@ def check_trainable(model: nn.Module, units: list[Unit]) -> None:
 PROBES: dict[str, str] = {
     "output_error": "bitalloc.sensitivity.output_error:OutputErrorProbe",
     "fisher": "bitalloc.sensitivity.fisher:FisherProbe",
+    "kfac": "bitalloc.sensitivity.kfac:KFACProbe",
     "hessian_trace": "bitalloc.sensitivity.hessian_trace:HessianTraceProbe",
     "block_similarity": "bitalloc.sensitivity.output_similarity:BlockSimilarityProbe",
     "measured_kl": "bitalloc.sensitivity.measured_kl:MeasuredKLProbe",

@@ -1,0 +1,74 @@
+"""Spine acceptance benchmark (BENCHMARK.md, "Quality targets"): excess ratio of allocated plans.
+
+    excess ratio = (ppl_plan − ppl_fp) / (ppl_ref − ppl_fp)
+
+At the budget of uniform 3-bit (3.25 true bits) ppl_ref is the uniform W3 g128 plan; at 2.5 bits it is the
+linear interpolation, in true bpw, between uniform W2 and W3 g128. Target ≤ 0.5 for RTN and for GPTQ.
+
+    python examples/bench_spine.py --model ../shared/models/refllama-s --calib ../shared/data/calib.txt \
+        --eval ../shared/data/eval.txt
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from bitalloc import QuantSpec, api
+from bitalloc.calibration import read_text, windows
+from bitalloc.evaluate import Evaluator
+from bitalloc.plan import BitPlan
+from bitalloc.quantize_model import quantize_model, set_unit_weights, unit_weights
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--calib", default=None)
+    ap.add_argument("--eval", required=True)
+    ap.add_argument("--probe", default="fisher")
+    ap.add_argument("--solver", default="ilp")
+    ap.add_argument("--options", default=None)
+    ap.add_argument("--budgets", default="3.25,2.5")
+    ap.add_argument("--quantizers", default="rtn,gptq")
+    ap.add_argument("--n-windows", type=int, default=128)
+    args = ap.parse_args()
+
+    t0 = time.time()
+    prepared = api.prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, options=args.options)
+    table = api.measure(prepared, args.probe)
+    print(f"probe {args.probe}: {time.time() - t0:.1f} s (incl. load; cached: {'cached' in table.meta})")
+    tokens = windows(prepared.tokenizer, read_text(args.eval), seq_len=512, n_windows=64, source="eval")
+    ev = Evaluator(prepared.model, prepared.kind, prepared.units, tokens, progress=False)
+    fp = ev.fp.ppl
+    print(f"fp ppl {fp:.4f}")
+
+    def ppl(plan: BitPlan, quantizer: str) -> float:
+        quantize_model(prepared.model, prepared.units, plan, quantizer=quantizer, calibration=prepared.tokens,
+                       progress=False)
+        weights = unit_weights(prepared.model, prepared.units)
+        set_unit_weights(prepared.model, prepared.units, ev.fp_weights)
+        return ev.score(weights).ppl
+
+    def uniform(bits: int) -> BitPlan:
+        return BitPlan.from_choice(prepared.units, [QuantSpec(bits)] * len(prepared.units), solver="uniform")
+
+    print(f"{'quantizer':<9} {'budget':>6} {'plan bpw':>8} {'plan ppl':>9} {'ref':>22} {'ref ppl':>8} {'ratio':>6} target")
+    for quantizer in args.quantizers.split(","):
+        u2, u3 = uniform(2), uniform(3)
+        p2, p3 = ppl(u2, quantizer), ppl(u3, quantizer)
+        for budget in (float(b) for b in args.budgets.split(",")):
+            plan = api.solve(table, budget, args.solver)
+            pp = ppl(plan, quantizer)
+            if budget >= u3.true_bpw and budget < 4:
+                ref, label = p3, f"uniform W3 ({u3.true_bpw:.3f})"
+            else:
+                w = (budget - u2.true_bpw) / (u3.true_bpw - u2.true_bpw)
+                ref, label = p2 + w * (p3 - p2), f"interp W2..W3 @{budget}"
+            ratio = (pp - fp) / (ref - fp)
+            print(f"{quantizer:<9} {budget:>6} {plan.true_bpw:>8.4f} {pp:>9.4f} {label:>22} {ref:>8.4f} {ratio:>6.3f} "
+                  f"{'met' if ratio <= 0.5 else 'MISSED'} (≤ 0.5)")
+    print(f"total {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""hessian_trace probe (HAWQ-V2/V3): per-layer trace of the loss Hessian by Hutchinson's estimator.
+
+    Tr(H_l) ≈ mean_k  v_lᵀ (H v)_l ,   v ~ Rademacher over ALL layers at once
+
+One probe vector per iteration is shared by every layer, so one Hessian-vector product (double backprop)
+gives every layer's sample. Iterations cycle over the calibration windows and stop when the running mean
+of every layer moved by less than ``tol`` (relative) in the last iteration, or at ``max_iters``.
+
+    cost(l, spec) = Tr(H_l) / n_l · ‖Q_spec(W_l) − W_l‖²
+
+Negative estimates: a trained model's loss Hessian is not positive definite everywhere, and a noisy
+Hutchinson mean can come out ≤ 0 for a flat layer. We clamp the trace at 1e-6 × the largest layer's trace
+(a flat layer is cheap to quantize, never free) and report the raw estimates in ``meta["trace"]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.attention
+from tqdm.auto import tqdm
+
+from ..options import QuantSpec
+from ..quantize import fake_quantize
+from ..units import Unit, weight_matrix
+from .base import Probe, Workload, check_loss, check_trainable, modules_by_name
+from .table import SensitivityTable
+
+
+def hutchinson_traces(loss_fn, params: list[torch.Tensor], batches: list[torch.Tensor], *, tol: float = 1e-2,
+                      min_iters: int = 8, max_iters: int = 64, seed: int = 0):
+    """Per-parameter Hessian traces of ``loss_fn(batch)``: (means, standard errors, iterations)."""
+    gen = torch.Generator().manual_seed(seed)
+    samples: list[torch.Tensor] = []
+    mean = None
+    bar = tqdm(range(max_iters), desc="hutchinson", leave=False)
+    for k in bar:
+        loss = loss_fn(batches[k % len(batches)])
+        check_loss(loss, f"calibration batch {k % len(batches)}")
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        vs = [torch.randint(0, 2, p.shape, generator=gen, dtype=p.dtype).mul_(2).sub_(1) for p in params]
+        hvs = torch.autograd.grad(grads, params, grad_outputs=vs)
+        samples.append(torch.tensor([float((v * hv).sum()) for v, hv in zip(vs, hvs)], dtype=torch.float64))
+        new_mean = torch.stack(samples).mean(0)
+        if mean is not None and k + 1 >= min_iters:
+            change = ((new_mean - mean).abs() / new_mean.abs().clamp(min=1e-30)).max()
+            bar.set_postfix(change=f"{float(change):.3g}")
+            if change < tol:
+                mean = new_mean
+                break
+        mean = new_mean
+    s = torch.stack(samples)
+    stderr = s.std(0, unbiased=True) / len(s) ** 0.5 if len(s) > 1 else torch.full_like(mean, float("inf"))
+    return mean, stderr, len(samples)
+
+
+@dataclass(frozen=True)
+class HessianTraceProbe(Probe):
+    name = "hessian_trace"
+    needs_grad = True
+    tol: float = 1e-2
+    min_iters: int = 8
+    max_iters: int = 64
+    micro_batch: int = 1
+    seed: int = 0
+
+    def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
+        model = workload.model
+        check_trainable(model, units)
+        modules = modules_by_name(model, units)
+        saved = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = [modules[u.name].weight for u in units]
+        for p in params:
+            p.requires_grad_(True)
+        tokens = torch.cat(list(workload.batches()))
+        batches = [tokens[i:i + self.micro_batch] for i in range(0, len(tokens), self.micro_batch)]
+        try:  # fused attention kernels have no second derivative: use the math backend for the HVPs
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+                trace, stderr, iters = hutchinson_traces(workload.loss, params, batches, tol=self.tol,
+                                                         min_iters=self.min_iters, max_iters=self.max_iters,
+                                                         seed=self.seed)
+        finally:
+            for n, p in model.named_parameters():
+                p.requires_grad_(saved[n])
+        used = trace.clamp(min=1e-6 * float(trace.abs().max()))
+        cost = torch.zeros(len(units), len(options), dtype=torch.float64)
+        for i, unit in enumerate(units):
+            W = weight_matrix(modules[unit.name], unit.kind).detach().float()
+            for j, spec in enumerate(options):
+                cost[i, j] = float(used[i]) / unit.numel * float((fake_quantize(W, spec) - W).double().pow(2).sum())
+        return self.table(units, options, cost, iterations=iters, trace=trace.tolist(), trace_stderr=stderr.tolist(),
+                          negative_traces=[u.name for u, t in zip(units, trace) if t <= 0])

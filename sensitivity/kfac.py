@@ -1,0 +1,84 @@
+"""kfac probe: the layer-output error weighted by how much each output channel matters to the loss.
+
+Second-order loss change of a perturbation ΔW, with the Fisher of the layer factored as in K-FAC,
+E[(g ⊗ x)(g ⊗ x)ᵀ] ≈ E[g gᵀ] ⊗ E[x xᵀ], and E[g gᵀ] kept diagonal:
+
+    cost = ½ Σ_i  G_i · (ΔW H ΔWᵀ)_ii          G_i = Σ_t (∂ℓ/∂y_ti)²,  H = Σ_t x_t x_tᵀ / n_tokens
+
+g = gradient of the summed next-token loss with respect to the layer's output y (per token), x = its input.
+It keeps output_error's input correlations (H) and fisher's loss weighting (G) in one forward+backward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..options import QuantSpec
+from ..quantize import fake_quantize
+from ..units import Unit, weight_matrix
+from .base import Probe, Workload, check_loss, check_trainable, modules_by_name
+from .table import SensitivityTable
+
+
+@dataclass(frozen=True)
+class KFACProbe(Probe):
+    name = "kfac"
+    needs_grad = True
+    micro_batch: int = 4
+
+    def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
+        model = workload.model
+        check_trainable(model, units)
+        modules = modules_by_name(model, units)
+        H: dict[str, torch.Tensor] = {}
+        G: dict[str, torch.Tensor] = {}
+        seen: dict[tuple, torch.Tensor] = {}
+        n_tokens = 0
+
+        def forward_hook(name):
+            def fn(module, args, output):
+                x = args[0]
+                key = (x.data_ptr(), tuple(x.shape))
+                if key not in seen:
+                    x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                    seen[key] = (x2.T @ x2).double()
+                H[name] = H.get(name, 0) + seen[key]
+                output.register_hook(lambda g: G.__setitem__(
+                    name, G.get(name, 0) + g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0)))
+            return fn
+
+        saved = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        first = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        handles = [modules[u.name].register_forward_hook(forward_hook(u.name)) for u in units]
+        if first is not None:  # gradients must flow to every layer although no weight requires them
+            handles.append(first.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+        else:                  # a plain module: let the units' weights carry the graph
+            for m in modules.values():
+                m.weight.requires_grad_(True)
+        tokens = torch.cat(list(workload.batches()))
+        try:
+            for i in tqdm(range(0, len(tokens), self.micro_batch), desc="kfac", leave=False):
+                batch = tokens[i:i + self.micro_batch]
+                seen.clear()
+                loss = workload.loss(batch)
+                check_loss(loss, f"calibration windows {i}..{i + len(batch) - 1}")
+                terms = workload.loss_terms(batch) if hasattr(workload, "loss_terms") else 1
+                (loss * terms).backward()                                 # summed per-token loss
+                n_tokens += batch.numel()
+        finally:
+            for h in handles:
+                h.remove()
+            for n, p in model.named_parameters():
+                p.requires_grad_(saved[n])
+        cost = torch.zeros(len(units), len(options), dtype=torch.float64)
+        for i, unit in enumerate(units):
+            W = weight_matrix(modules[unit.name], unit.kind).detach().float()
+            Hn = H[unit.name] / n_tokens
+            for j, spec in enumerate(options):
+                dW = (fake_quantize(W, spec) - W).double()
+                cost[i, j] = 0.5 * float((G[unit.name] * ((dW @ Hn) * dW).sum(1)).sum())
+        return self.table(units, options, cost, n_tokens=n_tokens)

@@ -1,0 +1,133 @@
+"""Each probe against a case whose answer is known exactly or in expectation."""
+import pytest
+import torch
+from torch import nn
+
+from bitalloc import QuantSpec
+from bitalloc.quantize import fake_quantize
+from bitalloc.sensitivity import get_probe
+from bitalloc.sensitivity.fisher import empirical_fisher
+from bitalloc.sensitivity.hessian_trace import hutchinson_traces
+from bitalloc.units import Unit
+
+OPTIONS = [QuantSpec(2, 32), QuantSpec(4, 32)]
+
+
+class RegressionWorkload:
+    """y = W x with targets t = W* x + ε, ε ~ N(0, σ²); a "batch" is a tensor of sample indices."""
+
+    def __init__(self, n=4000, d_in=32, d_out=8, sigma=1.0, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.scales = torch.linspace(0.5, 2.0, d_in)
+        self.X = torch.randn(n, d_in, generator=g) * self.scales
+        self.model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
+        with torch.no_grad():
+            self.model[0].weight.copy_(torch.randn(d_out, d_in, generator=g))
+        self.T = self.X @ self.model[0].weight.detach().T + sigma * torch.randn(n, d_out, generator=g)
+        self.sigma, self.n = sigma, n
+
+    def batches(self):
+        for i in range(0, self.n, 500):
+            yield torch.arange(i, min(i + 500, self.n))
+
+    def n_batches(self):
+        return -(-self.n // 500)
+
+    def logits(self, idx):
+        return self.model(self.X[idx])
+
+    def loss(self, idx):   # ½ Σ ‖y − t‖², summed over the batch (Gaussian NLL up to a constant)
+        return 0.5 * (self.logits(idx) - self.T[idx]).pow(2).sum()
+
+    @staticmethod
+    def divergence(ref, out):
+        return 0.5 * (ref - out).pow(2).sum(-1).mean()
+
+
+UNIT = [Unit("0", (8, 32))]
+
+
+def test_hutchinson_exact_on_diagonal_and_close_on_dense():
+    torch.manual_seed(0)
+    a = torch.rand(10) + 0.1
+    A = torch.randn(6, 6)
+    A = A @ A.T / 6 + torch.eye(6)
+    p1, p2 = torch.randn(10, requires_grad=True), torch.randn(2, 3, requires_grad=True)
+
+    def loss(_):
+        return 0.5 * (a * p1 * p1).sum() + 0.5 * p2.reshape(-1) @ A @ p2.reshape(-1)
+
+    mean, stderr, iters = hutchinson_traces(loss, [p1, p2], [None], tol=1e-4, min_iters=500, max_iters=500)
+    assert float(mean[0]) == pytest.approx(float(a.sum()), rel=1e-6)        # diagonal: every sample exact
+    assert float(mean[1]) == pytest.approx(float(A.trace()), abs=4 * float(stderr[1]))
+    assert iters == 500 and float(stderr[0]) < 1e-6
+
+
+def test_fisher_of_linear_gaussian_model():
+    wl = RegressionWorkload(n=3000, sigma=0.5)
+    F, steps = empirical_fisher(wl, UNIT, micro_batch=1, max_windows=3000)
+    expected = 0.25 * wl.scales**2                        # F_ij = σ² E[x_j²], the same for every output row
+    assert steps == 3000
+    assert torch.allclose(F["0"].mean(0), expected, rtol=0.1)
+
+
+def test_output_error_equals_direct_output_error():
+    wl = RegressionWorkload(n=1000)
+    table = get_probe("output_error").measure(wl, UNIT, OPTIONS)
+    W = wl.model[0].weight.detach()
+    for j, spec in enumerate(OPTIONS):
+        dW = fake_quantize(W, spec) - W
+        direct = float((wl.X @ dW.T).double().pow(2).sum()) / wl.X.shape[0]
+        assert float(table.cost[0, j]) == pytest.approx(direct, rel=1e-4)
+
+
+def test_kfac_matches_second_order_loss_change_of_regression():
+    wl = RegressionWorkload(n=4000, sigma=1.0)             # unit-variance Gaussian: Fisher = Hessian = I on y
+    table = get_probe("kfac", micro_batch=500).measure(wl, UNIT, OPTIONS)
+    W = wl.model[0].weight.detach()
+    for j, spec in enumerate(OPTIONS):
+        dW = fake_quantize(W, spec) - W
+        exact = 0.5 * float((wl.X @ dW.T).double().pow(2).sum())
+        assert float(table.cost[0, j]) == pytest.approx(exact, rel=0.1)
+
+
+def test_fisher_probe_orders_widths():
+    wl = RegressionWorkload(n=500)
+    table = get_probe("fisher", micro_batch=10).measure(wl, UNIT, OPTIONS)
+    assert float(table.cost[0, 0]) > float(table.cost[0, 1]) > 0
+
+
+def test_measured_kl_matches_direct_measurement_on_tiny_llama(tiny_llama_dir, calib_text):
+    from bitalloc import api
+    prepared = api.prepare(tiny_llama_dir, calibration=calib_text, seq_len=32, n_windows=4,
+                           options=[QuantSpec(2, 32), QuantSpec(8, 32)])
+    units = prepared.units[:3]
+    table = get_probe("measured_kl", n_windows=4).measure(prepared.workload, units, prepared.options)
+    assert (table.cost[:, 0] > table.cost[:, 1]).all() and (table.cost >= 0).all()
+    model = prepared.model
+    module = dict(model.named_modules())[units[1].name]
+    W = module.weight.detach().clone()
+    with torch.no_grad():
+        ref = model(prepared.tokens).logits
+        module.weight.copy_(fake_quantize(W, prepared.options[0]))
+        out = model(prepared.tokens).logits
+        module.weight.copy_(W)
+    direct = float(prepared.workload.divergence(ref, out))
+    assert float(table.cost[1, 0]) == pytest.approx(direct, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["hessian_trace", "block_similarity", "kfac", "fisher", "output_error"])
+def test_every_probe_runs_on_tiny_llama(tiny_llama_dir, calib_text, name):
+    from bitalloc import api
+    settings = {"max_iters": 4, "min_iters": 2} if name == "hessian_trace" else {}
+    prepared = api.prepare(tiny_llama_dir, calibration=calib_text, seq_len=32, n_windows=4)
+    table = api.measure(prepared, name, settings=settings, cache=False)
+    assert table.cost.shape == (len(prepared.units), 4)
+    assert (table.cost[:, 0] >= table.cost[:, -1]).all()                # 2 bits never cheaper than 8
+    assert table.probe == name
+
+
+def test_unknown_probe_lists_valid_ones():
+    from bitalloc import BitallocError
+    with pytest.raises(BitallocError, match="unknown probe 'hawq'.*fisher.*measured_kl"):
+        get_probe("hawq")
