@@ -29,15 +29,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens (default 512)")
     p.add_argument("--n-windows", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the sensitivity-table cache")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
-def _prepare(args):
+def _prepare(args, strict: bool = False):
+    import torch
     from .api import prepare
     from .options import parse_options
     options = parse_options(args.options, group_size=args.group_size, symmetric=args.symmetric)
     include = tuple(s.strip() for s in args.include.split(",") if s.strip())
-    return prepare(args.model, calib_file=args.calib, options=options, include=include, seq_len=args.seq_len,
-                   n_windows=args.n_windows)
+    prepared = prepare(args.model, calib_file=args.calib, options=options, include=include, seq_len=args.seq_len,
+                       n_windows=args.n_windows, strict_windows=strict)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BitallocError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
+    prepared.model.to(device)
+    return prepared
 
 
 def _print_plan(plan, table) -> None:
@@ -98,7 +105,7 @@ def _evaluate_plans(args, prepared, table, plan) -> None:
 
 def cmd_probe(args) -> None:
     from .api import measure
-    prepared = _prepare(args)
+    prepared = _prepare(args, strict=True)
     t0 = time.time()
     table = measure(prepared, args.probe, cache=not args.no_cache)
     table.save_csv(args.out)

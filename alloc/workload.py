@@ -21,9 +21,14 @@ class CausalLMWorkload:
         self.tokens = tokens                      # (n_windows, seq_len) int64
         self.batch_size = batch_size
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def batches(self) -> Iterator[torch.Tensor]:
+        """Calibration batches on the model's device (probes run on CUDA when the model is there)."""
         for i in range(0, len(self.tokens), self.batch_size):
-            yield self.tokens[i:i + self.batch_size]
+            yield self.tokens[i:i + self.batch_size].to(self.device)
 
     def n_batches(self) -> int:
         return -(-len(self.tokens) // self.batch_size)

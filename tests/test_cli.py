@@ -124,3 +124,33 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_probe_refuses_short_calibration_and_bad_options(tiny_llama_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "t.csv"
+    code, _, err = run(["probe", "--model", tiny_llama_dir, "--calib", calib_file, "--seq-len", "64",
+                        "--n-windows", "100000", "--out", out], capsys)
+    assert code == 2 and "fewer than the 100000 requested" in err and not out.exists()
+    code, _, err = run(["probe", "--model", tiny_llama_dir, "--calib", calib_file, "--options", "3,7",
+                        "--out", out, *FAST], capsys)
+    assert code == 2 and "7-bit weights cannot be stored" in err and not out.exists()
+    code, _, err = run(["probe", "--model", tiny_llama_dir, "--calib", calib_file, "--probe", "hawq",
+                        "--out", out, *FAST], capsys)
+    assert code == 2 and "unknown probe 'hawq'" in err and not out.exists()
+
+
+def test_solve_rejects_bad_tables(tmp_path, capsys):
+    head = "unit,bits,group_size,symmetric,cost,size_bits,out_features,in_features,fused_group\n"
+    row = lambda u, b, c: f"{u},{b},128,false,{c},{ {2: 35072, 3: 51584, 4: 68096, 8: 134144}[b] },128,128,\n"
+    cases = {
+        "missing": (head + row("a", 2, 1.0) + row("a", 3, 0.5) + row("b", 2, 1.0), "lacks options"),
+        "negative": (head + row("a", 2, -1.0) + row("a", 3, 0.5), "negative or NaN"),
+        "nan": (head + row("a", 2, "nan") + row("a", 3, 0.5), "negative or NaN"),
+        "duplicate": (head + row("a", 2, 1.0) + row("a", 2, 1.0), "twice"),
+    }
+    for name, (text, match) in cases.items():
+        path = tmp_path / f"{name}.csv"
+        path.write_text(text)
+        code, _, err = run(["solve", "--table", path, "--budget", "3", "--out", tmp_path / "p.json"], capsys)
+        assert code == 2 and match in err, (name, err)
+    assert not (tmp_path / "p.json").exists()
