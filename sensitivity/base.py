@@ -6,6 +6,7 @@ approximates the loss increase when unit u alone is stored as option o.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterator, Protocol
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import BitallocError
+from ..registry import instantiate
 from ..options import QuantSpec
 from ..units import Unit
 from .table import SensitivityTable
@@ -64,6 +66,21 @@ def modules_by_name(model: nn.Module, units: list[Unit]) -> dict[str, nn.Module]
     return {u.name: modules[u.name] for u in units}
 
 
+@contextlib.contextmanager
+def grads_only_for(model: nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
+    """Within the block only ``params`` require grad; every flag is restored afterwards."""
+    saved = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+
+
 def check_loss(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss):
         raise BitallocError(f"the loss is {loss.item()} on {where}: check the calibration text and the model's dtype")
@@ -89,12 +106,4 @@ PROBES: dict[str, str] = {
 
 def get_probe(name: str, **settings: Any) -> Probe:
     """Instantiate a probe by name (lazy import, so ``import bitalloc`` stays light)."""
-    import importlib
-    if name not in PROBES:
-        raise BitallocError(f"unknown probe {name!r}: choose one of {', '.join(PROBES)}")
-    module_name, _, cls_name = PROBES[name].partition(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    try:
-        return cls(**settings)
-    except TypeError as e:
-        raise BitallocError(f"probe {name!r}: {e}") from None
+    return instantiate(PROBES, "probe", name, settings)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..options import QuantSpec
 from ..quantize import fake_quantize
 from ..units import Unit, weight_matrix
-from .base import Probe, Workload, check_loss, check_trainable, modules_by_name
+from .base import Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name
 from .table import SensitivityTable
 
 
@@ -25,17 +25,12 @@ def empirical_fisher(workload: Workload, units: list[Unit], *, micro_batch: int 
     model = workload.model
     check_trainable(model, units)
     modules = modules_by_name(model, units)
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in modules.values():
-        m.weight.requires_grad_(True)
     F = {u.name: torch.zeros_like(modules[u.name].weight, dtype=torch.float32) for u in units}
     tokens = torch.cat(list(workload.batches()))
     if max_windows is not None:
         tokens = tokens[:max_windows]
     steps = 0
-    try:
+    with grads_only_for(model, [modules[u.name].weight for u in units]):
         for i in tqdm(range(0, len(tokens), micro_batch), desc="fisher", leave=False):
             batch = tokens[i:i + micro_batch]
             loss = workload.loss(batch)
@@ -44,9 +39,6 @@ def empirical_fisher(workload: Workload, units: list[Unit], *, micro_batch: int 
             for u, g in zip(units, grads):
                 F[u.name] += g.float() ** 2
             steps += 1
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
     for u in units:
         F[u.name] /= steps
         if u.kind == "conv1d":

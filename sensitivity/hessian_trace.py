@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..options import QuantSpec
 from ..quantize import fake_quantize
 from ..units import Unit, weight_matrix
-from .base import Probe, Workload, check_loss, check_trainable, modules_by_name
+from .base import Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name
 from .table import SensitivityTable
 
 
@@ -68,22 +68,14 @@ class HessianTraceProbe(Probe):
         model = workload.model
         check_trainable(model, units)
         modules = modules_by_name(model, units)
-        saved = {n: p.requires_grad for n, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
         params = [modules[u.name].weight for u in units]
-        for p in params:
-            p.requires_grad_(True)
         tokens = torch.cat(list(workload.batches()))
         batches = [tokens[i:i + self.micro_batch] for i in range(0, len(tokens), self.micro_batch)]
-        try:  # fused attention kernels have no second derivative: use the math backend for the HVPs
-            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-                trace, stderr, iters = hutchinson_traces(workload.loss, params, batches, tol=self.tol,
-                                                         min_iters=self.min_iters, max_iters=self.max_iters,
-                                                         seed=self.seed)
-        finally:
-            for n, p in model.named_parameters():
-                p.requires_grad_(saved[n])
+        # fused attention kernels have no second derivative: use the math backend for the HVPs
+        with grads_only_for(model, params), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            trace, stderr, iters = hutchinson_traces(workload.loss, params, batches, tol=self.tol,
+                                                     min_iters=self.min_iters, max_iters=self.max_iters,
+                                                     seed=self.seed)
         used = trace.clamp(min=1e-6 * float(trace.abs().max()))
         cost = torch.zeros(len(units), len(options), dtype=torch.float64)
         for i, unit in enumerate(units):

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..options import QuantSpec
 from ..quantize import fake_quantize
 from ..units import Unit, weight_matrix
-from .base import Probe, Workload, check_loss, check_trainable, modules_by_name
+from .base import Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name
 from .table import SensitivityTable
 
 
@@ -49,31 +49,26 @@ class KFACProbe(Probe):
                     name, G.get(name, 0) + g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0)))
             return fn
 
-        saved = {n: p.requires_grad for n, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
         first = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         handles = [modules[u.name].register_forward_hook(forward_hook(u.name)) for u in units]
         if first is not None:  # gradients must flow to every layer although no weight requires them
             handles.append(first.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
-        else:                  # a plain module: let the units' weights carry the graph
-            for m in modules.values():
-                m.weight.requires_grad_(True)
+        # a plain module without an embedding hook: let the units' weights carry the graph
+        carriers = [] if first is not None else [m.weight for m in modules.values()]
         tokens = torch.cat(list(workload.batches()))
         try:
-            for i in tqdm(range(0, len(tokens), self.micro_batch), desc="kfac", leave=False):
-                batch = tokens[i:i + self.micro_batch]
-                seen.clear()
-                loss = workload.loss(batch)
-                check_loss(loss, f"calibration windows {i}..{i + len(batch) - 1}")
-                terms = workload.loss_terms(batch) if hasattr(workload, "loss_terms") else 1
-                (loss * terms).backward()                                 # summed per-token loss
-                n_tokens += batch.numel()
+            with grads_only_for(model, carriers):
+                for i in tqdm(range(0, len(tokens), self.micro_batch), desc="kfac", leave=False):
+                    batch = tokens[i:i + self.micro_batch]
+                    seen.clear()
+                    loss = workload.loss(batch)
+                    check_loss(loss, f"calibration windows {i}..{i + len(batch) - 1}")
+                    terms = workload.loss_terms(batch) if hasattr(workload, "loss_terms") else 1
+                    (loss * terms).backward()                                 # summed per-token loss
+                    n_tokens += batch.numel()
         finally:
             for h in handles:
                 h.remove()
-            for n, p in model.named_parameters():
-                p.requires_grad_(saved[n])
         cost = torch.zeros(len(units), len(options), dtype=torch.float64)
         for i, unit in enumerate(units):
             W = weight_matrix(modules[unit.name], unit.kind).detach().float()

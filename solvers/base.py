@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import BitallocError
+from ..registry import instantiate
 from ..plan import BitPlan
 from ..sensitivity.table import SensitivityTable
 
@@ -114,12 +115,5 @@ SOLVERS: dict[str, str] = {
 
 
 def get_solver(name: str, **settings: Any) -> Solver:
-    import importlib
-    if name not in SOLVERS:
-        raise BitallocError(f"unknown solver {name!r}: choose one of {', '.join(SOLVERS)}")
-    module_name, _, cls_name = SOLVERS[name].partition(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    try:
-        return cls(**settings)
-    except TypeError as e:
-        raise BitallocError(f"solver {name!r}: {e}") from None
+    """Instantiate a solver by name (lazy import: pulp loads only when ``ilp`` is used)."""
+    return instantiate(SOLVERS, "solver", name, settings)
