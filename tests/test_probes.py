@@ -131,3 +131,12 @@ def test_unknown_probe_lists_valid_ones():
     from bitalloc import BitallocError
     with pytest.raises(BitallocError, match="unknown probe 'hawq'.*fisher.*measured_kl"):
         get_probe("hawq")
+
+
+def test_fisher_group_costs_sum_to_layer_cost():
+    from bitalloc.sensitivity.fisher import fisher_cost, group_costs
+    F, dW = torch.rand(16, 100), torch.randn(16, 100)
+    groups = group_costs(F, dW, 32)
+    assert groups.shape == (4,)
+    assert float(groups.sum()) == pytest.approx(fisher_cost(F, dW), rel=1e-9)
+    assert float(groups[1]) == pytest.approx(0.5 * float((F[:, 32:64].double() * dW[:, 32:64].double() ** 2).sum()))
