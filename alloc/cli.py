@@ -8,6 +8,7 @@ import argparse
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from .errors import BitallocError
 
@@ -143,6 +144,42 @@ def cmd_eval(args) -> None:
     print(f"fp: {evaluator.fp.as_dict()}\nplan ({plan.true_bpw:.4f} true bpw, {args.quantizer}): {s.as_dict()}")
 
 
+def cmd_apply(args) -> None:
+    import copy
+
+    from .api import prepare
+    from .calibration import read_text, windows
+    from .evaluate import perplexity
+    from .files import check_parent
+    from .packed import apply, checkpoint_report, planned_units, save
+    from .plan import BitPlan
+    from .quantize_model import quantize_model
+    out = Path(args.out)
+    check_parent(out)
+    if out.exists() and any(out.iterdir()):
+        raise BitallocError(f"{args.out!r} exists and is not empty: choose a new folder")
+    prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len)
+    plan = BitPlan.load(args.plan)
+    model = prepared.model
+    if args.eval:
+        tokens = windows(prepared.tokenizer, read_text(args.eval), seq_len=args.seq_len, n_windows=args.eval_windows,
+                         source=f"eval file {args.eval!r}")
+        fake = copy.deepcopy(model)
+        quantize_model(fake, planned_units(fake, plan), plan, quantizer=args.quantizer, calibration=prepared.tokens)
+        ppl_fake = perplexity(fake, tokens, desc="ppl fake-quantized")
+        del fake
+    apply(model, plan, quantizer=args.quantizer, calibration=prepared.tokens)
+    save(model, out, tokenizer=prepared.tokenizer)
+    r = checkpoint_report(model, out)
+    print(f"packed {len(plan.layers)} layers ({r['quantized_params']:,} params at {r['true_bpw']:.4f} true bpw) "
+          f"-> {args.out}\ncheckpoint {r['actual_bytes']:,} bytes; plan predicts {r['expected_bytes']:,.0f} "
+          f"({100 * r['relative_diff']:+.2f} %)")
+    if args.eval:
+        ppl_packed = perplexity(model, tokens, desc="ppl packed")
+        print(f"perplexity: packed {ppl_packed:.6f} · fake-quantized {ppl_fake:.6f} · "
+              f"relative difference {abs(ppl_packed / ppl_fake - 1):.2e}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .api import DEFAULT_PROBE, DEFAULT_SOLVER
     parser = argparse.ArgumentParser(prog="bitalloc", description="Mixed-precision bit allocation under a memory budget.")
@@ -186,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-windows", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=64)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("apply", help="quantize and pack a model by a plan; write safetensors + plan JSON")
+    p.add_argument("--model", help="local Hugging Face model folder (default: the embedded refllama-s)")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--out", required=True, help="new folder for the packed checkpoint")
+    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"])
+    p.add_argument("--calib", help="calibration text for GPTQ (default: Python's own help topics)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--n-windows", type=int, default=128)
+    p.add_argument("--eval", help="text file: perplexity of the packed model and of the fake-quantized one")
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.set_defaults(func=cmd_apply)
     return parser
 
 

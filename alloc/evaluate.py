@@ -18,6 +18,25 @@ from .quantize_model import set_unit_weights, unit_weights
 from .units import Unit
 
 
+def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(log-probabilities, summed per-window mean next-token NLL) of one batch of windows."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    nll = float(-logp[:, :-1].gather(-1, batch[:, 1:, None]).squeeze(-1).mean(-1).sum())
+    return logp, nll
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 8, progress: bool = True,
+               desc: str = "perplexity") -> float:
+    """Perplexity of a causal LM on (n, seq) token windows, by the protocol above (any model: packed too)."""
+    device = next(model.parameters()).device
+    nll = 0.0
+    for i in tqdm(range(0, len(tokens), batch_size), desc=desc, leave=False, disable=not progress):
+        batch = tokens[i:i + batch_size].to(device)
+        nll += window_nll(model(input_ids=batch, use_cache=False).logits, batch)[1]
+    return math.exp(nll / len(tokens))
+
+
 @dataclass
 class Scores:
     ppl: float | None          # causal LMs
@@ -48,10 +67,8 @@ class Evaluator:
         try:
             for k, batch in enumerate(tqdm(self._batches(), desc=desc, leave=False, disable=not self.progress)):
                 if self.kind == "causal_lm":
-                    logits = self.model(input_ids=batch, use_cache=False).logits.float()
-                    logp = F.log_softmax(logits, dim=-1)
-                    target = batch[:, 1:]
-                    nll += float(-logp[:, :-1].gather(-1, target[..., None]).squeeze(-1).mean(-1).sum())
+                    logp, batch_nll = window_nll(self.model(input_ids=batch, use_cache=False).logits, batch)
+                    nll += batch_nll
                     if first:
                         self._reference.append(logp)
                     else:
