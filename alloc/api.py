@@ -142,4 +142,15 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
     prepared = prepare(model, calibration=calibration, tokenizer=tokenizer, options=options, include=include,
                        seq_len=seq_len, n_windows=n_windows)
     table = measure(prepared, probe, settings=probe_settings, cache=cache)
-    return solve(table, budget_bits, solver, settings=solver_settings, count_overhead=count_overhead, fuse=fuse)
+    settings = with_fitness(prepared, solver, solver_settings)
+    return solve(table, budget_bits, solver, settings=settings, count_overhead=count_overhead, fuse=fuse)
+
+
+def with_fitness(prepared: Prepared, solver: str, settings: dict | None, max_windows: int = 16) -> dict:
+    """Solver settings plus, for the solvers that score plans on the model, a KL fitness on ``prepared``."""
+    from .solvers.base import NEEDS_MODEL
+    settings = dict(settings or {})
+    if solver in NEEDS_MODEL and settings.get("fitness") is None:
+        from .fitness import KLFitness
+        settings["fitness"] = KLFitness(prepared, max_windows=max_windows)
+    return settings

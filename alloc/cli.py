@@ -61,11 +61,18 @@ def _print_plan(plan, table) -> None:
 
 
 def cmd_allocate(args) -> None:
-    from .api import measure, solve
+    from .api import measure, solve, with_fitness
     t0 = time.time()
     prepared = _prepare(args)
     table = measure(prepared, args.probe, cache=not args.no_cache)
-    plan = solve(table, args.budget, args.solver, count_overhead=not args.nominal, fuse=args.fuse)
+    settings = {}
+    if args.solver == "evolutionary":
+        settings = {"generations": args.generations, "time_limit": args.time_limit, "seed": args.seed}
+    elif args.solver == "optuna":
+        settings = {"n_trials": args.generations, "timeout": args.time_limit, "seed": args.seed}
+    settings = with_fitness(prepared, args.solver, settings)
+    plan = solve(table, args.budget, args.solver, settings=settings, count_overhead=not args.nominal,
+                 fuse=args.fuse)
     plan.extra["quantizer"] = args.quantizer
     _print_plan(plan, table)
     print(f"\nbudget {args.budget} {'nominal' if args.nominal else 'true'} bits/weight · "
@@ -180,6 +187,53 @@ def cmd_apply(args) -> None:
               f"relative difference {abs(ppl_packed / ppl_fake - 1):.2e}")
 
 
+def cmd_search(args) -> None:
+    import json
+
+    from .api import measure, with_fitness
+    from .files import check_parent
+    from .plan import BitPlan
+    from .solvers import Problem
+    from .solvers.optuna_search import OptunaSolver
+    if args.out:
+        check_parent(args.out)
+    prepared = _prepare(args)
+    table = measure(prepared, args.probe, cache=not args.no_cache)
+    budget = args.budget if args.budget is not None else 16.0
+    problem = Problem(table, budget, count_overhead=not args.nominal, fuse=args.fuse)
+    solver = OptunaSolver(n_trials=args.n_trials, study_name=args.study, storage=args.storage, sampler=args.sampler,
+                          seed=args.seed, windows=args.windows, heartbeat=args.heartbeat, grace=args.grace,
+                          timeout=args.timeout, multi_objective=args.budget is None, trial_delay=args.trial_delay,
+                          settings={"model": prepared.info["hash"], "probe": args.probe})
+    solver.fitness = with_fitness(prepared, "optuna", {}, max_windows=args.windows)["fitness"]
+    study = solver.run(problem)
+    import optuna
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    print(f"study {args.study!r} on {solver.storage}: {len(complete)} complete trials")
+    if args.budget is None:
+        print(f"{'true bpw':>9}  {'KL':>9}  trial")
+        for t in sorted(study.best_trials, key=lambda t: t.values[0]):
+            print(f"{t.values[0]:>9.4f}  {t.values[1]:>9.5f}  {t.number}")
+        return
+    best = study.best_trial
+    plan = BitPlan.from_json(json.loads(best.user_attrs["plan"]))
+    print(f"best trial {best.number}: KL {best.value:.5f} · true {plan.true_bpw:.4f} bits/weight")
+    if args.out:
+        plan.save(args.out)
+        print(f"plan written to {args.out}")
+
+
+def cmd_dashboard(args) -> None:
+    from .solvers.optuna_search import make_storage
+    storage = make_storage(args.storage)
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise BitallocError("the dashboard needs optuna-dashboard: pip install 'bitalloc[search]'") from None
+    print(f"optuna-dashboard for {args.storage} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    run_server(storage, host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .api import DEFAULT_PROBE, DEFAULT_SOLVER
     parser = argparse.ArgumentParser(prog="bitalloc", description="Mixed-precision bit allocation under a memory budget.")
@@ -196,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="text file: report perplexity of fp, the plan and the best uniform plan")
     p.add_argument("--eval-windows", type=int, default=64, help="eval windows (default 64)")
     p.add_argument("--out", default="plan.json", help="plan JSON to write (default plan.json)")
+    p.add_argument("--generations", type=int, default=50,
+                   help="evolutionary: generations (optuna: trials) (default 50)")
+    p.add_argument("--time-limit", type=float, default=None, help="evolutionary/optuna: stop after this many seconds")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the search solvers (default 0)")
     p.set_defaults(func=cmd_allocate)
 
     p = sub.add_parser("probe", help="measure a sensitivity table and write it as CSV")
@@ -235,6 +293,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="text file: perplexity of the packed model and of the fake-quantized one")
     p.add_argument("--eval-windows", type=int, default=64)
     p.set_defaults(func=cmd_apply)
+
+    from .solvers.optuna_search import DEFAULT_STORAGE
+    p = sub.add_parser("search", help="run one worker of an Optuna study over plans (start several to scale out)")
+    _add_model_args(p)
+    p.add_argument("--study", required=True, help="study name (workers with the same name share it)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE}); "
+                   "postgresql://user@host/db for many machines")
+    p.add_argument("--n-trials", type=int, default=100, help="the study stops at this many complete trials")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help="single objective (KL) under this budget; without it: multi-objective (true bpw, KL)")
+    p.add_argument("--probe", default=DEFAULT_PROBE, help="table used to repair plans to the budget and seed the study")
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])
+    p.add_argument("--windows", type=int, default=4, help="calibration windows scored per trial (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fuse", action="store_true")
+    p.add_argument("--nominal", action="store_true")
+    p.add_argument("--heartbeat", type=int, default=10, help="seconds between heartbeats (default 10)")
+    p.add_argument("--grace", type=int, default=30,
+                   help="a trial whose worker is silent this long is failed and retried (default 30)")
+    p.add_argument("--timeout", type=float, default=None, help="stop this worker after this many seconds")
+    p.add_argument("--trial-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--out", help="write the best plan (single-objective studies)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard on a study storage")
+    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_dashboard)
     return parser
 
 

@@ -1,4 +1,4 @@
 """Solvers: choose one option per unit under the budget (see DESIGN.md, "solvers")."""
-from .base import Problem, Solver, SOLVERS, get_solver
+from .base import NEEDS_MODEL, SOLVERS, Problem, Solver, get_solver
 
-__all__ = ["Problem", "Solver", "SOLVERS", "get_solver"]
+__all__ = ["Problem", "Solver", "SOLVERS", "NEEDS_MODEL", "get_solver"]

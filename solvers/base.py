@@ -111,7 +111,11 @@ class Solver(ABC):
 SOLVERS: dict[str, str] = {
     "uniform": "bitalloc.solvers.uniform:UniformSolver",
     "ilp": "bitalloc.solvers.ilp:ILPSolver",
+    "closed_form": "bitalloc.solvers.closed_form:ClosedFormSolver",
+    "evolutionary": "bitalloc.solvers.evolutionary:EvolutionarySolver",
+    "optuna": "bitalloc.solvers.optuna_search:OptunaSolver",
 }
+NEEDS_MODEL = ("evolutionary", "optuna")     # these score whole plans on the model (alloc/fitness.py)
 
 
 def get_solver(name: str, **settings: Any) -> Solver:

@@ -114,5 +114,104 @@ class TestILP(SolverContract):
 
 
 def test_unknown_solver():
-    with pytest.raises(BitallocError, match="unknown solver 'nope': choose one of uniform, ilp"):
+    with pytest.raises(BitallocError, match="unknown solver .nope.: choose one of uniform, ilp, closed_form"):
         get_solver("nope")
+
+
+class ToyFitness:
+    """A stand-in for the model's KL: the table's additive cost plus a neighbour interaction term."""
+
+    def __init__(self, table):
+        self.cost = table.cost
+
+    def __call__(self, choice, n_windows=None):
+        c = self.cost[torch.arange(len(choice)), torch.as_tensor(choice)]
+        return float(c.sum() + 0.1 * (c[:-1] * c[1:]).sum())
+
+
+class FitnessContract(SolverContract):
+    """The contract for solvers that score plans with a fitness: the toy one above, built per table."""
+
+    def solver(self):
+        outer = self
+
+        class WithToyFitness:
+            def __call__(self, table, budget, **kw):
+                return get_solver(outer.solver_name, fitness=ToyFitness(table), **outer.settings)(table, budget, **kw)
+
+        return WithToyFitness()
+
+
+class TestClosedForm(SolverContract):
+    solver_name = "closed_form"
+
+    @pytest.mark.parametrize("seed", range(10))
+    def test_gap_to_ilp(self, seed):
+        """Stated gap: within 10 % of the ILP optimum on 40-unit random tables (measured worst: see README)."""
+        table = random_table(40, 200 + seed)
+        lo = float(table.sizes().min(1).values.sum() / table.numels().sum())
+        budget = lo + (0.1 + 0.08 * seed) * (8 - lo)
+        ilp = get_solver("ilp")(table, budget)
+        cf = self.solver()(table, budget)
+        assert cf.true_bpw <= budget + 1e-9
+        assert cf.objective <= ilp.objective * 1.10 + 1e-12
+
+    def test_million_units_on_arrays(self):
+        from bitalloc.solvers.closed_form import closed_form_choice
+        g = torch.Generator().manual_seed(0)
+        U = 100_000
+        numel = torch.full((U,), 4096.0, dtype=torch.float64)
+        bpw = torch.tensor([2.125, 3.125, 4.125, 8.125], dtype=torch.float64)
+        size = numel[:, None] * bpw
+        cost = torch.rand(U, 1, generator=g, dtype=torch.float64) * 2.0 ** (-1.9 * bpw)
+        choice = closed_form_choice(cost, size, numel, 3.0 * float(numel.sum()))
+        used = float(size[torch.arange(U), choice].sum() / numel.sum())
+        assert 2.99 < used <= 3.0
+
+
+class TestEvolutionary(FitnessContract):
+    solver_name = "evolutionary"
+    settings = {"generations": 6, "offspring": 4, "progress": False}
+
+    def test_never_worse_than_its_seed(self):
+        table = random_table(12, 7)
+        fit = ToyFitness(table)
+        plan = get_solver("evolutionary", fitness=fit, generations=30, progress=False)(table, 3.3)
+        seed = get_solver("ilp")(table, 3.3)
+        index = {o: j for j, o in enumerate(table.options)}
+        as_choice = lambda p: [index[p.layers[u.name]] for u in table.units]  # noqa: E731
+        assert fit(as_choice(plan)) <= fit(as_choice(seed))
+        assert plan.extra["kl"] <= plan.extra["seed_kl"]
+
+    def test_needs_a_fitness(self):
+        with pytest.raises(BitallocError, match="scores plans on the model"):
+            get_solver("evolutionary")(random_table(3, 0), 3.0)
+
+
+class TestOptuna(FitnessContract):
+    solver_name = "optuna"
+    settings = {"n_trials": 6, "progress": False}
+
+    def test_study_settings_must_match(self, tmp_path):
+        table = random_table(5, 1)
+        url = f"sqlite:///{tmp_path / 's.db'}"
+        get_solver("optuna", fitness=ToyFitness(table), n_trials=2, storage=url, study_name="s",
+                   progress=False)(table, 3.0)
+        with pytest.raises(BitallocError, match="exists with different settings .*budget"):
+            get_solver("optuna", fitness=ToyFitness(table), n_trials=2, storage=url, study_name="s",
+                       progress=False)(table, 3.5)
+
+    def test_trials_store_their_plan(self, tmp_path):
+        import json
+
+        import optuna
+        table = random_table(5, 1)
+        url = f"sqlite:///{tmp_path / 's.db'}"
+        get_solver("optuna", fitness=ToyFitness(table), n_trials=4, storage=url, study_name="p",
+                   progress=False)(table, 3.0)
+        study = optuna.load_study(study_name="p", storage=url)
+        trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(trials) == 4
+        for t in trials:
+            plan = json.loads(t.user_attrs["plan"])
+            assert set(plan["layers"]) == {u.name for u in table.units}

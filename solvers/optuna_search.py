@@ -1,0 +1,175 @@
+"""optuna: an Optuna study over whole plans, on one machine or many.
+
+Each trial picks one option per unit (or fused group) as a categorical parameter and is scored on the
+model (KL to fp, alloc/fitness.py). Two modes:
+
+* single-objective under the budget (the ``optuna`` solver, ``bitalloc search --budget B``): the sampled
+  plan is repaired to the TRUE budget first (greedy downgrades by the table's cost per bit saved), so every
+  trial is a feasible plan; the study minimizes KL. The table's ILP plan is enqueued as the first trial.
+* multi-objective (``bitalloc search`` without ``--budget``): minimize (true bpw, KL) with NSGA-II or TPE
+  and read the Pareto front off the study.
+
+Every finished trial stores its plan JSON in the user attribute ``plan``. Storage is an SQLite file by
+default; a ``postgresql://`` URL lets many workers share a study (``load_if_exists``), with heartbeats so
+the RUNNING trial of a killed worker is marked failed after ``grace`` seconds and re-queued by
+``RetryFailedTrialCallback``. The study's settings (model, budget, options, objective) are stored on it;
+a worker whose settings differ is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import BitallocError
+from ..plan import BitPlan
+from .base import Problem, Solver, get_solver
+
+DEFAULT_STORAGE = "sqlite:///bitalloc-search.db"
+
+
+def make_storage(url: str, *, heartbeat: int | None = None, grace: int | None = None):
+    """An Optuna RDB storage, with heartbeats when asked; an unreachable server is one clear line."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    kwargs: dict[str, Any] = {}
+    if heartbeat:
+        kwargs.update(heartbeat_interval=heartbeat, grace_period=grace or 2 * heartbeat,
+                      failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
+    if url.startswith("postgresql"):
+        kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 5}}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return RDBStorage(url, **kwargs)
+    except Exception as e:  # sqlalchemy.exc.OperationalError, ArgumentError, missing driver, …
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BitallocError(f"cannot open the study storage {_redact(url)}: {first[:200]}") from None
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://…@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _repair(problem: Problem, groups, g_cost, g_size, choice: list[int]) -> list[int]:
+    """Downgrade, cheapest loss per bit saved first, until the plan fits the true budget."""
+    choice = list(choice)
+    while sum(float(g_size[k, j]) for k, j in enumerate(choice)) > problem.capacity * (1 + 1e-12):
+        best = None
+        for k, j in enumerate(choice):
+            for j2 in range(g_size.shape[1]):
+                saved = float(g_size[k, j] - g_size[k, j2])
+                if saved > 0:
+                    ratio = float(g_cost[k, j2] - g_cost[k, j]) / saved
+                    if best is None or ratio < best[0]:
+                        best = (ratio, k, j2)
+        if best is None:
+            break
+        choice[best[1]] = best[2]
+    return choice
+
+
+@dataclass
+class OptunaSolver(Solver):
+    """Single-objective study under the budget; returns the best trial's plan."""
+    name = "optuna"
+    fitness: Any = None
+    n_trials: int = 100
+    study_name: str | None = None
+    storage: str | None = None        # None: in memory for the solver; the CLI defaults to SQLite
+    sampler: str = "tpe"
+    seed: int = 0
+    windows: int = 4                  # calibration windows per trial
+    heartbeat: int | None = None
+    grace: int | None = None
+    timeout: float | None = None
+    settings: dict | None = None      # stored on the study; a study with other settings is refused
+    multi_objective: bool = False
+    trial_delay: float = 0.0          # seconds slept inside each trial (tests kill a worker mid-trial)
+    progress: bool = True
+
+    def solve(self, problem: Problem) -> BitPlan:
+        study = self.run(problem)
+        if self.multi_objective:
+            raise BitallocError("a multi-objective study has a Pareto front, not one plan: read it with "
+                                "`bitalloc search` (it prints the front)")
+        return problem.plan(study.best_trial.user_attrs["choice"], self.name, kl=study.best_value,
+                            study=study.study_name, trial=study.best_trial.number)
+
+    def run(self, problem: Problem):
+        import optuna
+        if self.fitness is None:
+            raise BitallocError("the optuna solver scores plans on the model: run `bitalloc search` or "
+                                "`bitalloc allocate --solver optuna`")
+        groups = problem.groups()
+        g_cost = torch.stack([problem.cost[g].sum(0) for g in groups]).double()
+        g_size = torch.stack([problem.size[g].sum(0) for g in groups]).double()
+        labels = [o.label() for o in problem.table.options]
+        units = problem.table.units
+        names = [units[g[0]].fused_group if len(g) > 1 else units[g[0]].name for g in groups]
+        storage = make_storage(self.storage, heartbeat=self.heartbeat, grace=self.grace) if self.storage else None
+        if self.sampler == "nsga2":
+            sampler = optuna.samplers.NSGAIISampler(seed=self.seed)
+        elif self.sampler == "tpe":
+            sampler = optuna.samplers.TPESampler(seed=self.seed, multivariate=True)
+        elif self.sampler == "random":
+            sampler = optuna.samplers.RandomSampler(seed=self.seed)
+        else:
+            raise BitallocError(f"unknown sampler {self.sampler!r}: choose tpe, nsga2 or random")
+        directions = ["minimize", "minimize"] if self.multi_objective else ["minimize"]
+        name = self.study_name or f"bitalloc-{int(time.time())}"
+        settings = dict(self.settings or {})
+        settings.update(budget=None if self.multi_objective else problem.budget_bits, options=labels,
+                        units=len(groups), multi_objective=self.multi_objective, windows=self.windows)
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions,
+                                        load_if_exists=True)
+        except ValueError as e:   # e.g. directions differ from the stored study's
+            raise BitallocError(f"study {name!r} exists with different settings ({e}): choose another --study") from None
+        stored = study.user_attrs.get("bitalloc_settings")
+        if stored is None:
+            study.set_user_attr("bitalloc_settings", settings)
+            if not self.multi_objective:        # start from the table's optimum
+                seed_plan = get_solver("ilp").solve(problem)
+                study.enqueue_trial({n: seed_plan.layers[problem.table.units[g[0]].name].label()
+                                     for n, g in zip(names, groups)})
+        elif stored != settings:
+            diff = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+            raise BitallocError(f"study {name!r} exists with different settings ({', '.join(diff)}): "
+                                "use the same settings or choose another --study")
+        index = {lab: j for j, lab in enumerate(labels)}
+
+        def objective(trial):
+            picked = [index[trial.suggest_categorical(n, labels)] for n in names]
+            choice_g = picked if self.multi_objective else _repair(problem, groups, g_cost, g_size, picked)
+            choice = torch.zeros(problem.n_units, dtype=torch.long)
+            for k, members in enumerate(groups):
+                choice[members] = choice_g[k]
+            if self.trial_delay:
+                time.sleep(self.trial_delay)
+            kl = float(self.fitness(choice, self.windows))
+            plan = problem.plan(choice, self.name, kl=kl, study=name, trial=trial.number)
+            trial.set_user_attr("plan", json.dumps(plan.to_json()))
+            trial.set_user_attr("true_bpw", plan.true_bpw)
+            trial.set_user_attr("choice", [int(c) for c in choice])
+            return (plan.true_bpw, kl) if self.multi_objective else kl
+
+        callbacks = []
+        if self.n_trials:
+            from optuna.study import MaxTrialsCallback
+            callbacks.append(MaxTrialsCallback(self.n_trials, states=(optuna.trial.TrialState.COMPLETE,)))
+        done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+        remaining = max(0, self.n_trials - done)
+        if remaining:
+            study.optimize(objective, n_trials=remaining, timeout=self.timeout, callbacks=callbacks,
+                           show_progress_bar=self.progress and not os.environ.get("CI"))
+        restore = getattr(self.fitness, "restore", None)
+        if restore:
+            restore()
+        return study
