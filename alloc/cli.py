@@ -234,6 +234,101 @@ def cmd_dashboard(args) -> None:
     run_server(storage, host=args.host, port=args.port)
 
 
+def cmd_export(args) -> None:
+    from .export import FORMATS, export
+    from .files import atomic_write_text, check_parent
+    from .plan import BitPlan
+    if args.to not in FORMATS:
+        raise BitallocError(f"unknown export format {args.to!r}: choose one of {', '.join(FORMATS)}")
+    check_parent(args.out)
+    plan = BitPlan.load(args.plan)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = export(plan, args.to)
+    for w in caught:
+        if "mapped up" in str(w.message):
+            print(f"bitalloc: warning: {w.message}", file=sys.stderr)
+    atomic_write_text(args.out, text)
+    print(f"{args.to} config for {len(plan.layers)} layers written to {args.out}")
+
+
+def _parse_budgets(text: str) -> list[float]:
+    try:
+        if ":" in text:
+            lo, hi, step = (float(v) for v in text.split(":"))
+            if step <= 0 or hi < lo:
+                raise ValueError
+            n = int(round((hi - lo) / step))
+            return [round(lo + k * step, 6) for k in range(n + 1)]
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise BitallocError(f"--budgets {text!r} is not START:STOP:STEP (e.g. 2.25:4.25:0.25) or a comma list") from None
+
+
+def cmd_sweep(args) -> None:
+    import csv
+
+    from .api import measure, solve
+    from .calibration import read_text, windows
+    from .evaluate import Evaluator
+    from .plan import BitPlan
+    from .quantize import fake_quantize
+    budgets = _parse_budgets(args.budgets)
+    out = Path(args.out_dir)
+    if not out.parent.is_dir():
+        raise BitallocError(f"output directory {str(out.parent)!r} does not exist: create it or choose another --out-dir")
+    t0 = time.time()
+    prepared = _prepare(args)
+    table = measure(prepared, args.probe, cache=not args.no_cache)
+    plans = [solve(table, b, args.solver, count_overhead=not args.nominal, fuse=args.fuse) for b in budgets]
+    uniform = [BitPlan.from_choice(table.units, [o] * len(table.units), budget_bits=16.0,
+                                   solver="uniform", probe=table.probe, objective=0.0) for o in table.options]
+    rows = [{"kind": "plan", "label": f"{p.budget_bits:g}", "budget": p.budget_bits, "true_bpw": p.true_bpw,
+             "nominal_bpw": p.nominal_bpw, "objective": p.objective, "ppl": None, "kl": None} for p in plans]
+    rows += [{"kind": "uniform", "label": o.label(), "budget": None, "true_bpw": p.true_bpw,
+              "nominal_bpw": p.nominal_bpw, "objective": None, "ppl": None, "kl": None}
+             for o, p in zip(table.options, uniform)]
+    fp = None
+    if args.eval:
+        tokens = windows(prepared.tokenizer, read_text(args.eval), seq_len=args.seq_len, n_windows=args.eval_windows,
+                         source=f"eval file {args.eval!r}")
+        evaluator = Evaluator(prepared.model, prepared.kind, prepared.units, tokens)
+        fp = evaluator.fp.ppl
+        quantized = {(u.name, o): fake_quantize(evaluator.fp_weights[u.name], o)
+                     for u in prepared.units for o in {s for p in plans + uniform for s in p.layers.values()}}
+        for row, plan in zip(rows, plans + uniform):
+            s = evaluator.score({n: quantized[n, spec] for n, spec in plan.layers.items()}, desc=f"eval {row['label']}")
+            row["ppl"], row["kl"] = s.ppl, s.kl
+    out.mkdir(exist_ok=True)
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"{'kind':<8} {'label':>6} {'true bpw':>9} {'ppl':>9} {'KL':>8}")
+    for r in rows:
+        ppl = f"{r['ppl']:.4f}" if r["ppl"] is not None else "-"
+        kl = f"{r['kl']:.4f}" if r["kl"] is not None else "-"
+        print(f"{r['kind']:<8} {r['label']:>6} {r['true_bpw']:>9.4f} {ppl:>9} {kl:>8}")
+    if args.eval:
+        from .plots import pareto_plot
+        pareto_plot([r for r in rows if r["kind"] == "plan"], [r for r in rows if r["kind"] == "uniform"],
+                    out / "pareto.png", fp=fp)
+    print(f"sweep of {len(budgets)} budgets -> {out / 'sweep.csv'}" + (f", {out / 'pareto.png'}" if args.eval else "")
+          + f" ({time.time() - t0:.1f} s)")
+
+
+def cmd_report(args) -> None:
+    from .files import atomic_write_text, check_parent
+    from .plan import BitPlan
+    from .report import render
+    from .sensitivity.table import SensitivityTable
+    check_parent(args.out)
+    plan = BitPlan.load(args.plan)
+    table = SensitivityTable.load_csv(args.table) if args.table else None
+    atomic_write_text(args.out, render(plan, table))
+    print(f"report written to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .api import DEFAULT_PROBE, DEFAULT_SOLVER
     parser = argparse.ArgumentParser(prog="bitalloc", description="Mixed-precision bit allocation under a memory budget.")
@@ -316,6 +411,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--out", help="write the best plan (single-objective studies)")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="write a plan as another tool's config")
+    p.add_argument("plan")
+    p.add_argument("--to", required=True, help="gptqmodel, llama.cpp or compressed-tensors")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sweep", help="solve many budgets from one (cached) table; CSV + Pareto plot")
+    _add_model_args(p)
+    p.add_argument("--budgets", default="2.25:4.25:0.25", help="START:STOP:STEP or a comma list (default 2.25:4.25:0.25)")
+    p.add_argument("--probe", default=DEFAULT_PROBE)
+    p.add_argument("--solver", default=DEFAULT_SOLVER)
+    p.add_argument("--fuse", action="store_true")
+    p.add_argument("--nominal", action="store_true")
+    p.add_argument("--eval", help="text file: perplexity of every plan and of the uniform plans (Pareto plot)")
+    p.add_argument("--eval-windows", type=int, default=32, help="eval windows (default 32)")
+    p.add_argument("--out-dir", default="sweep", help="folder for sweep.csv and pareto.png (default ./sweep)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="an HTML page with the plan's summary, charts and per-layer table")
+    p.add_argument("plan")
+    p.add_argument("--table", help="a probe table CSV, for the cost heat map")
+    p.add_argument("--out", default="report.html")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on a study storage")
     p.add_argument("--storage", default=DEFAULT_STORAGE)

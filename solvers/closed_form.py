@@ -37,26 +37,53 @@ def fit_exponential(cost: torch.Tensor, bpw: torch.Tensor) -> tuple[torch.Tensor
     return (-slope).clamp_min(1e-3), y0, b0
 
 
-def water_fill(alpha, y0, b0, numel, capacity, lo, hi, iters: int = 100) -> torch.Tensor:
-    """Continuous bits per weight b (U,) minimizing Σ 2^(y0 − α(b − b0)) with Σ numel·b = capacity."""
-    const = y0 - torch.log2(numel / (alpha * LN2))          # b(t) = b0 + (const − t) / α, t = log2 λ
+def water_fill(alpha, y0, b0, numel, capacity, lo, hi) -> torch.Tensor:
+    """Continuous bits per weight b (U,) minimizing Σ 2^(y0 − α(b − b0)) with Σ numel·b = capacity.
 
-    def bits(t: float) -> torch.Tensor:
+    b_u(t) = clip(b0 + (const_u − t) / α_u, lo_u, hi_u) with t = log2 λ, so F(t) = Σ n_u b_u(t) is
+    piecewise linear and decreasing, with breakpoints where units reach hi (t_hi) or lo (t_lo). F is
+    evaluated in O(log U) from sorted prefix sums, so the bisection on t never re-reads all units."""
+    const = y0 - torch.log2(numel / (alpha * LN2))
+
+    def bits(t) -> torch.Tensor:
         return torch.minimum(torch.maximum(b0 + (const - t) / alpha, lo), hi)
 
     if float((numel * hi).sum()) <= capacity:
         return hi.clone()
-    t_lo = float((const - alpha * (hi - b0)).min()) - 1.0   # every unit at its top
-    t_hi = float((const - alpha * (lo - b0)).max()) + 1.0   # every unit at its bottom
-    for _ in range(iters):
-        mid = 0.5 * (t_lo + t_hi)
-        if float((numel * bits(mid)).sum()) > capacity:
-            t_lo = mid
+    t_hi = const - alpha * (hi - b0)             # t ≤ t_hi: unit at hi
+    t_lo = const - alpha * (lo - b0)             # t ≥ t_lo: unit at lo
+    inter = numel * (b0 + const / alpha)         # mid units contribute inter − t · slope
+    slope = numel / alpha
+    o_hi, o_lo = torch.argsort(t_hi), torch.argsort(t_lo)
+    s_hi, s_lo = t_hi[o_hi], t_lo[o_lo]
+    zero = torch.zeros(1, dtype=torch.float64)
+    c_nhi = torch.cat([zero, torch.cumsum((numel * hi)[o_hi], 0)])
+    c_in_hi = torch.cat([zero, torch.cumsum(inter[o_hi], 0)])
+    c_sl_hi = torch.cat([zero, torch.cumsum(slope[o_hi], 0)])
+    c_nlo = torch.cat([zero, torch.cumsum((numel * lo)[o_lo], 0)])
+    c_in_lo = torch.cat([zero, torch.cumsum(inter[o_lo], 0)])
+    c_sl_lo = torch.cat([zero, torch.cumsum(slope[o_lo], 0)])
+
+    def F(T: torch.Tensor) -> torch.Tensor:
+        i = torch.searchsorted(s_hi, T, right=False)        # units with t_hi < T have left hi
+        j = torch.searchsorted(s_lo, T, right=True)         # units with t_lo ≤ T sit at lo
+        return (c_nhi[-1] - c_nhi[i]) + c_nlo[j] + (c_in_hi[i] - c_in_lo[j]) - T * (c_sl_hi[i] - c_sl_lo[j])
+
+    lo_t, hi_t = float(s_hi[0]) - 1.0, float(s_lo[-1]) + 1.0   # F(lo_t) = Σ n·hi > capacity ≥ F(hi_t)
+    for _ in range(200):                          # each F(t) costs two binary searches, not a pass over U
+        mid = 0.5 * (lo_t + hi_t)
+        if float(F(torch.tensor([mid], dtype=torch.float64))[0]) > capacity:
+            lo_t = mid
         else:
-            t_hi = mid
-        if t_hi - t_lo < 1e-12:
+            hi_t = mid
+        if hi_t - lo_t <= 1e-13 * max(1.0, abs(mid)):
             break
-    return bits(t_hi)                                       # the side that fits
+    t = hi_t
+    b = bits(t)
+    while float((numel * b).sum()) > capacity:            # rounding: step t up until the sum fits
+        t = t + 1e-9 * max(1.0, abs(float(t)))
+        b = bits(t)
+    return b
 
 
 def project_and_repair(cost: torch.Tensor, size: torch.Tensor, numel: torch.Tensor, b: torch.Tensor,

@@ -1,0 +1,137 @@
+"""Plan exports: the same widths in other tools' configuration formats.
+
+    gptqmodel           QuantizeConfig JSON with a ``dynamic`` map: one start-anchored exact-name regex per
+                        layer that differs from the default (``+:`` override), ``-:`` for layers kept in fp16
+    llama.cpp           a ``--tensor-type-file`` for llama-quantize: ``PATTERN=TYPE`` lines on GGUF tensor
+                        names (blk.N.attn_q, ffn_down, ...) with ggml types (q2_K ... q8_0)
+    compressed-tensors  a ``quantization_config`` (config_groups with exact-name targets, ignore, weights args)
+
+Widths a target cannot hold are mapped up to the nearest width it can, with a warning that names the
+layers and the plan's resulting true bits per weight.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections import Counter
+
+from .errors import BitallocError
+from .options import QuantSpec
+from .plan import BitPlan
+
+FORMATS = ("gptqmodel", "llama.cpp", "compressed-tensors")
+
+GGML_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 5: "q5_K", 6: "q6_K", 8: "q8_0", 16: "f16"}
+GGML_BPW = {"q2_K": 2.625, "q3_K": 3.4375, "q4_K": 4.5, "q5_K": 5.5, "q6_K": 6.5625, "q8_0": 8.5, "f16": 16.0}
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
+GPTQMODEL_BITS = (2, 3, 4, 8)
+
+
+def _map_up(plan: BitPlan, supported: tuple[int, ...], target: str) -> dict[str, QuantSpec]:
+    """Each layer's spec with its bits raised to the nearest width ``target`` supports (warn if any)."""
+    out, moved = {}, []
+    for name, spec in plan.layers.items():
+        if spec.is_float or spec.bits in supported:
+            out[name] = spec
+            continue
+        up = min((b for b in supported if b > spec.bits), default=16)
+        out[name] = QuantSpec(up, spec.group_size, spec.symmetric) if up != 16 else QuantSpec(16)
+        moved.append(f"{name} {spec.bits}->{up}")
+    if moved:
+        bits = sum(out[n].size_bits(tuple(plan.shapes[n])) for n in out)
+        warnings.warn(f"{target} cannot store every width of the plan; mapped up {len(moved)} layer(s) "
+                      f"({', '.join(moved[:6])}{', …' if len(moved) > 6 else ''}): true bpw becomes "
+                      f"{bits / plan.n_params:.4f} (plan {plan.true_bpw:.4f})", stacklevel=3)
+    return out
+
+
+def _spec_args(spec: QuantSpec) -> dict:
+    return {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.symmetric}
+
+
+def to_gptqmodel(plan: BitPlan) -> dict:
+    specs = _map_up(plan, GPTQMODEL_BITS, "gptqmodel")
+    quantized = [s for s in specs.values() if not s.is_float]
+    if not quantized:
+        raise BitallocError("the plan quantizes no layer: nothing to export")
+    default = Counter(quantized).most_common(1)[0][0]
+    dynamic: dict[str, dict] = {}
+    for name, spec in specs.items():
+        pattern = "^" + re.escape(name) + "$"
+        if spec.is_float:
+            dynamic["-:" + pattern] = {}
+        elif spec != default:
+            dynamic["+:" + pattern] = _spec_args(spec)
+    return {"quant_method": "gptq", "checkpoint_format": "gptq", "desc_act": False, **_spec_args(default),
+            "dynamic": dynamic}
+
+
+def gptqmodel_resolve(config: dict, name: str) -> dict | None:
+    """What GPTQModel does with one module name: the first dynamic key whose regex matches wins;
+    ``-:`` skips the module (None), ``+:`` (or no prefix) overrides the defaults."""
+    base = {k: config[k] for k in ("bits", "group_size", "sym")}
+    for key, override in config.get("dynamic", {}).items():
+        sign, pattern = ("-", key[2:]) if key.startswith("-:") else ("+", key[2:] if key.startswith("+:") else key)
+        if re.match(pattern, name):
+            return None if sign == "-" else {**base, **override}
+    return base
+
+
+def gguf_name(hf_name: str) -> str | None:
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+    if m and m.group(2) in GGUF_NAMES:
+        return f"blk.{m.group(1)}.{GGUF_NAMES[m.group(2)]}"
+    return {"lm_head": "output", "model.embed_tokens": "token_embd"}.get(hf_name)
+
+
+def to_llama_cpp(plan: BitPlan) -> str:
+    unmapped = [n for n in plan.layers if gguf_name(n) is None]
+    if unmapped:
+        raise BitallocError(f"{len(unmapped)} layer(s) have no GGUF tensor name ({', '.join(unmapped[:5])}): the "
+                            "llama.cpp export knows Llama-style names (model.layers.N.self_attn.q_proj, mlp.*)")
+    specs = _map_up(plan, tuple(b for b in GGML_TYPES if b != 16), "llama.cpp")
+    lines = []
+    for name, spec in specs.items():
+        ggml = GGML_TYPES[16 if spec.is_float else spec.bits]
+        lines.append((gguf_name(name), ggml))
+    # exact names only, so any order is unambiguous; most specific (longest) first by convention
+    lines.sort(key=lambda kv: (-len(kv[0]), kv[0]))
+    bits = sum(GGML_BPW[t] * plan.shapes[n][0] * plan.shapes[n][1]
+               for n, t in zip(specs, (GGML_TYPES[16 if s.is_float else s.bits] for s in specs.values())))
+    header = (f"# bitalloc plan ({plan.solver}, budget {plan.budget_bits}) as llama-quantize --tensor-type-file\n"
+              f"# ggml K-quants fix their own block layout: these types take {bits / plan.n_params:.4f} bits/weight\n")
+    return header + "".join(f"{re.escape(g)}\\.weight={t}\n" for g, t in lines)
+
+
+def to_compressed_tensors(plan: BitPlan) -> dict:
+    groups: dict[QuantSpec, list[str]] = {}
+    ignore = ["lm_head"] if "lm_head" not in plan.layers else []
+    for name, spec in plan.layers.items():
+        if spec.is_float:
+            ignore.append(name)
+        else:
+            groups.setdefault(spec, []).append(name)
+    config_groups = {}
+    for k, (spec, names) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0].bits, kv[0].group_size))):
+        per_channel = spec.group_size == -1
+        config_groups[f"group_{k}"] = {
+            "targets": names,
+            "weights": {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric,
+                        "strategy": "channel" if per_channel else "group",
+                        "group_size": None if per_channel else spec.group_size},
+        }
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": config_groups,
+            "ignore": ignore}
+
+
+def export(plan: BitPlan, fmt: str) -> str:
+    if fmt == "gptqmodel":
+        return json.dumps(to_gptqmodel(plan), indent=2) + "\n"
+    if fmt == "llama.cpp":
+        return to_llama_cpp(plan)
+    if fmt == "compressed-tensors":
+        return json.dumps({"quantization_config": to_compressed_tensors(plan)}, indent=2) + "\n"
+    raise BitallocError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")

@@ -1,0 +1,85 @@
+"""Charts (matplotlib, PNG, headless): per-layer widths, the cost table, the budget/perplexity Pareto front."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _split(name: str) -> tuple[str, str]:
+    """("layer index", "projection") of a module name, e.g. model.layers.3.mlp.up_proj -> ("3", "mlp.up_proj")."""
+    m = re.search(r"\.(\d+)\.(.+)$", name)
+    return (m.group(1), m.group(2)) if m else ("-", name)
+
+
+def bits_heatmap(plan, path: str | Path) -> Path:
+    """Layers (rows) x projection type (columns), coloured by true bits per weight, annotated with the format."""
+    plt = _plt()
+    rows, cols = [], []
+    for n in plan.layers:
+        r, c = _split(n)
+        rows.append(r) if r not in rows else None
+        cols.append(c) if c not in cols else None
+    import numpy as np
+    grid = np.full((len(rows), len(cols)), np.nan)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 0.8 + 0.32 * len(rows)))
+    for n, spec in plan.layers.items():
+        r, c = _split(n)
+        grid[rows.index(r), cols.index(c)] = spec.bits_per_weight(tuple(plan.shapes[n]))
+        ax.text(cols.index(c), rows.index(r), spec.label(), ha="center", va="center", fontsize=7)
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_ylabel("layer")
+    ax.set_title(f"bits per layer ({plan.solver}, true {plan.true_bpw:.3f} bpw)")
+    fig.colorbar(im, ax=ax, label="true bits/weight")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def cost_heatmap(table, path: str | Path) -> Path:
+    """Units (rows) x options (columns), log10 of the probe's cost."""
+    plt = _plt()
+    import numpy as np
+    cost = np.log10(np.clip(table.cost.double().numpy(), 1e-30, None))
+    fig, ax = plt.subplots(figsize=(2 + 0.9 * len(table.options), 1 + 0.18 * len(table.units)))
+    im = ax.imshow(cost, cmap="magma_r", aspect="auto")
+    ax.set_xticks(range(len(table.options)), [o.label() for o in table.options], fontsize=8)
+    ax.set_yticks(range(len(table.units)), [u.name for u in table.units], fontsize=5)
+    ax.set_title(f"{table.probe} cost (log10)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def pareto_plot(points: list[dict], uniform: list[dict], path: str | Path, fp: float | None = None) -> Path:
+    """Allocated plans and uniform plans: true bpw (x) vs perplexity (y, log)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    u = sorted(uniform, key=lambda p: p["true_bpw"])
+    ax.plot([p["true_bpw"] for p in u], [p["ppl"] for p in u], "s--", color="gray", label="uniform")
+    for p in u:
+        ax.annotate(p["label"], (p["true_bpw"], p["ppl"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    a = sorted(points, key=lambda p: p["true_bpw"])
+    ax.plot([p["true_bpw"] for p in a], [p["ppl"] for p in a], "o-", color="C0", label="bitalloc plans")
+    if fp is not None:
+        ax.axhline(fp, color="C2", lw=0.8, label=f"fp ({fp:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("true bits per weight")
+    ax.set_ylabel("perplexity")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
