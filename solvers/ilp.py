@@ -78,7 +78,7 @@ class ILPSolver(Solver):
         for g, members in enumerate(groups):
             j = max(allowed, key=lambda j: x[g, j].value() or 0.0)
             choice[members] = j
-        if not problem.fits(choice):  # solver tolerance let a hair too many bits through: drop the cheapest loss
+        if not problem.fits(choice):  # the solver's tolerance let a hair too many bits through
             raise BitallocError("the integer solver's answer exceeds the budget by its tolerance: retry with --gap 0")
         return problem.plan(choice, self.name, status=pulp.LpStatus[status])
 
