@@ -157,14 +157,10 @@ def cmd_apply(args) -> None:
     from .api import prepare
     from .calibration import read_text, windows
     from .evaluate import perplexity
-    from .files import check_parent
-    from .packed import apply, checkpoint_report, planned_units, save
+    from .packed import apply, check_new_folder, checkpoint_report, planned_units, save
     from .plan import BitPlan
     from .quantize_model import quantize_model
-    out = Path(args.out)
-    check_parent(out)
-    if out.exists() and any(out.iterdir()):
-        raise BitallocError(f"{args.out!r} exists and is not empty: choose a new folder")
+    out = check_new_folder(args.out)           # fail before the slow part; save() checks again
     prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len)
     plan = BitPlan.load(args.plan)
     model = prepared.model

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import BitallocError
+from .files import check_parent
 from .plan import BitPlan
 from .quantize_model import quantize_model
 from .units import find_units
@@ -66,17 +67,21 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+def check_new_folder(path: str | os.PathLike) -> Path:
+    """A checkpoint folder to create: its parent must exist and it must not hold anything yet."""
+    out = check_parent(path)
+    if out.exists() and any(out.iterdir()):
+        raise BitallocError(f"{str(out)!r} exists and is not empty: choose a new folder")
+    return out
+
+
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write a packed model (see the module docstring). The folder appears whole or not at all."""
     from safetensors.torch import save_model
     plan = getattr(model, "bitalloc_plan", None)
     if plan is None:
         raise BitallocError("this model is not packed: call bitalloc.apply(model, plan) first")
-    out = Path(out_dir)
-    if not out.parent.is_dir():
-        raise BitallocError(f"output folder's parent {str(out.parent)!r} does not exist: create it first")
-    if out.exists() and any(out.iterdir()):
-        raise BitallocError(f"{str(out)!r} exists and is not empty: choose a new folder")
+    out = check_new_folder(out_dir)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

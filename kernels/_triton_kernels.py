@@ -54,6 +54,23 @@ def _plane_dot(x_ptr, qw_ptr, k0, K, N, offs_n, nmask, BITS: tl.constexpr, START
 
 
 @triton.jit
+def _k_range(pid_k, K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[start, end) of the K range program ``pid_k`` reduces when K is split SPLIT_K ways."""
+    k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_span
+    return k_start, tl.minimum(k_start + k_span, K)
+
+
+@triton.jit
+def _write(ptrs, acc, mask, SPLIT_K: tl.constexpr):
+    """Store the fp32 accumulator in the output's dtype, or add it atomically when K is split."""
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, out_ptr, N, K, group_size, n_zero_words,
                  BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -61,9 +78,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, out_ptr, N, K, group_size, n_zero
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
-    k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_span
-    k_end = tl.minimum(k_start + k_span, K)
+    k_start, k_end = _k_range(pid_k, K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         s, z = _group_scale_zero(s_ptr, qz_ptr, k0 // group_size, N, n_zero_words, offs_n, nmask,
@@ -75,10 +90,7 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, out_ptr, N, K, group_size, n_zero
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xsum = tl.sum(tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32), axis=0)
         acc += s * (dot - z.to(tl.float32) * xsum)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.atomic_add(out_ptr + offs_n, acc, mask=nmask)
+    _write(out_ptr + offs_n, acc, nmask, SPLIT_K)
 
 
 @triton.jit
@@ -105,9 +117,7 @@ def _gemv_decode_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, out_ptr, N, K, group_size,
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
-    k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_span
-    k_end = tl.minimum(k_start + k_span, K)
+    k_start, k_end = _k_range(pid_k, K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -118,10 +128,7 @@ def _gemv_decode_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, out_ptr, N, K, group_size,
                                  BITS, W0, W1, SYMMETRIC)
         dot = tl.sum(x[:, None] * q.to(tl.float32), axis=0)
         acc += s * (dot - z.to(tl.float32) * tl.sum(x, axis=0))
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.atomic_add(out_ptr + offs_n, acc, mask=nmask)
+    _write(out_ptr + offs_n, acc, nmask, SPLIT_K)
 
 
 @triton.jit
@@ -136,9 +143,7 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, out_ptr, M, N, K, stride_xm, stri
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < M
     nmask = offs_n < N
-    k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_span
-    k_end = tl.minimum(k_start + k_span, K)
+    k_start, k_end = _k_range(pid_k, K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -155,10 +160,7 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, out_ptr, M, N, K, stride_xm, stri
             acc += tl.dot(x, wq.to(x.dtype)) * s[None, :]
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     omask = mmask[:, None] & nmask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(out, acc, mask=omask)
+    _write(out, acc, omask, SPLIT_K)
 
 
 def prune(configs, named_args, **kwargs):
