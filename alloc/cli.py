@@ -261,6 +261,16 @@ def _parse_budgets(text: str) -> list[float]:
         raise BitallocError(f"--budgets {text!r} is not START:STOP:STEP (e.g. 2.25:4.25:0.25) or a comma list") from None
 
 
+def uniform_curve_at(uniform: list[dict], bpw: float) -> float | None:
+    """Perplexity of the uniform curve at ``bpw``: straight line between the two uniform plans around it
+    (the piecewise-linear curve drawn in the Pareto plot). None outside the uniform plans' range."""
+    pts = sorted((u["true_bpw"], u["ppl"]) for u in uniform if u["ppl"] is not None)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= bpw <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (bpw - x0) / (x1 - x0)
+    return None
+
+
 def cmd_sweep(args) -> None:
     import csv
 
@@ -280,9 +290,10 @@ def cmd_sweep(args) -> None:
     uniform = [BitPlan.from_choice(table.units, [o] * len(table.units), budget_bits=16.0,
                                    solver="uniform", probe=table.probe, objective=0.0) for o in table.options]
     rows = [{"kind": "plan", "label": f"{p.budget_bits:g}", "budget": p.budget_bits, "true_bpw": p.true_bpw,
-             "nominal_bpw": p.nominal_bpw, "objective": p.objective, "ppl": None, "kl": None} for p in plans]
+             "nominal_bpw": p.nominal_bpw, "objective": p.objective, "ppl": None, "kl": None,
+             "uniform_ppl_at_bpw": None} for p in plans]
     rows += [{"kind": "uniform", "label": o.label(), "budget": None, "true_bpw": p.true_bpw,
-              "nominal_bpw": p.nominal_bpw, "objective": None, "ppl": None, "kl": None}
+              "nominal_bpw": p.nominal_bpw, "objective": None, "ppl": None, "kl": None, "uniform_ppl_at_bpw": None}
              for o, p in zip(table.options, uniform)]
     fp = None
     if args.eval:
@@ -295,17 +306,24 @@ def cmd_sweep(args) -> None:
         for row, plan in zip(rows, plans + uniform):
             s = evaluator.score({n: quantized[n, spec] for n, spec in plan.layers.items()}, desc=f"eval {row['label']}")
             row["ppl"], row["kl"] = s.ppl, s.kl
+        for row in rows[:len(plans)]:
+            row["uniform_ppl_at_bpw"] = uniform_curve_at(rows[len(plans):], row["true_bpw"])
     out.mkdir(exist_ok=True)
     with open(out / "sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(f"{'kind':<8} {'label':>6} {'true bpw':>9} {'ppl':>9} {'KL':>8}")
+    def fmt(v):
+        return f"{v:.4f}" if v is not None else "-"
+    print(f"{'kind':<8} {'label':>6} {'true bpw':>9} {'ppl':>9} {'KL':>8} {'uniform ppl here':>17}")
     for r in rows:
-        ppl = f"{r['ppl']:.4f}" if r["ppl"] is not None else "-"
-        kl = f"{r['kl']:.4f}" if r["kl"] is not None else "-"
-        print(f"{r['kind']:<8} {r['label']:>6} {r['true_bpw']:>9.4f} {ppl:>9} {kl:>8}")
+        print(f"{r['kind']:<8} {r['label']:>6} {r['true_bpw']:>9.4f} {fmt(r['ppl']):>9} {fmt(r['kl']):>8} "
+              f"{fmt(r['uniform_ppl_at_bpw']):>17}")
     if args.eval:
+        compared = [r for r in rows[:len(plans)] if r["uniform_ppl_at_bpw"] is not None]
+        below = sum(r["ppl"] <= r["uniform_ppl_at_bpw"] for r in compared)
+        print(f"{below} of {len(compared)} plans inside the uniform range are at or below the uniform curve"
+              + (f" ({len(plans) - len(compared)} outside it)" if len(compared) < len(plans) else ""))
         from .plots import pareto_plot
         pareto_plot([r for r in rows if r["kind"] == "plan"], [r for r in rows if r["kind"] == "uniform"],
                     out / "pareto.png", fp=fp)

@@ -98,6 +98,15 @@ def test_unmappable_names_and_unknown_format(tmp_path, capsys):
     assert "quantization_config" in json.loads((tmp_path / "ct.json").read_text())
 
 
+def test_uniform_curve_is_piecewise_linear_between_uniform_plans():
+    from bitalloc.cli import uniform_curve_at
+    uniform = [{"true_bpw": 4.0, "ppl": 12.0}, {"true_bpw": 2.0, "ppl": 24.0}, {"true_bpw": 3.0, "ppl": 13.0}]
+    assert uniform_curve_at(uniform, 2.5) == pytest.approx(18.5)
+    assert uniform_curve_at(uniform, 3.25) == pytest.approx(12.75)
+    assert uniform_curve_at(uniform, 3.0) == pytest.approx(13.0)
+    assert uniform_curve_at(uniform, 1.9) is None and uniform_curve_at(uniform, 4.1) is None
+
+
 def test_sweep_and_report(tiny_llama_dir, calib_file, tmp_path, capsys):
     args = ["sweep", "--model", str(tiny_llama_dir), "--calib", str(calib_file), "--seq-len", "64", "--n-windows",
             "4", "--budgets", "2.5:4.5:1", "--eval", str(calib_file), "--eval-windows", "2",
@@ -108,6 +117,7 @@ def test_sweep_and_report(tiny_llama_dir, calib_file, tmp_path, capsys):
     plans = [r for r in rows if r["kind"] == "plan"]
     assert [float(r["budget"]) for r in plans] == [2.5, 3.5, 4.5]
     assert all(float(r["true_bpw"]) <= float(r["budget"]) + 1e-9 and float(r["ppl"]) > 0 for r in plans)
+    assert "plans inside the uniform range are at or below the uniform curve" in capsys.readouterr().out
     assert (tmp_path / "sw" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["sweep", "--budgets", "4:2:1", "--out-dir", str(tmp_path / "s2")]) == 2
     assert "START:STOP:STEP" in capsys.readouterr().err
