@@ -277,6 +277,7 @@ def cmd_sweep(args) -> None:
     from .api import measure, solve
     from .calibration import read_text, windows
     from .evaluate import Evaluator
+    from .files import atomic_path
     from .plan import BitPlan
     from .quantize import fake_quantize
     budgets = _parse_budgets(args.budgets)
@@ -309,7 +310,7 @@ def cmd_sweep(args) -> None:
         for row in rows[:len(plans)]:
             row["uniform_ppl_at_bpw"] = uniform_curve_at(rows[len(plans):], row["true_bpw"])
     out.mkdir(exist_ok=True)
-    with open(out / "sweep.csv", "w", newline="") as f:
+    with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)

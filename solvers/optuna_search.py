@@ -12,7 +12,7 @@ model (KL to fp, alloc/fitness.py). Two modes:
 Every finished trial stores its plan JSON in the user attribute ``plan``. Storage is an SQLite file by
 default; a ``postgresql://`` URL lets many workers share a study (``load_if_exists``), with heartbeats so
 the RUNNING trial of a killed worker is marked failed after ``grace`` seconds and re-queued by
-``RetryFailedTrialCallback``. The study's settings (model, budget, options, objective) are stored on it;
+``RetryHeartbeatStaleTrialCallback``. The study's settings (model, budget, options, objective) are stored on it;
 a worker whose settings differ is refused.
 """
 from __future__ import annotations
@@ -34,17 +34,22 @@ DEFAULT_STORAGE = "sqlite:///bitalloc-search.db"
 
 def make_storage(url: str, *, heartbeat: int | None = None, grace: int | None = None):
     """An Optuna RDB storage, with heartbeats when asked; an unreachable server is one clear line."""
+    import warnings
+
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     kwargs: dict[str, Any] = {}
-    if heartbeat:
-        kwargs.update(heartbeat_interval=heartbeat, grace_period=grace or 2 * heartbeat,
-                      failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
     if url.startswith("postgresql"):
         kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": 5}}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return RDBStorage(url, **kwargs)
+        with warnings.catch_warnings():  # heartbeats (what retries a killed worker's trial) are "experimental"
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            if heartbeat:
+                kwargs.update(heartbeat_interval=heartbeat, grace_period=grace or 2 * heartbeat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+            return RDBStorage(url, **kwargs)
     except Exception as e:  # sqlalchemy.exc.OperationalError, ArgumentError, missing driver, …
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BitallocError(f"cannot open the study storage {_redact(url)}: {first[:200]}") from None

@@ -126,6 +126,18 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_write_gives_the_mode_open_would(tmp_path):
+    from bitalloc.files import atomic_write_text
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        with open(tmp_path / "b.json", "w") as f:
+            f.write("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o640
+
+
 def test_probe_refuses_short_calibration_and_bad_options(tiny_llama_dir, calib_file, tmp_path, capsys):
     out = tmp_path / "t.csv"
     code, _, err = run(["probe", "--model", tiny_llama_dir, "--calib", calib_file, "--seq-len", "64",

@@ -108,8 +108,8 @@ def test_two_workers_one_killed_mid_trial(postgres_url, tiny_llama_dir, calib_fi
     assert len(after) >= n_trials
     failed = [t.number for t in trials if t.state == C.FAIL]
     assert failed, "the killed worker's trial was not failed by the heartbeat check"
-    from optuna.storages import RetryFailedTrialCallback
-    retried = {RetryFailedTrialCallback.retried_trial_number(t) for t in trials}
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
     assert set(failed) <= retried, "the killed worker's trial was not retried"
     assert not [t for t in trials if t.state == C.RUNNING]
 
