@@ -75,6 +75,10 @@ def pareto_plot(points: list[dict], uniform: list[dict], path: str | Path, fp: f
     if fp is not None:
         ax.axhline(fp, color="C2", lw=0.8, label=f"fp ({fp:.2f})")
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 12, 14, 20 rather than 1.2×10¹
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("true bits per weight")
     ax.set_ylabel("perplexity")
     ax.legend()
