@@ -333,15 +333,26 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .files import atomic_write_text, check_parent
+    import contextlib
+
+    from .files import atomic_path, atomic_write_text, check_parent
     from .plan import BitPlan
-    from .report import render
+    from .report import charts, render, render_markdown
     from .sensitivity.table import SensitivityTable
-    check_parent(args.out)
+    out = check_parent(args.out)
     plan = BitPlan.load(args.plan)
     table = SensitivityTable.load_csv(args.table) if args.table else None
-    atomic_write_text(args.out, render(plan, table))
-    print(f"report written to {args.out}")
+    if out.suffix.lower() not in (".md", ".markdown"):
+        atomic_write_text(out, render(plan, table))
+        print(f"report written to {out}")
+        return
+    pngs = charts(plan, table)
+    names = {k: f"{out.stem}.{k}.png" for k in pngs}
+    with contextlib.ExitStack() as stack:  # the page and its charts appear together or not at all
+        for k, data in pngs.items():
+            stack.enter_context(atomic_path(out.parent / names[k])).write_bytes(data)
+        atomic_write_text(out, render_markdown(plan, names))
+    print(f"report written to {out} (charts: {', '.join(names.values())})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -445,10 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="sweep", help="folder for sweep.csv and pareto.png (default ./sweep)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="an HTML page with the plan's summary, charts and per-layer table")
+    p = sub.add_parser("report", help="an HTML (or, for --out x.md, Markdown) page with the plan's summary, "
+                                      "charts and per-layer table")
     p.add_argument("plan")
     p.add_argument("--table", help="a probe table CSV, for the cost heat map")
-    p.add_argument("--out", default="report.html")
+    p.add_argument("--out", default="report.html",
+                   help="page to write (default report.html); a .md name writes Markdown with the charts beside it")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on a study storage")

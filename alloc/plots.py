@@ -32,8 +32,12 @@ def bits_heatmap(plan, path: str | Path) -> Path:
     for n, spec in plan.layers.items():
         r, c = _split(n)
         grid[rows.index(r), cols.index(c)] = spec.bits_per_weight(tuple(plan.shapes[n]))
-        ax.text(cols.index(c), rows.index(r), spec.label(), ha="center", va="center", fontsize=7)
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for n, spec in plan.layers.items():  # labels in white on the dark (low-bit) end of viridis, black elsewhere
+        r, c = _split(n)
+        dark = im.norm(grid[rows.index(r), cols.index(c)]) < 0.45
+        ax.text(cols.index(c), rows.index(r), spec.label(), ha="center", va="center", fontsize=7,
+                color="white" if dark else "black")
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_ylabel("layer")

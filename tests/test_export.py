@@ -127,3 +127,12 @@ def test_sweep_and_report(tiny_llama_dir, calib_file, tmp_path, capsys):
     assert main(["report", str(tmp_path / "p.json"), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "data:image/png;base64," in page and "model.layers.1.mlp.down_proj" in page
+
+    assert main(["report", str(tmp_path / "p.json"), "--out", str(tmp_path / "r.md")]) == 0
+    page = (tmp_path / "r.md").read_text()
+    assert "![bits](r.bits.png)" in page and (tmp_path / "r.bits.png").read_bytes()[:4] == b"\x89PNG"
+    layer_lines = [line for line in page.splitlines() if line.startswith("| model.layers.")]
+    assert len(layer_lines) == len(plan.layers) and all(line.count(" | ") == 3 for line in layer_lines)
+    before = set(tmp_path.iterdir())
+    assert main(["report", str(tmp_path / "p.json"), "--out", str(tmp_path / "missing" / "r.md")]) == 2
+    assert set(tmp_path.iterdir()) == before
