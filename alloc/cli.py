@@ -200,6 +200,7 @@ def cmd_search(args) -> None:
     solver = OptunaSolver(n_trials=args.n_trials, study_name=args.study, storage=args.storage, sampler=args.sampler,
                           seed=args.seed, windows=args.windows, heartbeat=args.heartbeat, grace=args.grace,
                           timeout=args.timeout, multi_objective=args.budget is None, trial_delay=args.trial_delay,
+                          space=args.space, spread=args.spread,
                           settings={"model": prepared.info["hash"], "probe": args.probe})
     solver.fitness = with_fitness(prepared, "optuna", {}, max_windows=args.windows)["fitness"]
     study = solver.run(problem)
@@ -426,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="single objective (KL) under this budget; without it: multi-objective (true bpw, KL)")
     p.add_argument("--probe", default=DEFAULT_PROBE, help="table used to repair plans to the budget and seed the study")
     p.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])
+    p.add_argument("--space", choices=["reweight", "widths"], default=None,
+                   help="reweight (default with --budget): per-layer multipliers on the cost table, each trial the "
+                        "exact ILP plan of the reweighted table; widths (default without): one width per layer")
+    p.add_argument("--spread", type=float, default=0.3,
+                   help="reweight: log-multipliers lie in [-spread, spread] (default 0.3)")
     p.add_argument("--windows", type=int, default=4, help="calibration windows scored per trial (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fuse", action="store_true")

@@ -1,13 +1,19 @@
 """optuna: an Optuna study over whole plans, on one machine or many.
 
-Each trial picks one option per unit (or fused group) as a categorical parameter and is scored on the
-model (KL to fp, alloc/fitness.py). Two modes:
+Every trial is a plan scored on the model (KL to fp, alloc/fitness.py). Two modes:
 
-* single-objective under the budget (the ``optuna`` solver, ``bitalloc search --budget B``): the sampled
-  plan is repaired to the TRUE budget first (greedy downgrades by the table's cost per bit saved), so every
-  trial is a feasible plan; the study minimizes KL. The table's ILP plan is enqueued as the first trial.
-* multi-objective (``bitalloc search`` without ``--budget``): minimize (true bpw, KL) with NSGA-II or TPE
-  and read the Pareto front off the study.
+* single-objective under the budget (the ``optuna`` solver, ``bitalloc search --budget B``). Two search
+  spaces:
+  - ``reweight`` (default): one float per unit (or fused group), a log-multiplier in [-spread, spread] on
+    that unit's row of the cost table; the trial's plan is the exact ``ilp`` optimum of the reweighted
+    table. Every trial is thus a budget-feasible plan near the table's optimum, and the study learns
+    where the additive table is wrong (layer interactions). All-zero multipliers (the table's own ILP
+    plan) are enqueued as trial 0.
+  - ``widths``: one categorical option per unit; the sampled plan is repaired to the TRUE budget (greedy
+    downgrades by cost per bit saved). The table's ILP plan is enqueued as trial 0.
+  Trials that land on a plan already scored reuse its KL.
+* multi-objective (``bitalloc search`` without ``--budget``): ``widths`` space, minimize (true bpw, KL)
+  with NSGA-II or TPE, and read the Pareto front off the study.
 
 Every finished trial stores its plan JSON in the user attribute ``plan``. Storage is an SQLite file by
 default; a ``postgresql://`` URL lets many workers share a study (``load_if_exists``), with heartbeats so
@@ -80,6 +86,18 @@ def _repair(problem: Problem, groups, g_cost, g_size, choice: list[int]) -> list
     return choice
 
 
+def _reweighted_optimum(problem: Problem, groups: list[list[int]], log_mult: torch.Tensor) -> torch.Tensor:
+    """The exact (ilp) plan of the table whose rows are scaled by exp(log_mult) per group: (U,) option indices."""
+    from dataclasses import replace
+    scale = torch.ones(problem.n_units, dtype=torch.float64)
+    for k, members in enumerate(groups):
+        scale[members] = float(torch.exp(log_mult[k]))
+    table = replace(problem.table, cost=problem.table.cost * scale[:, None])
+    plan = get_solver("ilp").solve(Problem(table, problem.budget_bits, problem.count_overhead, problem.fuse))
+    index = {o: j for j, o in enumerate(problem.table.options)}
+    return torch.tensor([index[plan.layers[u.name]] for u in problem.table.units], dtype=torch.long)
+
+
 @dataclass
 class OptunaSolver(Solver):
     """Single-objective study under the budget; returns the best trial's plan."""
@@ -96,6 +114,8 @@ class OptunaSolver(Solver):
     timeout: float | None = None
     settings: dict | None = None      # stored on the study; a study with other settings is refused
     multi_objective: bool = False
+    space: str | None = None          # "reweight" or "widths"; None: reweight, widths when multi-objective
+    spread: float = 0.3               # reweight: log-multipliers lie in [-spread, spread]
     trial_delay: float = 0.0          # seconds slept inside each trial (tests kill a worker mid-trial)
     progress: bool = True
 
@@ -118,6 +138,14 @@ class OptunaSolver(Solver):
         labels = [o.label() for o in problem.table.options]
         units = problem.table.units
         names = [units[g[0]].fused_group if len(g) > 1 else units[g[0]].name for g in groups]
+        space = self.space or ("widths" if self.multi_objective else "reweight")
+        if space not in ("reweight", "widths"):
+            raise BitallocError(f"unknown search space {space!r}: choose reweight or widths")
+        if space == "reweight" and self.multi_objective:
+            raise BitallocError("the reweight space solves each trial under one budget: give --budget, or use "
+                                "--space widths for a multi-objective study")
+        if not self.spread > 0:
+            raise BitallocError(f"--spread {self.spread} must be positive (e.g. 0.3)")
         storage = make_storage(self.storage, heartbeat=self.heartbeat, grace=self.grace) if self.storage else None
         if self.sampler == "nsga2":
             sampler = optuna.samplers.NSGAIISampler(seed=self.seed)
@@ -131,7 +159,9 @@ class OptunaSolver(Solver):
         name = self.study_name or f"bitalloc-{int(time.time())}"
         settings = dict(self.settings or {})
         settings.update(budget=None if self.multi_objective else problem.budget_bits, options=labels,
-                        units=len(groups), multi_objective=self.multi_objective, windows=self.windows)
+                        units=len(groups), multi_objective=self.multi_objective, windows=self.windows, space=space)
+        if space == "reweight":
+            settings["spread"] = self.spread
         try:
             study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions,
                                         load_if_exists=True)
@@ -140,7 +170,9 @@ class OptunaSolver(Solver):
         stored = study.user_attrs.get("bitalloc_settings")
         if stored is None:
             study.set_user_attr("bitalloc_settings", settings)
-            if not self.multi_objective:        # start from the table's optimum
+            if space == "reweight":             # start from the table's optimum
+                study.enqueue_trial({n: 0.0 for n in names})
+            elif not self.multi_objective:
                 seed_plan = get_solver("ilp").solve(problem)
                 study.enqueue_trial({n: seed_plan.layers[problem.table.units[g[0]].name].label()
                                      for n, g in zip(names, groups)})
@@ -149,16 +181,25 @@ class OptunaSolver(Solver):
             raise BitallocError(f"study {name!r} exists with different settings ({', '.join(diff)}): "
                                 "use the same settings or choose another --study")
         index = {lab: j for j, lab in enumerate(labels)}
+        scored: dict[tuple[int, ...], float] = {}     # plan -> KL, within this worker
 
         def objective(trial):
-            picked = [index[trial.suggest_categorical(n, labels)] for n in names]
-            choice_g = picked if self.multi_objective else _repair(problem, groups, g_cost, g_size, picked)
-            choice = torch.zeros(problem.n_units, dtype=torch.long)
-            for k, members in enumerate(groups):
-                choice[members] = choice_g[k]
+            if space == "reweight":
+                log_mult = torch.tensor([trial.suggest_float(n, -self.spread, self.spread) for n in names],
+                                        dtype=torch.float64)
+                choice = _reweighted_optimum(problem, groups, log_mult)
+            else:
+                picked = [index[trial.suggest_categorical(n, labels)] for n in names]
+                choice_g = picked if self.multi_objective else _repair(problem, groups, g_cost, g_size, picked)
+                choice = torch.zeros(problem.n_units, dtype=torch.long)
+                for k, members in enumerate(groups):
+                    choice[members] = choice_g[k]
             if self.trial_delay:
                 time.sleep(self.trial_delay)
-            kl = float(self.fitness(choice, self.windows))
+            key = tuple(int(c) for c in choice)
+            if key not in scored:
+                scored[key] = float(self.fitness(choice, self.windows))
+            kl = scored[key]
             plan = problem.plan(choice, self.name, kl=kl, study=name, trial=trial.number)
             trial.set_user_attr("plan", json.dumps(plan.to_json()))
             trial.set_user_attr("true_bpw", plan.true_bpw)

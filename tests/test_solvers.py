@@ -215,3 +215,47 @@ class TestOptuna(FitnessContract):
         for t in trials:
             plan = json.loads(t.user_attrs["plan"])
             assert set(plan["layers"]) == {u.name for u in table.units}
+
+
+class TestOptunaWidths(TestOptuna):
+    """The same contract for the categorical (one width per layer, repaired to the budget) space."""
+    settings = {"n_trials": 6, "progress": False, "space": "widths"}
+
+
+class TestOptunaReweight:
+    def test_zero_multipliers_give_the_ilp_plan_and_a_raised_row_never_loses_bits(self):
+        from bitalloc.solvers import Problem
+        from bitalloc.solvers.optuna_search import _reweighted_optimum
+        table = random_table(12, 3)
+        problem = Problem(table, 3.3)
+        groups = problem.groups()
+        index = {o: j for j, o in enumerate(table.options)}
+        ilp = get_solver("ilp")(table, 3.3)
+        base = _reweighted_optimum(problem, groups, torch.zeros(len(groups), dtype=torch.float64))
+        assert base.tolist() == [index[ilp.layers[u.name]] for u in table.units]
+        size = problem.size
+        for k in range(len(groups)):
+            up = torch.zeros(len(groups), dtype=torch.float64)
+            up[k] = 3.0
+            raised = _reweighted_optimum(problem, groups, up)
+            assert problem.fits(raised)
+            assert size[k, raised[k]] >= size[k, base[k]], f"unit {k} lost bits when its costs were raised"
+
+    def test_first_trial_is_the_ilp_plan_and_best_is_no_worse(self):
+        table = random_table(10, 4)
+        fit = ToyFitness(table)
+        solver = get_solver("optuna", fitness=fit, n_trials=12, progress=False)
+        study = solver.run(Problem(table, 3.2))
+        ilp = get_solver("ilp")(table, 3.2)
+        index = {o: j for j, o in enumerate(table.options)}
+        seed_kl = fit([index[ilp.layers[u.name]] for u in table.units])
+        assert study.trials[0].value == pytest.approx(seed_kl)
+        assert study.best_value <= seed_kl
+
+    def test_bad_settings(self):
+        table = random_table(4, 0)
+        with pytest.raises(BitallocError, match="give --budget, or use --space widths"):
+            get_solver("optuna", fitness=ToyFitness(table), multi_objective=True, space="reweight",
+                       progress=False).run(Problem(table, 16.0))
+        with pytest.raises(BitallocError, match="must be positive"):
+            get_solver("optuna", fitness=ToyFitness(table), spread=0.0, progress=False)(table, 3.0)
