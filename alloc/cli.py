@@ -100,15 +100,21 @@ def _evaluate_plans(args, prepared, table, plan) -> None:
         weights = unit_weights(prepared.model, prepared.units)
         set_unit_weights(prepared.model, prepared.units, evaluator.fp_weights)
         rows.append((label, p, evaluator.score(weights, desc=f"eval {label}")))
-    metric = "ppl" if prepared.kind == "causal_lm" else "cosine"
-    print(f"\n{'model':<18} {'true bpw':>9} {metric:>9} {'KL':>8}   ({len(tokens)} windows of {tokens.shape[1]} "
-          f"tokens, {args.quantizer})")
+    print()
+    _print_scores(rows, prepared.kind, tokens, args.quantizer)
+    plan.extra["eval"] = {label: s.as_dict() for label, _, s in rows}
+
+
+def _print_scores(rows, kind: str, tokens, quantizer: str) -> None:
+    """One line per (label, plan or None for fp, Score): true bpw, perplexity (or cosine) and KL to fp."""
+    metric = "ppl" if kind == "causal_lm" else "cosine"
+    print(f"{'model':<18} {'true bpw':>9} {metric:>9} {'KL':>8}   ({len(tokens)} windows of {tokens.shape[1]} "
+          f"tokens, {quantizer})")
     for label, p, s in rows:
         bpw = f"{p.true_bpw:.4f}" if p else "16"
         value = s.ppl if metric == "ppl" else s.cosine
-        kl = f"{s.kl:.4f}" if s.kl is not None else "-"
+        kl = f"{s.kl:.5f}" if s.kl is not None else "-"
         print(f"{label:<18} {bpw:>9} {value:>9.4f} {kl:>8}")
-    plan.extra["eval"] = {label: s.as_dict() for label, _, s in rows}
 
 
 def cmd_probe(args) -> None:
@@ -148,7 +154,7 @@ def cmd_eval(args) -> None:
     weights = unit_weights(prepared.model, prepared.units)
     set_unit_weights(prepared.model, prepared.units, evaluator.fp_weights)
     s = evaluator.score(weights)
-    print(f"fp: {evaluator.fp.as_dict()}\nplan ({plan.true_bpw:.4f} true bpw, {args.quantizer}): {s.as_dict()}")
+    _print_scores([("fp", None, evaluator.fp), ("plan", plan, s)], prepared.kind, tokens, args.quantizer)
 
 
 def cmd_apply(args) -> None:

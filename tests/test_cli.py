@@ -93,6 +93,19 @@ def test_include_unsupported(tiny_llama_dir, calib_file, tmp_path, capsys):
     assert code == 2 and "cannot quantize" in err
 
 
+def test_eval_prints_fp_and_plan_scores(tiny_llama_dir, calib_file, tmp_path, capsys):
+    path = tmp_path / "p.json"
+    assert main(["allocate", "--model", str(tiny_llama_dir), "--calib", str(calib_file), "--budget", "3.5",
+                 "--out", str(path), *FAST]) == 0
+    capsys.readouterr()
+    code, out, _ = run(["eval", "--model", tiny_llama_dir, "--plan", path, "--text", calib_file, *FAST,
+                        "--eval-windows", "2"], capsys)
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line.strip()}
+    assert code == 0 and set(rows) == {"fp", "plan"} and "2 windows of 64 tokens" in out
+    assert rows["fp"][1] == "16" and float(rows["fp"][3]) == 0.0
+    assert float(rows["plan"][1]) <= 3.5 and float(rows["plan"][2]) > 1 and float(rows["plan"][3]) > 0
+
+
 def test_plan_for_another_model(tiny_llama_dir, calib_file, tmp_path, capsys):
     plan = {"format": "bitalloc.plan", "version": 1, "budget_bits": 3, "solver": "x", "probe": "y",
             "layers": {"encoder.layer.0.query": {"bits": 3, "group_size": 128, "symmetric": False, "shape": [8, 8]}}}
