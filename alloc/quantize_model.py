@@ -51,15 +51,20 @@ def _rtn_model(model, units, plan, progress) -> dict[str, QuantizedWeight]:
     modules = dict(model.named_modules())
     out = {}
     for u in tqdm(units, desc="quantize (rtn)", leave=False, disable=not progress):
-        spec = plan.layers[u.name]
-        W = weight_matrix(modules[u.name], u.kind).detach().float()
-        if spec.is_float:
-            set_weight_matrix(modules[u.name], u.kind, W.half().float())
-            continue
-        q = rtn(W, spec)
-        out[u.name] = q
-        set_weight_matrix(modules[u.name], u.kind, q.dequantize())
+        _quantize_unit(modules[u.name], u, plan.layers[u.name], rtn, out)
     return out
+
+
+def _quantize_unit(module: nn.Module, u: Unit, spec, method, out: dict[str, QuantizedWeight]) -> None:
+    """Write ``method(W, spec)``'s dequantized weight into ``module`` and record it in ``out``; fp16 units
+    (bits=16) are only rounded to fp16 and not recorded."""
+    W = weight_matrix(module, u.kind).detach().float()
+    if spec.is_float:
+        set_weight_matrix(module, u.kind, W.half().float())
+        return
+    q = method(W, spec)
+    out[u.name] = q
+    set_weight_matrix(module, u.kind, q.dequantize())
 
 
 class _StopForward(Exception):
@@ -86,14 +91,8 @@ def _gptq_units(model, units, plan, run, progress_desc, progress) -> dict[str, Q
             h.remove()
     out = {}
     for u in units:
-        spec = plan.layers[u.name]
-        W = weight_matrix(modules[u.name], u.kind).detach().float()
-        if spec.is_float:
-            set_weight_matrix(modules[u.name], u.kind, W.half().float())
-            continue
-        q = rtn(W, spec) if u.kind == "embedding" else gptq(W, H[u.name], spec)
-        out[u.name] = q
-        set_weight_matrix(modules[u.name], u.kind, q.dequantize())
+        method = rtn if u.kind == "embedding" else (lambda W, spec, H=H.get(u.name): gptq(W, H, spec))
+        _quantize_unit(modules[u.name], u, plan.layers[u.name], method, out)
     return out
 
 
