@@ -12,7 +12,8 @@ from bitalloc.errors import BitallocError
 from bitalloc.kernels.qlinear import QuantLinear
 from bitalloc.model import load_model
 from bitalloc.options import QuantSpec
-from bitalloc.packed import apply, checkpoint_report, load, save
+from bitalloc import apply  # the public entry point (DESIGN.md), bitalloc.packed.apply
+from bitalloc.packed import checkpoint_report, load, save
 from bitalloc.plan import BitPlan
 from bitalloc.quantize_model import quantize_model
 from bitalloc.units import find_units
