@@ -60,19 +60,31 @@ def _print_plan(plan, table) -> None:
               f"{spec.bits_per_weight(shape):>6.3f}  {cost:>10.4g}")
 
 
-def cmd_allocate(args) -> None:
-    from .api import measure, solve, with_fitness
-    t0 = time.time()
-    prepared = _prepare(args)
-    table = measure(prepared, args.probe, cache=not args.no_cache)
+def _solver_settings(args, prepared) -> dict:
+    """--generations/--time-limit/--seed for the search solvers, plus their KL fitness on the model."""
+    from .api import with_fitness
     settings = {}
     if args.solver == "evolutionary":
         settings = {"generations": args.generations, "time_limit": args.time_limit, "seed": args.seed}
     elif args.solver == "optuna":
         settings = {"n_trials": args.generations, "timeout": args.time_limit, "seed": args.seed}
-    settings = with_fitness(prepared, args.solver, settings)
-    plan = solve(table, args.budget, args.solver, settings=settings, count_overhead=not args.nominal,
-                 fuse=args.fuse)
+    return with_fitness(prepared, args.solver, settings)
+
+
+def _add_search_solver_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generations", type=int, default=50,
+                   help="evolutionary: generations (optuna: trials) (default 50)")
+    p.add_argument("--time-limit", type=float, default=None, help="evolutionary/optuna: stop after this many seconds")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the search solvers (default 0)")
+
+
+def cmd_allocate(args) -> None:
+    from .api import measure, solve
+    t0 = time.time()
+    prepared = _prepare(args)
+    table = measure(prepared, args.probe, cache=not args.no_cache)
+    plan = solve(table, args.budget, args.solver, settings=_solver_settings(args, prepared),
+                 count_overhead=not args.nominal, fuse=args.fuse)
     plan.extra["quantizer"] = args.quantizer
     _print_plan(plan, table)
     print(f"\nbudget {args.budget} {'nominal' if args.nominal else 'true'} bits/weight · "
@@ -294,7 +306,9 @@ def cmd_sweep(args) -> None:
     t0 = time.time()
     prepared = _prepare(args)
     table = measure(prepared, args.probe, cache=not args.no_cache)
-    plans = [solve(table, b, args.solver, count_overhead=not args.nominal, fuse=args.fuse) for b in budgets]
+    settings = _solver_settings(args, prepared)
+    plans = [solve(table, b, args.solver, settings=settings, count_overhead=not args.nominal, fuse=args.fuse)
+             for b in budgets]
     uniform = [BitPlan.from_choice(table.units, [o] * len(table.units), budget_bits=16.0,
                                    solver="uniform", probe=table.probe, objective=0.0) for o in table.options]
     rows = [{"kind": "plan", "label": f"{p.budget_bits:g}", "budget": p.budget_bits, "true_bpw": p.true_bpw,
@@ -378,10 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="text file: report perplexity of fp, the plan and the best uniform plan")
     p.add_argument("--eval-windows", type=int, default=64, help="eval windows (default 64)")
     p.add_argument("--out", default="plan.json", help="plan JSON to write (default plan.json)")
-    p.add_argument("--generations", type=int, default=50,
-                   help="evolutionary: generations (optuna: trials) (default 50)")
-    p.add_argument("--time-limit", type=float, default=None, help="evolutionary/optuna: stop after this many seconds")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the search solvers (default 0)")
+    _add_search_solver_args(p)
     p.set_defaults(func=cmd_allocate)
 
     p = sub.add_parser("probe", help="measure a sensitivity table and write it as CSV")
@@ -466,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="text file: perplexity of every plan and of the uniform plans (Pareto plot)")
     p.add_argument("--eval-windows", type=int, default=32, help="eval windows (default 32)")
     p.add_argument("--out-dir", default="sweep", help="folder for sweep.csv and pareto.png (default ./sweep)")
+    _add_search_solver_args(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="an HTML (or, for --out x.md, Markdown) page with the plan's summary, "

@@ -146,6 +146,7 @@ class OptunaSolver(Solver):
                                 "--space widths for a multi-objective study")
         if not self.spread > 0:
             raise BitallocError(f"--spread {self.spread} must be positive (e.g. 0.3)")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)   # a progress bar instead of a line per trial
         storage = make_storage(self.storage, heartbeat=self.heartbeat, grace=self.grace) if self.storage else None
         if self.sampler == "nsga2":
             sampler = optuna.samplers.NSGAIISampler(seed=self.seed)

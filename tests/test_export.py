@@ -119,6 +119,10 @@ def test_sweep_and_report(tiny_llama_dir, calib_file, tmp_path, capsys):
     assert all(float(r["true_bpw"]) <= float(r["budget"]) + 1e-9 and float(r["ppl"]) > 0 for r in plans)
     assert "plans inside the uniform range are at or below the uniform curve" in capsys.readouterr().out
     assert (tmp_path / "sw" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # a search solver gets its KL fitness on the model, as in allocate
+    assert main([*args[:-1], str(tmp_path / "sw_optuna"), "--solver", "optuna", "--generations", "3"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "sw_optuna" / "sweep.csv")))
+    assert [float(r["budget"]) for r in rows if r["kind"] == "plan"] == [2.5, 3.5, 4.5]
     assert main(["sweep", "--budgets", "4:2:1", "--out-dir", str(tmp_path / "s2")]) == 2
     assert "START:STOP:STEP" in capsys.readouterr().err
 
