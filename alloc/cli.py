@@ -335,6 +335,7 @@ def cmd_sweep(args) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+
     def fmt(v):
         return f"{v:.4f}" if v is not None else "-"
     print(f"{'kind':<8} {'label':>6} {'true bpw':>9} {'ppl':>9} {'KL':>8} {'uniform ppl here':>17}")
@@ -442,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=int, default=100, help="the study stops at this many complete trials")
     p.add_argument("--budget", type=_budget, default=None,
                    help="single objective (KL) under this budget; without it: multi-objective (true bpw, KL)")
-    p.add_argument("--probe", default=DEFAULT_PROBE, help="table used to repair plans to the budget and seed the study")
+    p.add_argument("--probe", default=DEFAULT_PROBE,
+                   help="the cost table the study starts from: reweighted (reweight space) or used to repair plans "
+                        "to the budget (widths space); its ILP plan is trial 0")
     p.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])
     p.add_argument("--space", choices=["reweight", "widths"], default=None,
                    help="reweight (default with --budget): per-layer multipliers on the cost table, each trial the "
