@@ -29,15 +29,16 @@ def bits_heatmap(plan, path: str | Path) -> Path:
     import numpy as np
     grid = np.full((len(rows), len(cols)), np.nan)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 0.8 + 0.32 * len(rows)))
+    cells = []
     for n, spec in plan.layers.items():
         r, c = _split(n)
-        grid[rows.index(r), cols.index(c)] = spec.bits_per_weight(tuple(plan.shapes[n]))
+        i, j = rows.index(r), cols.index(c)
+        grid[i, j] = spec.bits_per_weight(tuple(plan.shapes[n]))
+        cells.append((i, j, spec.label()))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
-    for n, spec in plan.layers.items():  # labels in white on the dark (low-bit) end of viridis, black elsewhere
-        r, c = _split(n)
-        dark = im.norm(grid[rows.index(r), cols.index(c)]) < 0.45
-        ax.text(cols.index(c), rows.index(r), spec.label(), ha="center", va="center", fontsize=7,
-                color="white" if dark else "black")
+    for i, j, label in cells:  # white on the dark (low-bit) end of viridis, black elsewhere
+        colour = "white" if im.norm(grid[i, j]) < 0.45 else "black"
+        ax.text(j, i, label, ha="center", va="center", fontsize=7, color=colour)
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_ylabel("layer")
