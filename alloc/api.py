@@ -51,13 +51,16 @@ class Prepared:
 def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: str | torch.Tensor | None = None,
             calib_file: str | os.PathLike | None = None, tokenizer: Any = None, options: list[QuantSpec] | str | None = None,
             include: tuple[str, ...] = (), seq_len: int = DEFAULT_SEQ_LEN, n_windows: int = DEFAULT_WINDOWS,
-            batch_size: int = 8, strict_windows: bool = False) -> Prepared:
-    """Load (if a path), find units, tokenize calibration text into windows.
+            batch_size: int = 8, strict_windows: bool = False, experts: str = "per-expert",
+            exclude: tuple[str, ...] = (), dtype: str | torch.dtype | None = "auto") -> Prepared:
+    """Load (if a path; in the checkpoint's own dtype unless ``dtype`` says otherwise), find units, tokenize
+    calibration text into windows.
 
     ``calibration``: text, or a (n, seq) tensor of token ids; ``calib_file``: a text file; neither: Python's
-    own help topics (alloc/calibration.py)."""
+    own help topics (alloc/calibration.py). ``experts``: MoE experts per-expert or per-layer; ``exclude``:
+    modules kept in full precision."""
     if model is None or isinstance(model, (str, os.PathLike)):
-        model, tokenizer, kind = load_model(model)
+        model, tokenizer, kind = load_model(model, dtype=dtype)
     else:
         kind = "causal_lm" if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None \
             else "encoder"
@@ -68,7 +71,7 @@ def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: 
             import transformers
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.eval()
-    units = find_units(model, include=include)
+    units = find_units(model, include=include, experts=experts, exclude=exclude)
     check_finite(model, units)
     if isinstance(options, str) or options is None:
         options = parse_options(options)
@@ -131,16 +134,19 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
              solver: str = DEFAULT_SOLVER, options: list[QuantSpec] | str | None = None,
              include: tuple[str, ...] = (), fuse: bool = False, count_overhead: bool = True,
              seq_len: int = DEFAULT_SEQ_LEN, n_windows: int = DEFAULT_WINDOWS, cache: bool = True,
-             probe_settings: dict | None = None, solver_settings: dict | None = None) -> BitPlan:
+             probe_settings: dict | None = None, solver_settings: dict | None = None,
+             experts: str = "per-expert", exclude: tuple[str, ...] = (), dtype: str = "auto") -> BitPlan:
     """Choose a width per layer so the model fits ``budget_bits`` TRUE bits per weight on average.
 
     ``model``: an ``nn.Module`` (with ``tokenizer=`` or token-id ``calibration``) or a local model folder;
     ``calibration``: text or (n, seq) token ids (default: Python's help topics); ``probe`` / ``solver``:
     names from ``bitalloc.sensitivity.PROBES`` / ``bitalloc.solvers.SOLVERS``; ``fuse``: q/k/v and gate/up
-    share a width; ``count_overhead=False``: budget in nominal bits (codes only).
+    share a width; ``count_overhead=False``: budget in nominal bits (codes only); ``experts``: MoE experts
+    get a width each ("per-expert") or one per layer ("per-layer"); ``exclude``: modules kept in full
+    precision; ``dtype``: for a model path, "auto" (the checkpoint's own) or bf16/fp16/fp32.
     """
     prepared = prepare(model, calibration=calibration, tokenizer=tokenizer, options=options, include=include,
-                       seq_len=seq_len, n_windows=n_windows)
+                       seq_len=seq_len, n_windows=n_windows, experts=experts, exclude=tuple(exclude), dtype=dtype)
     table = measure(prepared, probe, settings=probe_settings, cache=cache)
     settings = with_fitness(prepared, solver, solver_settings)
     return solve(table, budget_bits, solver, settings=settings, count_overhead=count_overhead, fuse=fuse)

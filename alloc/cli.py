@@ -27,10 +27,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=128, help="weights per scale along the input (default 128)")
     p.add_argument("--symmetric", action="store_true", help="symmetric codes (no zero points)")
     p.add_argument("--include", default="", help="also quantize these modules (comma list of names or globs, e.g. lm_head)")
+    p.add_argument("--exclude", default="", help="keep these modules in full precision (comma list of names or globs)")
+    p.add_argument("--experts", default="per-expert", choices=["per-expert", "per-layer"],
+                   help="MoE models: a width per expert, or one per layer for all its experts (default per-expert)")
+    _add_dtype_arg(p)
     p.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens (default 512)")
     p.add_argument("--n-windows", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the sensitivity-table cache")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="dtype to load the model in (default auto: the checkpoint's own)")
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
 def _prepare(args, strict: bool = False):
@@ -38,9 +51,9 @@ def _prepare(args, strict: bool = False):
     from .api import prepare
     from .options import parse_options
     options = parse_options(args.options, group_size=args.group_size, symmetric=args.symmetric)
-    include = tuple(s.strip() for s in args.include.split(",") if s.strip())
-    prepared = prepare(args.model, calib_file=args.calib, options=options, include=include, seq_len=args.seq_len,
-                       n_windows=args.n_windows, strict_windows=strict)
+    prepared = prepare(args.model, calib_file=args.calib, options=options, include=_list(args.include),
+                       seq_len=args.seq_len, n_windows=args.n_windows, strict_windows=strict, experts=args.experts,
+                       exclude=_list(args.exclude), dtype=args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BitallocError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
@@ -151,13 +164,23 @@ def cmd_solve(args) -> None:
     print(f"plan written to {args.out}")
 
 
+def _experts_of(plan_path) -> str:
+    """The --experts mode a plan file was made with (per-expert unless it says otherwise)."""
+    import json
+    try:
+        return json.loads(Path(plan_path).read_text()).get("extra", {}).get("experts", "per-expert")
+    except (OSError, ValueError, AttributeError):
+        return "per-expert"         # BitPlan.load reports what is wrong with the file
+
+
 def cmd_eval(args) -> None:
     from .api import prepare
     from .calibration import read_text, windows
     from .evaluate import Evaluator
     from .plan import BitPlan
     from .quantize_model import quantize_model, set_unit_weights, unit_weights
-    prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows)
+    prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, dtype=args.dtype,
+                       experts=_experts_of(args.plan))
     plan = BitPlan.load(args.plan, units=prepared.units)
     tokens = windows(prepared.tokenizer, read_text(args.text), seq_len=args.seq_len, n_windows=args.eval_windows,
                      source=f"eval file {args.text!r}")
@@ -179,8 +202,9 @@ def cmd_apply(args) -> None:
     from .plan import BitPlan
     from .quantize_model import quantize_model
     out = check_new_folder(args.out)           # fail before the slow part; save() checks again
-    prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len)
     plan = BitPlan.load(args.plan)
+    prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len,
+                       dtype=args.dtype, experts=plan.extra.get("experts", "per-expert"))
     model = prepared.model
     if args.eval:
         tokens = windows(prepared.tokenizer, read_text(args.eval), seq_len=args.seq_len, n_windows=args.eval_windows,
@@ -420,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--n-windows", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=64)
+    _add_dtype_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("apply", help="quantize and pack a model by a plan; write safetensors + plan JSON")
@@ -432,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-windows", type=int, default=128)
     p.add_argument("--eval", help="text file: perplexity of the packed model and of the fake-quantized one")
     p.add_argument("--eval-windows", type=int, default=64)
+    _add_dtype_arg(p)
     p.set_defaults(func=cmd_apply)
 
     from .solvers.optuna_search import DEFAULT_STORAGE

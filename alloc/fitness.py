@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .quantize import fake_quantize
-from .units import set_weight_matrix, weight_matrix
+from .units import set_unit_weight, unit_weight
 
 
 class KLFitness:
@@ -22,7 +22,7 @@ class KLFitness:
         self.units, self.options = prepared.units, prepared.options
         self.max_windows = len(self.workload.tokens)
         self.modules = dict(prepared.model.named_modules())
-        self.fp_weights = {u.name: weight_matrix(self.modules[u.name], u.kind).detach().clone() for u in self.units}
+        self.fp_weights = {u.name: unit_weight(self.modules, u).detach().clone() for u in self.units}
         self.weights = [[fake_quantize(self.fp_weights[u.name], o) for o in self.options]
                         for u in tqdm(self.units, desc="quantize every option", leave=False, disable=not progress)]
         self.loaded: list[int | None] = [None] * len(self.units)        # None: fp weights
@@ -34,14 +34,14 @@ class KLFitness:
         for i, (u, j) in enumerate(zip(self.units, choice)):
             j = int(j)
             if self.loaded[i] != j:
-                set_weight_matrix(self.modules[u.name], u.kind, self.weights[i][j])
+                set_unit_weight(self.modules, u, self.weights[i][j])
                 self.loaded[i] = j
 
     def restore(self) -> None:
         """Put the fp weights back (the model is borrowed, not owned)."""
         for i, u in enumerate(self.units):
             if self.loaded[i] is not None:
-                set_weight_matrix(self.modules[u.name], u.kind, self.fp_weights[u.name])
+                set_unit_weight(self.modules, u, self.fp_weights[u.name])
                 self.loaded[i] = None
 
     @torch.no_grad()

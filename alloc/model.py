@@ -22,10 +22,37 @@ def default_model_path() -> Path:
     return path
 
 
-def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``auto``/None (the checkpoint's own dtype), bf16, fp16, fp32, or a torch float dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, str) and dtype in ("bfloat16", "float16", "float32"):
+        return getattr(torch, dtype)
+    raise BitallocError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype a checkpoint stores its weights in, from its config (float32 when it does not say)."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d.removeprefix("torch."), None)
+    return d if isinstance(d, torch.dtype) and d.is_floating_point else torch.float32
+
+
+def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = "auto",
                attn: str | None = None):
-    """(model, tokenizer, kind) from a local Hugging Face folder; kind is "causal_lm" or "encoder"."""
+    """(model, tokenizer, kind) from a local Hugging Face folder; kind is "causal_lm" or "encoder".
+
+    ``dtype``: "auto" (default) keeps the checkpoint's own dtype (bf16/fp16 for LLMs), so memory is what the
+    checkpoint takes; "fp32" etc. override it. The source dtype is kept as ``model.bitalloc_source_dtype``:
+    packed checkpoints store every unquantized tensor in it."""
     import transformers
+    dtype = parse_dtype(dtype)
     path = Path(path) if path is not None else default_model_path()
     if not path.exists():
         raise BitallocError(f"model path {str(path)!r} does not exist: give a local folder with config.json")
@@ -33,11 +60,14 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = to
         raise BitallocError(f"{str(path)!r} is not a model folder (no config.json): give a Hugging Face model folder")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    kwargs = {"dtype": dtype, "local_files_only": True}
     if attn:
-        kwargs["attn_implementation"] = attn
+        kwargs = {"attn_implementation": attn}
+    else:
+        kwargs = {}
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        source = checkpoint_dtype(config)
+        kwargs.update(dtype=dtype or source, local_files_only=True)
         archs = getattr(config, "architectures", None) or []
         if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
             model, kind = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs), "causal_lm"
@@ -49,16 +79,18 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = to
         raise BitallocError(f"could not load a model from {str(path)!r}: {first}") from None
     model.eval()
     model.name_or_path = str(path)
+    model.bitalloc_source_dtype = source
     return model, tokenizer, kind
 
 
 def model_hash(model: nn.Module) -> str:
-    """Content hash of every parameter and buffer (names, shapes, dtypes and bytes)."""
+    """Content hash of every parameter and buffer (names, shapes, dtypes and bytes), in their own dtype:
+    the bytes are hashed in place, no copy of the model is made."""
     h = hashlib.blake2b(digest_size=12)
     for name, t in list(model.state_dict().items()):
-        t = t.detach().contiguous().cpu()
+        t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 

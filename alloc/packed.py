@@ -8,6 +8,7 @@ A packed checkpoint folder holds
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from .errors import BitallocError
 from .files import check_parent
 from .plan import BitPlan
 from .quantize_model import quantize_model
-from .units import find_units
+from .units import EXPERT_KINDS, find_units, unit_weight
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -29,13 +30,50 @@ PLAN = "plan.json"
 
 
 def planned_units(model: nn.Module, plan: BitPlan):
-    """The model's units that the plan names (default units plus any the plan includes, e.g. lm_head)."""
+    """The model's units that the plan names (default units plus any the plan includes, e.g. lm_head;
+    MoE experts per expert or per layer, as the plan has them)."""
     names = {n for n, _ in model.named_modules()}
     extra = tuple(n for n in plan.layers if n in names)
-    units = find_units(model, include=extra, fuse=False)
+    units = find_units(model, include=extra, fuse=False, check_coverage=False)
+    if any(u.kind in EXPERT_KINDS and u.name not in plan.layers for u in units):
+        stacks = find_units(model, include=extra, fuse=False, check_coverage=False, experts="per-layer")
+        if any(u.kind in EXPERT_KINDS and u.name in plan.layers for u in stacks):
+            units = stacks
     units = [u for u in units if u.name in plan.layers]
     plan.check_units(units)
     return units
+
+
+def _attach_experts(model: nn.Module, units, make_part) -> None:
+    """Each 3-D expert parameter with planned experts -> QuantExperts (kernels/qexperts.py) whose parts,
+    in expert order, are ``make_part(unit, modules)``."""
+    from .kernels.qexperts import QuantExperts, attach
+    modules = dict(model.named_modules())
+    stacks: dict[tuple[str, str], list] = {}
+    for u in units:
+        if u.kind in EXPERT_KINDS:
+            stacks.setdefault((u.module_name, u.param), []).append(u)
+    for (owner, param), members in stacks.items():
+        p = getattr(modules[owner], param)
+        members.sort(key=lambda u: -1 if u.expert is None else u.expert)
+        if len(members) != (1 if members[0].expert is None else p.shape[0]):
+            raise BitallocError(f"the plan covers {len(members)} of the {p.shape[0]} experts in {owner}.{param}: "
+                                "plan every expert of a layer (or none)")
+        parts = [make_part(u, modules) for u in members]
+        attach(modules[owner], param, QuantExperts(parts, tuple(p.shape), members[0].kind == "expert_t", p.dtype))
+
+
+def _pack_experts(model: nn.Module, units, quantized: dict) -> None:
+    from .kernels.qexperts import FloatExpert
+    from .kernels.qlinear import QuantLinear
+
+    def part(u, modules):
+        if u.name in quantized:
+            return QuantLinear.from_quantized(quantized[u.name])
+        kept = FloatExpert(*u.shape)                       # kept at 16 bits: already fp16-rounded in place
+        kept.weight.copy_(unit_weight(modules, u).detach().half())
+        return kept
+    _attach_experts(model, units, part)
 
 
 def apply(model: nn.Module, plan: BitPlan, *, quantizer: str = "rtn", calibration: torch.Tensor | None = None,
@@ -51,9 +89,10 @@ def apply(model: nn.Module, plan: BitPlan, *, quantizer: str = "rtn", calibratio
                             "allocate without --include for embeddings, or keep them at 16 bits")
     quantized = quantize_model(model, units, plan, quantizer=quantizer, calibration=calibration, progress=progress)
     from .kernels.qlinear import QuantLinear
+    _pack_experts(model, units, quantized)
     modules = dict(model.named_modules())
     for u in units:
-        if u.name not in quantized:
+        if u.name not in quantized or u.kind in EXPERT_KINDS:
             continue
         old = modules[u.name]
         new = QuantLinear.from_quantized(quantized[u.name], getattr(old, "bias", None))
@@ -82,7 +121,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     if plan is None:
         raise BitallocError("this model is not packed: call bitalloc.apply(model, plan) first")
     out = check_new_folder(out_dir)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    model, dtype = _in_source_dtype(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_model(model, str(tmp / WEIGHTS), metadata={"bitalloc_format": str(FORMAT_VERSION),
@@ -90,6 +129,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         plan.save(tmp / PLAN)
         config = getattr(model, "config", None)
         if config is not None:
+            if not getattr(config, "architectures", None):    # built from a config: name the class for load()
+                config.architectures = [type(model).__name__]
             config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -105,6 +146,25 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _in_source_dtype(model: nn.Module) -> tuple[nn.Module, torch.dtype]:
+    """The model with every unquantized float tensor in the checkpoint's own dtype (a copy only when the
+    model was loaded in another dtype, e.g. ``--dtype fp32``), and that dtype."""
+    from .kernels.qexperts import FloatExpert
+    from .kernels.qlinear import QuantLinear
+    current = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    source = getattr(model, "bitalloc_source_dtype", None) or current
+    if source == current:
+        return model, current
+    copy_ = copy.deepcopy(model)
+    for module in copy_.modules():
+        if isinstance(module, (QuantLinear, FloatExpert)):
+            continue
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if t.is_floating_point():
+                t.data = t.data.to(source)
+    return copy_, source
 
 
 def _read_header(path: Path) -> tuple[dict, dict]:
@@ -143,10 +203,11 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -
         else transformers.AutoModel
     model = cls.from_config(config, dtype=dtype)
     units = planned_units(model, plan)
+    _empty_experts(model, units, plan)
     modules = dict(model.named_modules())
     for u in units:
         spec = plan.layers[u.name]
-        if spec.is_float:
+        if spec.is_float or u.kind in EXPERT_KINDS:
             continue
         out_f, in_f = u.shape
         has_bias = getattr(modules[u.name], "bias", None) is not None
@@ -170,6 +231,12 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -
     return model
 
 
+def _empty_experts(model: nn.Module, units, plan: BitPlan) -> None:
+    """Unfilled QuantExperts in place of each planned 3-D expert parameter (for loading a checkpoint)."""
+    from .kernels.qexperts import empty_part
+    _attach_experts(model, units, lambda u, modules: empty_part(plan.layers[u.name], *u.shape))
+
+
 def checkpoint_report(model: nn.Module, folder: str | os.PathLike) -> dict:
     """Actual file size against the size the plan promises:
     true bpw x quantized params / 8 + bytes of every tensor that is not quantized."""
@@ -177,12 +244,19 @@ def checkpoint_report(model: nn.Module, folder: str | os.PathLike) -> dict:
     quantized = {n for n, s in plan.layers.items() if not s.is_float}
     q_params = sum(plan.shapes[n][0] * plan.shapes[n][1] for n in quantized)
     q_bits = sum(plan.layers[n].size_bits(tuple(plan.shapes[n])) for n in quantized)
-    rest = 0
+    from .kernels.qexperts import FloatExpert
+    from .kernels.qlinear import QuantLinear
+    source = getattr(model, "bitalloc_source_dtype", None)
+    modules = dict(model.named_modules())
+    rest, seen = 0, set()
     for name, t in model.state_dict().items():
         owner, _, leaf = name.rpartition(".")
-        if owner in quantized and leaf in ("qweight", "scales", "qzeros"):
-            continue
-        rest += t.numel() * t.element_size()
+        if leaf in ("qweight", "scales", "qzeros") or t.data_ptr() in seen:
+            continue                      # a packed unit's storage (counted by the plan), or a tied tensor
+        seen.add(t.data_ptr())
+        packed = isinstance(modules.get(owner), (QuantLinear, FloatExpert))
+        size = source.itemsize if source is not None and t.is_floating_point() and not packed else t.element_size()
+        rest += t.numel() * size          # saved in the source dtype (see _in_source_dtype)
     expected = q_bits / 8 + rest
     actual = (Path(folder) / WEIGHTS).stat().st_size
     return {"actual_bytes": actual, "expected_bytes": expected, "quantized_params": q_params,

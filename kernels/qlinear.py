@@ -64,6 +64,11 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight (out, in) the codes stand for."""
+        from .reference import dequantize_packed
+        return dequantize_packed(self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.in_features)
+
     def packed_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.qzeros) if t is not None)
 

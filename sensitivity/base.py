@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import BitallocError
 from ..registry import instantiate
 from ..options import QuantSpec
-from ..units import Unit
+from ..units import EXPERT_KINDS, Unit, unit_param
 from .table import SensitivityTable
 
 
@@ -62,8 +62,32 @@ class Probe(ABC):
 
 
 def modules_by_name(model: nn.Module, units: list[Unit]) -> dict[str, nn.Module]:
-    modules = dict(model.named_modules())
-    return {u.name: modules[u.name] for u in units}
+    """Every module of ``model`` by name (what ``unit_weight``/``unit_param`` look units up in)."""
+    return dict(model.named_modules())
+
+
+def unique_params(model: nn.Module, units: list[Unit]) -> tuple[list[torch.Tensor], list[int]]:
+    """The distinct parameters holding ``units`` (experts of one stack share theirs) and, per unit, the
+    index of its parameter in that list."""
+    modules = modules_by_name(model, units)
+    params: list[torch.Tensor] = []
+    where: dict[int, int] = {}
+    index = []
+    for u in units:
+        p = unit_param(modules, u)
+        if id(p) not in where:
+            where[id(p)] = len(params)
+            params.append(p)
+        index.append(where[id(p)])
+    return params, index
+
+
+def refuse_experts(units: list[Unit], probe: str) -> None:
+    """Probes that read a layer's input through forward hooks cannot see what each expert receives."""
+    experts = [u.name for u in units if u.kind in EXPERT_KINDS]
+    if experts:
+        raise BitallocError(f"the {probe} probe cannot measure MoE expert units ({experts[0]}, … {len(experts)} in "
+                            "all): use --probe fisher, hessian_trace or measured_kl")
 
 
 @contextlib.contextmanager
@@ -88,9 +112,11 @@ def check_loss(loss: torch.Tensor, where: str) -> None:
 
 def check_trainable(model: nn.Module, units: list[Unit]) -> None:
     """Gradient probes need float weights they can differentiate through."""
-    for name, module in modules_by_name(model, units).items():
-        if not torch.is_floating_point(module.weight):
-            raise BitallocError(f"layer {name!r} has {module.weight.dtype} weights: gradient probes need float "
+    modules = modules_by_name(model, units)
+    for u in units:
+        p = unit_param(modules, u)
+        if not torch.is_floating_point(p):
+            raise BitallocError(f"layer {u.name!r} has {p.dtype} weights: gradient probes need float "
                                 "weights; use --probe output_error")
 
 

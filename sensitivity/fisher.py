@@ -14,40 +14,47 @@ from tqdm.auto import tqdm
 
 from ..options import QuantSpec
 from ..quantize import fake_quantize
-from ..units import Unit, weight_matrix
-from .base import Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name
+from ..units import Unit, unit_slice, unit_weight
+from .base import (Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name,
+                   unique_params)
 from .table import SensitivityTable
 
 
 def empirical_fisher(workload: Workload, units: list[Unit], *, micro_batch: int = 1,
                      max_windows: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    """F[name] (out, in) = mean over micro-batches of (∂loss/∂W)²; and the number of micro-batches."""
+    """F[name] (out, in) = mean over micro-batches of (∂loss/∂W)², float32; and the number of micro-batches.
+
+    The whole-model path: one backward pass through the full model per micro-batch (sensitivity/streamed.py
+    gives the same numbers one decoder block at a time)."""
     model = workload.model
     check_trainable(model, units)
-    modules = modules_by_name(model, units)
-    F = {u.name: torch.zeros_like(modules[u.name].weight, dtype=torch.float32) for u in units}
+    params, index = unique_params(model, units)
+    Fp = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     tokens = torch.cat(list(workload.batches()))
     if max_windows is not None:
         tokens = tokens[:max_windows]
     steps = 0
-    with grads_only_for(model, [modules[u.name].weight for u in units]):
+    with grads_only_for(model, params):
         for i in tqdm(range(0, len(tokens), micro_batch), desc="fisher", leave=False):
             batch = tokens[i:i + micro_batch]
             loss = workload.loss(batch)
             check_loss(loss, f"calibration windows {i}..{i + len(batch) - 1}")
-            grads = torch.autograd.grad(loss, [modules[u.name].weight for u in units])
-            for u, g in zip(units, grads):
-                F[u.name] += g.float() ** 2
+            grads = torch.autograd.grad(loss, params)
+            for acc, g in zip(Fp, grads):
+                acc += g.float() ** 2
             steps += 1
-    for u in units:
-        F[u.name] /= steps
-        if u.kind == "conv1d":
-            F[u.name] = F[u.name].t()
+    F = {u.name: unit_slice(Fp[k], u) / steps for u, k in zip(units, index)}
     return F, steps
 
 
 def fisher_cost(F: torch.Tensor, dW: torch.Tensor) -> float:
     return 0.5 * float((F.double() * dW.double() ** 2).sum())
+
+
+def fisher_costs(F: torch.Tensor, W: torch.Tensor, options: list[QuantSpec]) -> torch.Tensor:
+    """(O,) float64: ½ Σ F ⊙ (Q(W) − W)² of one unit under each option (W in any float dtype)."""
+    W = W.detach().float()
+    return torch.tensor([fisher_cost(F, fake_quantize(W, spec) - W) for spec in options], dtype=torch.float64)
 
 
 def group_costs(F: torch.Tensor, dW: torch.Tensor, columns: int) -> torch.Tensor:
@@ -67,9 +74,5 @@ class FisherProbe(Probe):
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         F, steps = empirical_fisher(workload, units, micro_batch=self.micro_batch, max_windows=self.max_windows)
         modules = modules_by_name(workload.model, units)
-        cost = torch.zeros(len(units), len(options), dtype=torch.float64)
-        for i, unit in enumerate(units):
-            W = weight_matrix(modules[unit.name], unit.kind).detach().float()
-            for j, spec in enumerate(options):
-                cost[i, j] = fisher_cost(F[unit.name], fake_quantize(W, spec) - W)
+        cost = torch.stack([fisher_costs(F[u.name], unit_weight(modules, u), options) for u in units])
         return self.table(units, options, cost, gradient_samples=steps)

@@ -22,14 +22,18 @@ from tqdm.auto import tqdm
 
 from ..options import QuantSpec
 from ..quantize import fake_quantize
-from ..units import Unit, weight_matrix
-from .base import Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name
+from ..units import Unit, unit_slice, unit_weight
+from .base import (Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name,
+                   unique_params)
 from .table import SensitivityTable
 
 
 def hutchinson_traces(loss_fn, params: list[torch.Tensor], batches: list[torch.Tensor], *, tol: float = 1e-2,
-                      min_iters: int = 8, max_iters: int = 64, seed: int = 0):
-    """Per-parameter Hessian traces of ``loss_fn(batch)``: (means, standard errors, iterations)."""
+                      min_iters: int = 8, max_iters: int = 64, seed: int = 0, reduce=None):
+    """Per-parameter Hessian traces of ``loss_fn(batch)``: (means, standard errors, iterations).
+
+    ``reduce(products)``, given v ⊙ Hv per parameter, gives the per-unit samples instead (experts of one
+    3-D parameter each take their slice)."""
     gen = torch.Generator().manual_seed(seed)
     samples: list[torch.Tensor] = []
     mean = None
@@ -40,7 +44,9 @@ def hutchinson_traces(loss_fn, params: list[torch.Tensor], batches: list[torch.T
         grads = torch.autograd.grad(loss, params, create_graph=True)
         vs = [torch.randint(0, 2, p.shape, generator=gen, dtype=p.dtype).mul_(2).sub_(1) for p in params]
         hvs = torch.autograd.grad(grads, params, grad_outputs=vs)
-        samples.append(torch.tensor([float((v * hv).sum()) for v, hv in zip(vs, hvs)], dtype=torch.float64))
+        products = [v * hv for v, hv in zip(vs, hvs)]
+        samples.append(reduce(products) if reduce is not None else
+                       torch.tensor([float(p.sum()) for p in products], dtype=torch.float64))
         new_mean = torch.stack(samples).mean(0)
         if mean is not None and k + 1 >= min_iters:
             change = ((new_mean - mean).abs() / new_mean.abs().clamp(min=1e-30)).max()
@@ -68,18 +74,22 @@ class HessianTraceProbe(Probe):
         model = workload.model
         check_trainable(model, units)
         modules = modules_by_name(model, units)
-        params = [modules[u.name].weight for u in units]
+        params, index = unique_params(model, units)
+
+        def per_unit(products):
+            return torch.tensor([float(unit_slice(products[k], u).double().sum()) for u, k in zip(units, index)],
+                                dtype=torch.float64)
         tokens = torch.cat(list(workload.batches()))
         batches = [tokens[i:i + self.micro_batch] for i in range(0, len(tokens), self.micro_batch)]
         # fused attention kernels have no second derivative: use the math backend for the HVPs
         with grads_only_for(model, params), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
             trace, stderr, iters = hutchinson_traces(workload.loss, params, batches, tol=self.tol,
                                                      min_iters=self.min_iters, max_iters=self.max_iters,
-                                                     seed=self.seed)
+                                                     seed=self.seed, reduce=per_unit)
         used = trace.clamp(min=1e-6 * float(trace.abs().max()))
         cost = torch.zeros(len(units), len(options), dtype=torch.float64)
         for i, unit in enumerate(units):
-            W = weight_matrix(modules[unit.name], unit.kind).detach().float()
+            W = unit_weight(modules, unit).detach().float()
             for j, spec in enumerate(options):
                 cost[i, j] = float(used[i]) / unit.numel * float((fake_quantize(W, spec) - W).double().pow(2).sum())
         return self.table(units, options, cost, iterations=iters, trace=trace.tolist(), trace_stderr=stderr.tolist(),

@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 
 from ..options import QuantSpec
 from ..quantize import fake_quantize
-from ..units import Unit, weight_matrix
-from .base import Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name
+from ..units import Unit, unit_weight
+from .base import (Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name,
+                   refuse_experts, unique_params)
 from .table import SensitivityTable
 
 
@@ -30,6 +31,7 @@ class KFACProbe(Probe):
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         model = workload.model
+        refuse_experts(units, self.name)
         check_trainable(model, units)
         modules = modules_by_name(model, units)
         H: dict[str, torch.Tensor] = {}
@@ -50,11 +52,11 @@ class KFACProbe(Probe):
             return fn
 
         first = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        handles = [modules[u.name].register_forward_hook(forward_hook(u.name)) for u in units]
+        handles = [modules[u.module_name].register_forward_hook(forward_hook(u.name)) for u in units]
         if first is not None:  # gradients must flow to every layer although no weight requires them
             handles.append(first.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
         # a plain module without an embedding hook: let the units' weights carry the graph
-        carriers = [] if first is not None else [m.weight for m in modules.values()]
+        carriers = [] if first is not None else unique_params(model, units)[0]
         tokens = torch.cat(list(workload.batches()))
         try:
             with grads_only_for(model, carriers):
@@ -71,7 +73,7 @@ class KFACProbe(Probe):
                 h.remove()
         cost = torch.zeros(len(units), len(options), dtype=torch.float64)
         for i, unit in enumerate(units):
-            W = weight_matrix(modules[unit.name], unit.kind).detach().float()
+            W = unit_weight(modules, unit).detach().float()
             Hn = H[unit.name] / n_tokens
             for j, spec in enumerate(options):
                 dW = (fake_quantize(W, spec) - W).double()

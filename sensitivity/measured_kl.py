@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..options import QuantSpec
 from ..quantize import fake_quantize
-from ..units import Unit, set_weight_matrix, weight_matrix
+from ..units import Unit, set_unit_weight, unit_weight
 from .base import Probe, Workload, modules_by_name
 from .table import SensitivityTable
 
@@ -32,16 +32,15 @@ class MeasuredKLProbe(Probe):
             reference = [workload.logits(b) for b in batches]
             bar = tqdm(total=len(units) * len(options), desc="measured_kl", leave=False)
             for i, unit in enumerate(units):
-                module = modules[unit.name]
-                W = weight_matrix(module, unit.kind).detach().clone()
+                W = unit_weight(modules, unit).detach().clone()
                 try:
                     for j, spec in enumerate(options):
-                        set_weight_matrix(module, unit.kind, fake_quantize(W.float(), spec))
+                        set_unit_weight(modules, unit, fake_quantize(W.float(), spec))
                         kl = sum(float(workload.divergence(ref, workload.logits(b))) * len(b)
                                  for ref, b in zip(reference, batches)) / len(tokens)
                         cost[i, j] = max(kl, 0.0)
                         bar.update()
                 finally:
-                    set_weight_matrix(module, unit.kind, W)
+                    set_unit_weight(modules, unit, W)
             bar.close()
         return self.table(units, options, cost, n_windows=len(tokens))

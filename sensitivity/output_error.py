@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from ..options import QuantSpec
 from ..quantize import fake_quantize
-from ..units import Unit, weight_matrix
-from .base import Probe, Workload, modules_by_name
+from ..units import Unit, unit_weight
+from .base import Probe, Workload, modules_by_name, refuse_experts
 from .table import SensitivityTable
 
 
@@ -45,7 +45,7 @@ def collect_hessians(workload: Workload, units: list[Unit], *, desc: str = "coll
         return fn
 
     for unit in units:
-        handles.append(modules[unit.name].register_forward_hook(hook(unit.name, unit.kind)))
+        handles.append(modules[unit.module_name].register_forward_hook(hook(unit.name, unit.kind)))
     try:
         with torch.no_grad():
             for batch in tqdm(workload.batches(), total=workload.n_batches(), desc=desc, leave=False):
@@ -71,11 +71,12 @@ class OutputErrorProbe(Probe):
     name = "output_error"
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
+        refuse_experts(units, self.name)
         H, n_tokens = collect_hessians(workload, units)
         modules = modules_by_name(workload.model, units)
         cost = torch.zeros(len(units), len(options), dtype=torch.float64)
         for i, unit in enumerate(tqdm(units, desc="output_error costs", leave=False)):
-            W = weight_matrix(modules[unit.name], unit.kind).detach().float()
+            W = unit_weight(modules, unit).detach().float()
             Hu = H[unit.name]
             for j, spec in enumerate(options):
                 cost[i, j] = output_error(fake_quantize(W, spec) - W, Hu) / n_tokens

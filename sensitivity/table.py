@@ -70,8 +70,7 @@ class SensitivityTable:
             save_file({"cost": self.cost.contiguous()}, str(tmp))
         atomic_write_text(str(path) + ".json", json.dumps({
             "format": "bitalloc.table", "version": 1, "meta": self.meta,
-            "units": [{"name": u.name, "shape": list(u.shape), "kind": u.kind, "fused_group": u.fused_group}
-                      for u in self.units],
+            "units": [u.to_json() for u in self.units],
             "options": [o.to_json() for o in self.options]}, indent=1))
 
     @classmethod
@@ -79,7 +78,7 @@ class SensitivityTable:
         from safetensors.torch import load_file
         side = json.loads(Path(str(path) + ".json").read_text())
         cost = load_file(str(path))["cost"]
-        units = [Unit(u["name"], tuple(u["shape"]), u["kind"], u["fused_group"]) for u in side["units"]]
+        units = [Unit.from_json(u) for u in side["units"]]
         options = [QuantSpec(**o) for o in side["options"]]
         return cls(units, options, cost, side.get("meta", {}))
 

@@ -16,6 +16,7 @@ from ..errors import BitallocError
 from ..registry import instantiate
 from ..plan import BitPlan
 from ..sensitivity.table import SensitivityTable
+from ..units import EXPERT_KINDS
 
 MAX_BUDGET = 16.0
 
@@ -83,6 +84,9 @@ class Problem:
                 raise AssertionError(f"{solver} split fused group {[self.table.units[i].name for i in group]}")
         specs = [self.table.options[int(j)] for j in choice]
         meta = self.table.meta
+        experts = [u.expert for u in self.table.units if u.kind in EXPERT_KINDS]
+        if experts:                  # how a plan's MoE experts are named: one per expert, or one per layer
+            extra["experts"] = "per-layer" if experts[0] is None else "per-expert"
         return BitPlan.from_choice(
             self.table.units, specs, budget_bits=self.budget_bits, solver=solver, probe=self.table.probe,
             objective=objective, model=meta.get("model", {}),

@@ -129,3 +129,30 @@ def test_cli_apply(tiny_llama_dir, calib_file, tmp_path, capsys):
     args[args.index("--out") + 1] = str(tmp_path / "nope" / "packed")
     assert main(args) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_models_load_in_their_own_dtype_and_save_unquantized_tensors_in_it(tmp_path):
+    from bitalloc.model import DEFAULT_MODEL
+    from bitalloc.packed import _read_header
+    model, _, _ = load_model(DEFAULT_MODEL)                       # refllama-s is a bf16 checkpoint
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    fp32, tok, _ = load_model(DEFAULT_MODEL, dtype="fp32")
+    assert fp32.model.embed_tokens.weight.dtype == torch.float32
+    units = find_units(fp32)
+    plan = BitPlan(layers={u.name: QuantSpec(3) for u in units}, shapes={u.name: u.shape for u in units})
+    apply(fp32, plan, progress=False)
+    out = save(fp32, tmp_path / "packed", tokenizer=tok)
+    meta, _ = _read_header(out / "model.safetensors")
+    assert meta["dtype"] == "bfloat16"
+    assert fp32.model.embed_tokens.weight.dtype == torch.float32      # saving does not change the model
+    report = checkpoint_report(fp32, out)
+    assert abs(report["relative_diff"]) < 0.02
+    rest = sum(p.numel() for n, p in fp32.named_parameters())        # unquantized parameters, in bf16
+    assert report["actual_bytes"] < 1.02 * (report["true_bpw"] * report["quantized_params"] / 8 + 2 * rest + 4096)
+    assert load(out).model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_unknown_dtype_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["allocate", "--budget", "3", "--dtype", "int8", "--out", "x.json"])
+    assert e.value.code == 2
