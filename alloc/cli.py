@@ -31,10 +31,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", default="per-expert", choices=["per-expert", "per-layer"],
                    help="MoE models: a width per expert, or one per layer for all its experts (default per-expert)")
     _add_dtype_arg(p)
+    p.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                   help="fisher: one decoder block at a time (auto: when the whole model's gradients and Fisher "
+                        "would pass 1 GiB)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens (default 512)")
     p.add_argument("--n-windows", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the sensitivity-table cache")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _probe_settings(args) -> dict:
+    """--stream for the probes that can run one decoder block at a time (fisher)."""
+    if args.stream != "auto" and args.probe != "fisher":
+        raise BitallocError(f"--stream {args.stream} applies to the fisher probe only, not {args.probe}: leave it out")
+    return {"stream": args.stream} if args.probe == "fisher" else {}
 
 
 def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
@@ -95,7 +105,7 @@ def cmd_allocate(args) -> None:
     from .api import measure, solve
     t0 = time.time()
     prepared = _prepare(args)
-    table = measure(prepared, args.probe, cache=not args.no_cache)
+    table = measure(prepared, args.probe, settings=_probe_settings(args), cache=not args.no_cache)
     plan = solve(table, args.budget, args.solver, settings=_solver_settings(args, prepared),
                  count_overhead=not args.nominal, fuse=args.fuse)
     plan.extra["quantizer"] = args.quantizer
@@ -146,7 +156,7 @@ def cmd_probe(args) -> None:
     from .api import measure
     prepared = _prepare(args, strict=True)
     t0 = time.time()
-    table = measure(prepared, args.probe, cache=not args.no_cache)
+    table = measure(prepared, args.probe, settings=_probe_settings(args), cache=not args.no_cache)
     table.save_csv(args.out)
     source = "cache" if "cached" in table.meta else "measured"
     print(f"{args.probe}: {len(table.units)} units × {len(table.options)} options ({source}, "
@@ -236,7 +246,7 @@ def cmd_search(args) -> None:
     if args.out:
         check_parent(args.out)
     prepared = _prepare(args)
-    table = measure(prepared, args.probe, cache=not args.no_cache)
+    table = measure(prepared, args.probe, settings=_probe_settings(args), cache=not args.no_cache)
     budget = args.budget if args.budget is not None else 16.0
     problem = Problem(table, budget, count_overhead=not args.nominal, fuse=args.fuse)
     solver = OptunaSolver(n_trials=args.n_trials, study_name=args.study, storage=args.storage, sampler=args.sampler,
@@ -329,7 +339,7 @@ def cmd_sweep(args) -> None:
         raise BitallocError(f"output directory {str(out.parent)!r} does not exist: create it or choose another --out-dir")
     t0 = time.time()
     prepared = _prepare(args)
-    table = measure(prepared, args.probe, cache=not args.no_cache)
+    table = measure(prepared, args.probe, settings=_probe_settings(args), cache=not args.no_cache)
     settings = _solver_settings(args, prepared)
     plans = [solve(table, b, args.solver, settings=settings, count_overhead=not args.nominal, fuse=args.fuse)
              for b in budgets]

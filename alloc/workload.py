@@ -40,8 +40,19 @@ class CausalLMWorkload:
         return self.model(input_ids=batch).logits.float()             # (b, seq, vocab)
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(batch)[:, :-1]
+        return self.loss_from_logits(self.logits(batch), batch)
+
+    @staticmethod
+    def loss_from_logits(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (float32) of (b, seq, vocab) logits on ``batch``."""
+        logits = logits.float()[:, :-1]
+        batch = batch.to(logits.device)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    def stream(self, units) -> "BlockStream":
+        """The model as a sequence of decoder blocks (alloc/stream.py), for block-streamed probes."""
+        from .stream import BlockStream
+        return BlockStream(self.model, units)
 
     @staticmethod
     def loss_terms(batch: torch.Tensor) -> int:

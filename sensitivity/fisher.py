@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from ..options import QuantSpec
 from ..quantize import fake_quantize
-from ..units import Unit, unit_slice, unit_weight
+from ..errors import BitallocError
+from ..units import Unit, find_blocks, unit_slice, unit_weight
 from .base import (Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name,
                    unique_params)
 from .table import SensitivityTable
@@ -51,10 +52,16 @@ def fisher_cost(F: torch.Tensor, dW: torch.Tensor) -> float:
     return 0.5 * float((F.double() * dW.double() ** 2).sum())
 
 
-def fisher_costs(F: torch.Tensor, W: torch.Tensor, options: list[QuantSpec]) -> torch.Tensor:
-    """(O,) float64: ½ Σ F ⊙ (Q(W) − W)² of one unit under each option (W in any float dtype)."""
-    W = W.detach().float()
-    return torch.tensor([fisher_cost(F, fake_quantize(W, spec) - W) for spec in options], dtype=torch.float64)
+def fisher_costs(F: torch.Tensor, W: torch.Tensor, options: list[QuantSpec], rows: int = 1024) -> torch.Tensor:
+    """(O,) float64: ½ Σ F ⊙ (Q(W) − W)² of one unit under each option (W in any float dtype), ``rows``
+    output rows at a time (quantization groups never span rows), so temporaries stay small."""
+    cost = torch.zeros(len(options), dtype=torch.float64)
+    for r in range(0, W.shape[0], rows):
+        Wr = W[r:r + rows].detach().float()
+        Fr = F[r:r + rows]
+        for j, spec in enumerate(options):
+            cost[j] += fisher_cost(Fr, fake_quantize(Wr, spec) - Wr)
+    return cost
 
 
 def group_costs(F: torch.Tensor, dW: torch.Tensor, columns: int) -> torch.Tensor:
@@ -64,15 +71,42 @@ def group_costs(F: torch.Tensor, dW: torch.Tensor, columns: int) -> torch.Tensor
     return torch.nn.functional.pad(e, (0, pad)).view(-1, columns).sum(1)
 
 
+STREAM_MODES = ("auto", "on", "off")
+STREAM_ABOVE_BYTES = 1 << 30      # auto: stream when the whole-model path's F + gradients would pass 1 GiB
+
+
 @dataclass(frozen=True)
 class FisherProbe(Probe):
     name = "fisher"
     needs_grad = True
     micro_batch: int = 1                  # windows per gradient sample
     max_windows: int | None = None        # None: every calibration window
+    stream: str = "auto"                  # one decoder block at a time (fisher_streamed.py): auto, on, off
+
+    def __post_init__(self) -> None:
+        if self.stream not in STREAM_MODES:
+            raise BitallocError(f"unknown --stream {self.stream!r}: choose auto, on or off")
+
+    def settings(self) -> dict:
+        """What the table depends on: streaming gives the same numbers, so it is not part of the cache key."""
+        return {k: v for k, v in super().settings().items() if k != "stream"}
+
+    def streams(self, workload: Workload, units: list[Unit]) -> bool:
+        if self.stream != "auto":
+            return self.stream == "on"
+        if not hasattr(workload, "stream") or any(u.kind == "embedding" for u in units):
+            return False
+        params, _ = unique_params(workload.model, units)
+        whole = sum(p.numel() * (4 + p.element_size()) for p in params)          # fp32 F + gradients
+        return whole > STREAM_ABOVE_BYTES and bool(find_blocks(workload.model, units))
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
+        if self.streams(workload, units):
+            from .fisher_streamed import streamed_fisher_costs
+            cost, steps = streamed_fisher_costs(workload, units, options, micro_batch=self.micro_batch,
+                                                max_windows=self.max_windows, costs_fn=fisher_costs)
+            return self.table(units, options, cost, gradient_samples=steps, streamed=True)
         F, steps = empirical_fisher(workload, units, micro_batch=self.micro_batch, max_windows=self.max_windows)
         modules = modules_by_name(workload.model, units)
         cost = torch.stack([fisher_costs(F[u.name], unit_weight(modules, u), options) for u in units])
-        return self.table(units, options, cost, gradient_samples=steps)
+        return self.table(units, options, cost, gradient_samples=steps, streamed=False)

@@ -153,6 +153,6 @@ def test_models_load_in_their_own_dtype_and_save_unquantized_tensors_in_it(tmp_p
 
 
 def test_unknown_dtype_is_one_line(capsys):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e:                 # argparse choices: one usage line + error, status 2
         main(["allocate", "--budget", "3", "--dtype", "int8", "--out", "x.json"])
-    assert e.value.code == 2
+    assert e.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err

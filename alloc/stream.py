@@ -1,0 +1,110 @@
+"""Block streaming: run a Hugging Face decoder one block at a time (what GPTQModel and llm-compressor call
+sequential onloading), so a probe holds one block's gradients and statistics at a time, never the whole
+model's.
+
+    inputs(batch)            hidden state entering block 0 plus the keyword arguments every block gets
+                             (rotary embeddings, masks), captured by a pre-hook that stops the forward there
+    run_block(i, h, extra)   block i on hidden state h -> its output hidden state
+    logits(h, batch)         the rest of the model after the last block (final norm, LM head) applied to h:
+                             the model's own forward with every block replaced by a stand-in that passes its
+                             input through, the last one handing over h
+
+Boundary activations (the hidden state between blocks, per calibration window) are the caller's to keep;
+they live on the host in the model's dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .errors import BitallocError
+from .units import Unit, find_blocks
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place in ``logits``: passes its input through, or returns ``value`` (the last block).
+    Attribute look-ups the decoder loop makes on its blocks (e.g. ``attention_type``) go to the real block."""
+
+    def __init__(self, block: nn.Module, value: torch.Tensor | None, as_tuple: bool):
+        super().__init__()
+        object.__setattr__(self, "_block", block)
+        self.value, self.as_tuple = value, as_tuple
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self.value is None else self.value
+        return (out,) if self.as_tuple else out
+
+
+class BlockStream:
+    def __init__(self, model: nn.Module, units: list[Unit]):
+        self.model = model
+        self.blocks = find_blocks(model, units)
+        if not self.blocks:
+            raise BitallocError("streaming needs a model made of repeated decoder blocks: use --stream off")
+        self.container = model.get_submodule(self.blocks[0][0].rpartition(".")[0])      # the ModuleList
+        self.as_tuple = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def block_of(self, unit: Unit) -> int | None:
+        for i, (name, _) in enumerate(self.blocks):
+            if unit.module_name.startswith(name + "."):
+                return i
+        return None
+
+    def inputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """(hidden state entering block 0, (args, kwargs) for every block) of a batch of token ids."""
+        captured = {}
+
+        def catch(module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+            raise _Stop
+
+        handle = self.blocks[0][1].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            self.model(input_ids=batch.to(self.device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if "args" in captured and captured["args"]:
+            args = captured["args"]
+            return args[0], (args[1:], captured["kwargs"])
+        kwargs = dict(captured["kwargs"])
+        return kwargs.pop("hidden_states"), ((), kwargs)
+
+    def run_block(self, i: int, hidden: torch.Tensor, extra: tuple) -> torch.Tensor:
+        args, kwargs = extra
+        y = self.blocks[i][1](hidden, *args, **kwargs)
+        self.as_tuple = isinstance(y, (tuple, list))
+        return y[0] if self.as_tuple else y
+
+    def logits(self, hidden: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """The model's logits when ``hidden`` leaves the last block (differentiable in ``hidden``)."""
+        with self._stand_ins(hidden):
+            return self.model(input_ids=batch.to(self.device), use_cache=False).logits
+
+    @contextlib.contextmanager
+    def _stand_ins(self, hidden: torch.Tensor):
+        originals = [self.container[i] for i in range(len(self.container))]
+        try:
+            for i, block in enumerate(originals):
+                self.container[i] = _StandIn(block, hidden if i == len(originals) - 1 else None, self.as_tuple)
+            yield
+        finally:
+            for i, block in enumerate(originals):
+                self.container[i] = block

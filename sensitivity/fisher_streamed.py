@@ -1,0 +1,140 @@
+"""The fisher probe one decoder block at a time: the same numbers as the whole-model pass, with one block's
+gradients and Fisher in memory instead of the whole model's.
+
+    1. forward, no grad: the hidden state entering every block, per micro-batch (kept on the host)
+    2. the rest of the model after the last block: loss, its gradient g with respect to the last hidden
+       state, and the Fisher of units there (an untied LM head)
+    3. blocks last to first: recompute the block from its stored input with grad, backpropagate g through
+       it (giving the block's weight gradients and the next g), square and accumulate them into the block's
+       F, then reduce F to the block's rows of the cost table before moving on
+
+Chain rule, same micro-batches, same order of additions per parameter: the table equals the whole-model
+one up to floating-point reassociation (tests/test_streaming.py holds it to 1e-4 relative).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import BitallocError
+from ..options import QuantSpec
+from ..units import Unit, unit_slice, unit_weight
+from .base import Workload, check_loss, check_trainable, grads_only_for, modules_by_name, unique_params
+
+
+def streamed_fisher_costs(workload: Workload, units: list[Unit], options: list[QuantSpec], *,
+                          micro_batch: int = 1, max_windows: int | None = None,
+                          costs_fn=None) -> tuple[torch.Tensor, int]:
+    """(cost (U, O) float64, number of micro-batches); ``costs_fn(F, W, options)`` gives one unit's row."""
+    model = workload.model
+    check_trainable(model, units)
+    stream = workload.stream(units)
+    modules = modules_by_name(model, units)
+    where = [stream.block_of(u) for u in units]
+    head_units = [u for u, b in zip(units, where) if b is None]
+    if any(u.kind == "embedding" for u in head_units):
+        raise BitallocError("block streaming cannot measure embedding units (their gradient comes from every "
+                            "block): use --stream off")
+    tokens = torch.cat(list(workload.batches()))
+    if max_windows is not None:
+        tokens = tokens[:max_windows]
+    batches = [tokens[i:i + micro_batch] for i in range(0, len(tokens), micro_batch)]
+    n_blocks = len(stream.blocks)
+    large_allocations_unmapped()
+    cost = torch.zeros(len(units), len(options), dtype=torch.float64)
+    bar = tqdm(total=len(batches) * (2 * n_blocks + 2), desc="fisher (streamed)", leave=False)
+    with grads_only_for(model, []):
+        # 1. boundary activations, block by block
+        with torch.no_grad():
+            firsts = [stream.inputs(b) for b in batches]
+            extras = [extra for _, extra in firsts]
+            hidden = [[h.cpu() for h, _ in firsts]]
+            bar.update(len(batches))
+            for i in range(n_blocks):
+                hidden.append([stream.run_block(i, h.to(stream.device), e).cpu() for h, e in zip(hidden[-1], extras)])
+                bar.update(len(batches))
+        # 2. after the last block: g = ∂loss/∂h_L, and the head units' Fisher
+        head_params, head_index = unique_params(model, head_units)
+        F_head = [torch.zeros_like(p, dtype=torch.float32) for p in head_params]
+        grads_out = []
+        with grads_only_for(model, head_params):
+            for k, b in enumerate(batches):
+                h = hidden[-1][k].to(stream.device).requires_grad_(True)
+                loss = workload.loss_from_logits(stream.logits(h, b), b)
+                check_loss(loss, f"calibration micro-batch {k}")
+                g = torch.autograd.grad(loss, [h, *head_params])
+                grads_out.append(g[0].detach())
+                for acc, gp in zip(F_head, g[1:]):
+                    acc += gp.float() ** 2
+                bar.update()
+        hidden.pop()
+        _reduce(cost, units, [i for i, b in enumerate(where) if b is None], F_head, head_index, len(batches),
+                modules, options, costs_fn)
+        # 3. blocks, last to first
+        for i in reversed(range(n_blocks)):
+            rows = [j for j, b in enumerate(where) if b == i]
+            params, index = unique_params(model, [units[j] for j in rows])
+            F = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+            inputs = hidden.pop()
+            with grads_only_for(model, params), _squares_into(params, F):
+                for k in range(len(batches)):
+                    h = inputs[k].to(stream.device).requires_grad_(True)
+                    y = stream.run_block(i, h, extras[k])
+                    torch.autograd.backward(y, grad_tensors=grads_out[k], inputs=[h, *params])
+                    grads_out[k] = h.grad.detach()
+                    bar.update()
+            release_freed_memory()
+            _reduce(cost, units, rows, F, index, len(batches), modules, options, costs_fn)
+            del F, inputs
+            release_freed_memory()
+    bar.close()
+    return cost, len(batches)
+
+
+@contextlib.contextmanager
+def _squares_into(params: list[torch.Tensor], F: list[torch.Tensor]):
+    """While active, each parameter's gradient is squared into its F (float32) as soon as it is ready and
+    then dropped, so at most one parameter's gradient exists at a time."""
+    def hook(acc):
+        def fn(p):
+            g, a = p.grad.reshape(-1, p.shape[-1]), acc.view(-1, p.shape[-1])
+            for r in range(0, g.shape[0], 1024):          # in row chunks: small float32 temporaries
+                a[r:r + 1024].addcmul_(g[r:r + 1024].float(), g[r:r + 1024].float())
+            p.grad = None
+        return fn
+    handles = [p.register_post_accumulate_grad_hook(hook(acc)) for p, acc in zip(params, F)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params:
+            p.grad = None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the last block back to the OS (glibc keeps it otherwise), so the peak RSS is
+    one block's, not the sum of fragments."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def large_allocations_unmapped() -> None:
+    """glibc: serve allocations above 1 MiB by mmap, always, so a freed gradient or temporary goes back to
+    the OS at once (the default threshold grows with use and then keeps freed blocks in the heap)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)          # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _reduce(cost, units, rows, F_params, index, steps, modules, options, costs_fn) -> None:
+    """Fill ``cost`` rows of ``units[rows]`` from their parameters' accumulated squared gradients."""
+    for j, k in zip(rows, index):
+        u = units[j]
+        cost[j] = costs_fn(unit_slice(F_params[k], u), unit_weight(modules, u), options) / steps

@@ -1,0 +1,70 @@
+"""Block streaming (alloc/stream.py, sensitivity/fisher_streamed.py) gives the whole-model numbers."""
+import pytest
+import torch
+
+from bitalloc import zoo
+from bitalloc.api import prepare
+from bitalloc.cli import main
+from bitalloc.errors import BitallocError
+from bitalloc.sensitivity import get_probe
+
+
+def _both(prepared):
+    whole = get_probe("fisher", stream="off").measure(prepared.workload, prepared.units, prepared.options)
+    streamed = get_probe("fisher", stream="on").measure(prepared.workload, prepared.units, prepared.options)
+    assert whole.meta["streamed"] is False and streamed.meta["streamed"] is True
+    return whole.cost, streamed.cost
+
+
+@pytest.mark.parametrize("dtype", ["auto", "fp32"])
+def test_streamed_fisher_equals_whole_model_on_refllama(dtype):
+    prepared = prepare(None, n_windows=4, seq_len=128, dtype=dtype)
+    whole, streamed = _both(prepared)
+    assert (whole > 0).all()
+    assert ((whole - streamed).abs() / whole).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt2", "gemma3", "qwen3_moe", "gpt_oss"])
+def test_streamed_fisher_equals_whole_model_on_the_zoo(family):
+    tokens = torch.randint(0, 8192, (3, 32), generator=torch.Generator().manual_seed(0))
+    prepared = prepare(zoo.tiny(family), calibration=tokens)
+    whole, streamed = _both(prepared)
+    assert (whole > 0).all()
+    assert ((whole - streamed).abs() / whole).max() <= 1e-4
+
+
+def test_streamed_fisher_with_micro_batches_and_lm_head():
+    tokens = torch.randint(0, 8192, (4, 32), generator=torch.Generator().manual_seed(1))
+    prepared = prepare(zoo.tiny("llama3"), calibration=tokens, include=("lm_head",))
+    settings = dict(micro_batch=2, max_windows=3)
+    whole = get_probe("fisher", stream="off", **settings).measure(prepared.workload, prepared.units, prepared.options)
+    streamed = get_probe("fisher", stream="on", **settings).measure(prepared.workload, prepared.units,
+                                                                    prepared.options)
+    assert whole.meta["gradient_samples"] == streamed.meta["gradient_samples"] == 2
+    assert ((whole.cost - streamed.cost).abs() / whole.cost).max() <= 1e-4
+
+
+def test_streaming_is_chosen_by_size_and_refuses_embeddings(monkeypatch):
+    from bitalloc.sensitivity import fisher
+    tokens = torch.randint(0, 8192, (2, 16))
+    prepared = prepare(zoo.tiny("llama3"), calibration=tokens)
+    probe = get_probe("fisher")
+    assert not probe.streams(prepared.workload, prepared.units)          # tiny: the whole-model path
+    unit_params = sum(u.numel for u in prepared.units)
+    monkeypatch.setattr(fisher, "STREAM_ABOVE_BYTES", 8 * unit_params - 1)   # fp32 F + fp32 gradients
+    assert probe.streams(prepared.workload, prepared.units)
+    assert get_probe("fisher", stream="on").settings() == probe.settings()      # one cache entry for both
+    with_embedding = prepare(zoo.tiny("llama3"), calibration=tokens, include=("model.embed_tokens",))
+    with pytest.raises(BitallocError, match="embedding units.*--stream off"):
+        get_probe("fisher", stream="on").measure(with_embedding.workload, with_embedding.units,
+                                                 with_embedding.options)
+    with pytest.raises(BitallocError, match="unknown --stream"):
+        get_probe("fisher", stream="sometimes")
+
+
+def test_stream_flag_on_other_probes_is_one_line(capsys, tmp_path):
+    assert main(["probe", "--probe", "output_error", "--stream", "on", "--n-windows", "1", "--seq-len", "64",
+                 "--out", str(tmp_path / "t.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fisher probe only" in err[0]
+    assert not (tmp_path / "t.csv").exists()
