@@ -131,7 +131,8 @@ def _evaluate_plans(args, prepared, table, plan) -> None:
     uniform = solve(table, args.budget, "uniform", count_overhead=not args.nominal)
     rows = [("fp", None, evaluator.fp)]
     for label, p in (("plan", plan), (f"uniform {next(iter(uniform.layers.values())).label()}", uniform)):
-        quantize_model(prepared.model, prepared.units, p, quantizer=args.quantizer, calibration=prepared.tokens)
+        quantize_model(prepared.model, prepared.units, p, quantizer=args.quantizer, calibration=prepared.tokens,
+                       sink=_discard)
         weights = unit_weights(prepared.model, prepared.units)
         set_unit_weights(prepared.model, prepared.units, evaluator.fp_weights)
         rows.append((label, p, evaluator.score(weights, desc=f"eval {label}")))
@@ -174,6 +175,10 @@ def cmd_solve(args) -> None:
     print(f"plan written to {args.out}")
 
 
+def _discard(name, q) -> None:
+    """quantize_model sink for fake quantization only: the codes are not needed."""
+
+
 def _experts_of(plan_path) -> str:
     """The --experts mode a plan file was made with (per-expert unless it says otherwise)."""
     import json
@@ -195,7 +200,8 @@ def cmd_eval(args) -> None:
     tokens = windows(prepared.tokenizer, read_text(args.text), seq_len=args.seq_len, n_windows=args.eval_windows,
                      source=f"eval file {args.text!r}")
     evaluator = Evaluator(prepared.model, prepared.kind, prepared.units, tokens)
-    quantize_model(prepared.model, prepared.units, plan, quantizer=args.quantizer, calibration=prepared.tokens)
+    quantize_model(prepared.model, prepared.units, plan, quantizer=args.quantizer, calibration=prepared.tokens,
+                       sink=_discard)
     weights = unit_weights(prepared.model, prepared.units)
     set_unit_weights(prepared.model, prepared.units, evaluator.fp_weights)
     s = evaluator.score(weights)
@@ -220,7 +226,8 @@ def cmd_apply(args) -> None:
         tokens = windows(prepared.tokenizer, read_text(args.eval), seq_len=args.seq_len, n_windows=args.eval_windows,
                          source=f"eval file {args.eval!r}")
         fake = copy.deepcopy(model)
-        quantize_model(fake, planned_units(fake, plan), plan, quantizer=args.quantizer, calibration=prepared.tokens)
+        quantize_model(fake, planned_units(fake, plan), plan, quantizer=args.quantizer, calibration=prepared.tokens,
+                       sink=_discard)
         ppl_fake = perplexity(fake, tokens, desc="ppl fake-quantized")
         del fake
     apply(model, plan, quantizer=args.quantizer, calibration=prepared.tokens)

@@ -63,13 +63,12 @@ def _attach_experts(model: nn.Module, units, make_part) -> None:
         attach(modules[owner], param, QuantExperts(parts, tuple(p.shape), members[0].kind == "expert_t", p.dtype))
 
 
-def _pack_experts(model: nn.Module, units, quantized: dict) -> None:
+def _pack_experts(model: nn.Module, units, packed: dict) -> None:
     from .kernels.qexperts import FloatExpert
-    from .kernels.qlinear import QuantLinear
 
     def part(u, modules):
-        if u.name in quantized:
-            return QuantLinear.from_quantized(quantized[u.name])
+        if u.name in packed:
+            return packed.pop(u.name)
         kept = FloatExpert(*u.shape)                       # kept at 16 bits: already fp16-rounded in place
         kept.weight.copy_(unit_weight(modules, u).detach().half())
         return kept
@@ -87,16 +86,20 @@ def apply(model: nn.Module, plan: BitPlan, *, quantizer: str = "rtn", calibratio
     if embeddings:
         raise BitallocError(f"apply packs Linear layers only; the plan quantizes embedding(s) {', '.join(embeddings)}: "
                             "allocate without --include for embeddings, or keep them at 16 bits")
-    quantized = quantize_model(model, units, plan, quantizer=quantizer, calibration=calibration, progress=progress)
     from .kernels.qlinear import QuantLinear
-    _pack_experts(model, units, quantized)
     modules = dict(model.named_modules())
+    packed: dict[str, QuantLinear] = {}
+
+    def pack(name: str, q) -> None:            # codes -> packed bits as soon as each unit is quantized
+        bias = getattr(modules[name], "bias", None) if name in modules else None
+        packed[name] = QuantLinear.from_quantized(q, bias)
+
+    quantize_model(model, units, plan, quantizer=quantizer, calibration=calibration, progress=progress, sink=pack)
+    _pack_experts(model, units, packed)
     for u in units:
-        if u.name not in quantized or u.kind in EXPERT_KINDS:
+        if u.name not in packed or u.kind in EXPERT_KINDS:
             continue
-        old = modules[u.name]
-        new = QuantLinear.from_quantized(quantized[u.name], getattr(old, "bias", None))
-        _set_module(model, u.name, new.to(old.weight.device))
+        _set_module(model, u.name, packed.pop(u.name).to(modules[u.name].weight.device))
     model.bitalloc_plan = plan
     return model
 

@@ -36,24 +36,43 @@ def set_unit_weights(model: nn.Module, units: Iterable[Unit], weights: dict[str,
 
 def quantize_model(model: nn.Module, units: list[Unit], plan: BitPlan, *, quantizer: str = "rtn",
                    calibration: torch.Tensor | None = None, batch_size: int = 8,
-                   progress: bool = True) -> dict[str, QuantizedWeight]:
-    """Quantize every unit of ``plan`` in place; fp16 (bits=16) units are only rounded to fp16."""
+                   progress: bool = True, sink=None) -> dict[str, QuantizedWeight]:
+    """Quantize every unit of ``plan`` in place; fp16 (bits=16) units are only rounded to fp16.
+
+    Returns each unit's QuantizedWeight, or, with ``sink``, hands each to ``sink(unit, q)`` as soon as it is
+    made and keeps none (int32 codes take 4 bytes per weight: a packer turns them into bits at once)."""
     if quantizer not in QUANTIZERS:
         raise BitallocError(f"unknown quantizer {quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
     plan.check_units(units)
+    out = _Sink(sink) if sink is not None else {}
     if quantizer == "rtn":
-        return _rtn_model(model, units, plan, progress)
-    if calibration is None:
+        _rtn_model(model, units, plan, progress, out)
+    elif calibration is None:
         raise BitallocError("GPTQ needs calibration text: pass --calib FILE (or calibration tokens)")
-    return _gptq_model(model, units, plan, calibration, batch_size, progress)
+    else:
+        _gptq_model(model, units, plan, calibration, batch_size, progress, out)
+    return {} if sink is not None else out
 
 
-def _rtn_model(model, units, plan, progress) -> dict[str, QuantizedWeight]:
+class _Sink(dict):
+    """A dict that passes each item to ``fn(unit name, q)`` instead of keeping it."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def __setitem__(self, name, q):
+        self.fn(name, q)
+
+    def update(self, other=(), **kw):
+        for k, v in dict(other, **kw).items():
+            self[k] = v
+
+
+def _rtn_model(model, units, plan, progress, out) -> None:
     modules = dict(model.named_modules())
-    out = {}
     for u in tqdm(units, desc="quantize (rtn)", leave=False, disable=not progress):
         _quantize_unit(modules, u, plan.layers[u.name], rtn, out)
-    return out
 
 
 def _quantize_unit(modules: dict[str, nn.Module], u: Unit, spec, method, out: dict[str, QuantizedWeight]) -> None:
@@ -72,7 +91,7 @@ class _StopForward(Exception):
     pass
 
 
-def _gptq_units(model, units, plan, run, progress_desc, progress) -> dict[str, QuantizedWeight]:
+def _gptq_units(model, units, plan, run, progress_desc, progress, out) -> None:
     """Collect XᵀX for ``units`` with one pass of ``run()``, then GPTQ each of them in place."""
     modules = dict(model.named_modules())
     H: dict[str, torch.Tensor] = {}
@@ -91,22 +110,19 @@ def _gptq_units(model, units, plan, run, progress_desc, progress) -> dict[str, Q
     finally:
         for h in handles:
             h.remove()
-    out = {}
     for u in units:
         # embeddings and 3-D MoE experts (no per-expert inputs from a hook) are rounded to nearest
         method = rtn if u.name not in H else (lambda W, spec, H=H[u.name]: gptq(W, H, spec))
         _quantize_unit(modules, u, plan.layers[u.name], method, out)
-    return out
 
 
-def _gptq_model(model, units, plan, calibration, batch_size, progress) -> dict[str, QuantizedWeight]:
+def _gptq_model(model, units, plan, calibration, batch_size, progress, out) -> None:
     experts = [u.name for u in units if u.kind in EXPERT_KINDS]
     if experts:
         warnings.warn(f"GPTQ rounds the {len(experts)} MoE expert unit(s) to nearest (RTN): their per-expert inputs "
                       "are not collected yet", stacklevel=3)
     blocks = find_blocks(model, units)
     batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
-    out: dict[str, QuantizedWeight] = {}
     in_blocks = set()
     if blocks:
         # Capture what enters the first block (hidden states and the keyword arguments: masks, rotary).
@@ -134,7 +150,7 @@ def _gptq_model(model, units, plan, calibration, batch_size, progress) -> dict[s
                 for args, kwargs in captured:
                     block(*args, **kwargs)
 
-            out.update(_gptq_units(model, block_units, plan, run_block, name, progress))
+            _gptq_units(model, block_units, plan, run_block, name, progress, out)
             with torch.no_grad():  # the quantized block's outputs feed the next block
                 for k, (args, kwargs) in enumerate(captured):
                     y = block(*args, **kwargs)
@@ -145,5 +161,4 @@ def _gptq_model(model, units, plan, calibration, batch_size, progress) -> dict[s
         def run_model():
             for b in batches:
                 model(input_ids=b, use_cache=False)
-        out.update(_gptq_units(model, rest, plan, run_model, "rest", progress))
-    return out
+        _gptq_units(model, rest, plan, run_model, "rest", progress, out)

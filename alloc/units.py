@@ -266,7 +266,7 @@ def find_blocks(model: nn.Module, units: list[Unit]) -> list[tuple[str, nn.Modul
     best: list[tuple[str, nn.Module]] = []
     best_count = 0
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1:
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
             prefix = f"{name}."
             count = sum(u.module_name.startswith(prefix) for u in units)
             if count > best_count:

@@ -34,7 +34,9 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.time()
-    prepared = api.prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, options=args.options)
+    # fp32 on CPU: the perplexity protocol of BENCHMARK.md (the CLI loads a checkpoint in its own dtype)
+    prepared = api.prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, options=args.options,
+                           dtype="fp32")
     table = api.measure(prepared, args.probe)
     print(f"probe {args.probe}: {time.time() - t0:.1f} s (incl. load; cached: {'cached' in table.meta})")
     tokens = windows(prepared.tokenizer, read_text(args.eval), seq_len=512, n_windows=64, source="eval")

@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="2.5,3.25")
     args = ap.parse_args()
 
-    prepared = api.prepare(args.model, calib_file=args.calib, n_windows=128)
+    prepared = api.prepare(args.model, calib_file=args.calib, n_windows=128, dtype="fp32")   # BENCHMARK.md protocol
     t0 = time.time()
     truth = api.measure(prepared, "measured_kl", settings={"n_windows": args.kl_windows})
     print(f"measured_kl ({args.kl_windows} windows): {time.time() - t0:.1f} s")

@@ -1,0 +1,143 @@
+"""Memory and time at real width: Llama-3.1-8B-shaped models (public config values, random weights, bf16,
+built locally) cut to a few decoder layers. Each depth runs two processes, as a user would:
+
+    allocate   load -> fisher probe (block-streamed when large) -> ilp solve   (--n-windows 4 --seq-len 256)
+    apply      load -> RTN quantize by the plan -> pack -> save safetensors
+
+and reports each stage's wall time and the process's peak RSS after it, against the bf16 weight bytes; then
+the per-added-layer slope (least squares over the depths) and the extrapolation to 32 and 80 layers.
+
+    python examples/bench_scale.py --work /tmp/scale --depths 1,2,4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENIZER = REPO / "examples" / "models" / "refllama-s"
+GB = 1e9
+
+
+def build(depth: int, folder: Path) -> None:
+    """A random-init bf16 Llama-3.1-8B-shaped model with ``depth`` layers (refllama-s's tokenizer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bitalloc.zoo import LLAMA_3_1_8B
+    if (folder / "config.json").is_file():
+        return
+    torch.set_default_dtype(torch.bfloat16)
+    model = LlamaForCausalLM(LlamaConfig(**{**LLAMA_3_1_8B, "num_hidden_layers": depth}, dtype="bfloat16"))
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / name, folder / name)
+
+
+def _peak() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+
+
+def stage_allocate(folder: str, plan: str) -> dict:
+    """Run in a child process: the allocate stages, timed one by one."""
+    from bitalloc.api import measure, prepare, solve
+    out, t = {}, time.time()
+    prepared = prepare(folder, n_windows=4, seq_len=256)
+    out["load"] = (time.time() - t, _peak())
+    t = time.time()
+    table = measure(prepared, "fisher", cache=False)
+    out["probe"] = (time.time() - t, _peak())
+    t = time.time()
+    solve(table, 3.2, "ilp").save(plan)
+    out["solve"] = (time.time() - t, _peak())
+    out["streamed"] = table.meta.get("streamed")
+    return out
+
+
+def stage_apply(folder: str, plan: str, packed: str) -> dict:
+    from bitalloc.api import prepare
+    from bitalloc.packed import apply, save
+    from bitalloc.plan import BitPlan
+    out, t = {}, time.time()
+    prepared = prepare(folder, n_windows=1, seq_len=256)
+    out["load "] = (time.time() - t, _peak())
+    t = time.time()
+    apply(prepared.model, BitPlan.load(plan))
+    save(prepared.model, packed, prepared.tokenizer)
+    out["quantize+pack"] = (time.time() - t, _peak())
+    return out
+
+
+def child(args) -> None:
+    result = stage_allocate(args.folder, args.plan) if args.stage == "allocate" else \
+        stage_apply(args.folder, args.plan, args.packed)
+    print("RESULT " + json.dumps(result))
+
+
+def run_stage(stage: str, folder: Path, work: Path) -> dict:
+    packed = work / f"{folder.name}-packed"
+    shutil.rmtree(packed, ignore_errors=True)
+    cmd = [sys.executable, __file__, "--child", stage, "--folder", str(folder), "--plan",
+           str(work / f"{folder.name}-plan.json"), "--packed", str(packed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={"BITALLOC_CACHE": str(work / "cache"),
+                                                                   **__import__("os").environ})
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not line:
+        raise SystemExit(f"{stage} failed on {folder}:\n{proc.stderr[-2000:]}")
+    return json.loads(line[0][7:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/tmp/bitalloc-scale", help="folder for the models, plans and checkpoints")
+    p.add_argument("--depths", default="1,2,4")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
+    p.add_argument("--plan", help=argparse.SUPPRESS)
+    p.add_argument("--packed", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.stage = args.child
+        return child(args)
+    from bitalloc.zoo import LLAMA_3_1_8B as C
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    H, I, kv = C["hidden_size"], C["intermediate_size"], C["hidden_size"] * C["num_key_value_heads"] // C["num_attention_heads"]
+    layer_bytes = 2 * (2 * H * H + 2 * H * kv + 3 * H * I)
+    rest_bytes = 2 * 2 * C["vocab_size"] * H
+    rows = []
+    for depth in [int(d) for d in args.depths.split(",")]:
+        folder = work / f"llama31-8b-{depth}L"
+        build(depth, folder)
+        a = run_stage("allocate", folder, work)
+        b = run_stage("apply", folder, work)
+        rows.append((depth, a, b))
+        weights = (rest_bytes + depth * layer_bytes) / GB
+        print(f"\n{depth} layer(s), {weights:.2f} GB of bf16 weights (fisher streamed: {a['streamed']})")
+        print(f"  {'stage':<14} {'wall s':>8} {'peak RSS GB':>12} {'× weights':>10}")
+        for name, (sec, peak) in [*((k, v) for k, v in a.items() if k != "streamed"), *b.items()]:
+            print(f"  {name:<14} {sec:>8.1f} {peak:>12.2f} {peak / weights:>10.2f}")
+    if len(rows) > 1:
+        xs = [d for d, _, _ in rows]
+        print(f"\nper added layer (least squares over depths {xs}); one layer is {layer_bytes / GB:.3f} GB in bf16")
+        stages = [("allocate", 0, "solve"), ("apply", 1, "quantize+pack")]
+        for label, which, last in stages:
+            peaks = [r[1 + which][last][1] for r in rows]
+            secs = [sum(v[0] for k, v in r[1 + which].items() if k != "streamed") for r in rows]
+            for what, ys, unit in (("peak RSS", peaks, "GB"), ("wall", secs, "s")):
+                n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+                slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+                base = my - slope * mx
+                extra = f" = {slope * GB / layer_bytes:.2f} × one layer's bf16 bytes" if unit == "GB" else ""
+                print(f"  {label:<9} {what:<9} slope {slope:.3f} {unit}/layer{extra}; at 32 layers "
+                      f"{base + 32 * slope:.1f} {unit}, at 80 layers {base + 80 * slope:.1f} {unit}")
+
+
+if __name__ == "__main__":
+    main()
