@@ -64,7 +64,8 @@ def _prepare(args, strict: bool = False):
     prepared = prepare(args.model, calib_file=args.calib, options=options, include=_list(args.include),
                        seq_len=args.seq_len, n_windows=args.n_windows, strict_windows=strict, experts=args.experts,
                        exclude=_list(args.exclude), dtype=args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .distributed import local_device
+    device = local_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BitallocError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
     prepared.model.to(device)
@@ -155,12 +156,24 @@ def _print_scores(rows, kind: str, tokens, quantizer: str) -> None:
 
 def cmd_probe(args) -> None:
     from .api import measure
+    from .distributed import world
+    from .files import check_parent
+    check_parent(args.out)
+    rank, size = world()
     prepared = _prepare(args, strict=True)
     t0 = time.time()
-    table = measure(prepared, args.probe, settings=_probe_settings(args), cache=not args.no_cache)
+    if size > 1:                 # under torchrun: every rank measures its share, rank 0 writes
+        from .distributed import init, measure_distributed
+        init(str(next(prepared.model.parameters()).device))
+        table = measure_distributed(prepared, args.probe, _probe_settings(args), cache=not args.no_cache)
+        if rank != 0:
+            return
+    else:
+        table = measure(prepared, args.probe, settings=_probe_settings(args), cache=not args.no_cache)
     table.save_csv(args.out)
     source = "cache" if "cached" in table.meta else "measured"
-    print(f"{args.probe}: {len(table.units)} units × {len(table.options)} options ({source}, "
+    ranks = f", {size} ranks" if size > 1 else ""
+    print(f"{args.probe}: {len(table.units)} units × {len(table.options)} options ({source}{ranks}, "
           f"{time.time() - t0:.1f} s) -> {args.out}")
 
 

@@ -28,6 +28,27 @@ GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
               "mlp.down_proj": "ffn_down"}
 GPTQMODEL_BITS = (2, 3, 4, 8)
+GGUF_EXPERT_NAMES = {"gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"), "gate_proj": ("ffn_gate_exps",),
+                     "up_proj": ("ffn_up_exps",), "down_proj": ("ffn_down_exps",)}
+GGUF_SHARED_NAMES = {"gate_proj": "ffn_gate_shexp", "up_proj": "ffn_up_shexp", "down_proj": "ffn_down_shexp"}
+EXPERT_RE = re.compile(r"(?P<stack>.+\.experts)(?:\.(?P<e>\d+))?\.(?P<proj>gate_up_proj|gate_proj|up_proj|down_proj)")
+
+
+def linear_names(name: str) -> list[str]:
+    """The Linear-module names GPTQModel and llm-compressor give a bitalloc unit: a fused expert matrix
+    ``experts.3.gate_up_proj`` is their ``experts.3.gate_proj`` and ``experts.3.up_proj``; a per-layer stack
+    ``experts.down_proj`` is every ``experts.N.down_proj``, written as a regex (``re:`` prefix)."""
+    m = EXPERT_RE.fullmatch(name)
+    if not m:
+        return [name]
+    projs = ("gate_proj", "up_proj") if m["proj"] == "gate_up_proj" else (m["proj"],)
+    if m["e"] is not None:
+        return [f"{m['stack']}.{m['e']}.{p}" for p in projs]
+    return ["re:" + re.escape(m["stack"]) + r"\.\d+\.(" + "|".join(projs) + ")"]
+
+
+def _regex(name: str) -> str:
+    return name[3:] if name.startswith("re:") else re.escape(name)
 
 
 def _map_up(plan: BitPlan, supported: tuple[int, ...], target: str) -> dict[str, QuantSpec]:
@@ -60,11 +81,12 @@ def to_gptqmodel(plan: BitPlan) -> dict:
     default = Counter(quantized).most_common(1)[0][0]
     dynamic: dict[str, dict] = {}
     for name, spec in specs.items():
-        pattern = "^" + re.escape(name) + "$"
-        if spec.is_float:
-            dynamic["-:" + pattern] = {}
-        elif spec != default:
-            dynamic["+:" + pattern] = _spec_args(spec)
+        for target in linear_names(name):
+            pattern = "^" + _regex(target) + "$"
+            if spec.is_float:
+                dynamic["-:" + pattern] = {}
+            elif spec != default:
+                dynamic["+:" + pattern] = _spec_args(spec)
     return {"quant_method": "gptq", "checkpoint_format": "gptq", "desc_act": False, **_spec_args(default),
             "dynamic": dynamic}
 
@@ -80,23 +102,63 @@ def gptqmodel_resolve(config: dict, name: str) -> dict | None:
     return base
 
 
-def gguf_name(hf_name: str) -> str | None:
+def gguf_names(hf_name: str) -> list[str]:
+    """The GGUF tensors a unit is stored in ([] when unknown). MoE experts live in merged 3-D tensors
+    (``blk.N.ffn_{gate,up,down}_exps``), shared experts in ``ffn_*_shexp``."""
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
     if m and m.group(2) in GGUF_NAMES:
-        return f"blk.{m.group(1)}.{GGUF_NAMES[m.group(2)]}"
-    return {"lm_head": "output", "model.embed_tokens": "token_embd"}.get(hf_name)
+        return [f"blk.{m.group(1)}.{GGUF_NAMES[m.group(2)]}"]
+    if m and (e := EXPERT_RE.fullmatch(m.group(2))) and e["stack"] == "mlp.experts":
+        return [f"blk.{m.group(1)}.{t}" for t in GGUF_EXPERT_NAMES[e["proj"]]]
+    if m and (s := re.fullmatch(r"mlp\.shared_experts?\.(gate_proj|up_proj|down_proj)", m.group(2))):
+        return [f"blk.{m.group(1)}.{GGUF_SHARED_NAMES[s.group(1)]}"]
+    head = {"lm_head": "output", "model.embed_tokens": "token_embd"}.get(hf_name)
+    return [head] if head else []
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """The one GGUF tensor of a dense unit (None when unknown)."""
+    names = gguf_names(hf_name)
+    return names[0] if len(names) == 1 else None
+
+
+def _merge_experts(plan: BitPlan, specs: dict[str, QuantSpec]) -> dict[str, QuantSpec]:
+    """GGUF stores all experts of a projection in one tensor of one type: each expert takes its stack's
+    widest width (warn with the stacks and the new true bpw)."""
+    widest: dict[str, QuantSpec] = {}
+    for name, spec in specs.items():
+        for g in gguf_names(name):
+            if g.endswith("_exps") and (g not in widest or spec.bits > widest[g].bits):
+                widest[g] = spec
+    out, moved = dict(specs), []
+    for name, spec in specs.items():
+        gs = [g for g in gguf_names(name) if g.endswith("_exps")]
+        if gs and max((widest[g] for g in gs), key=lambda s: s.bits) != spec:
+            out[name] = max((widest[g] for g in gs), key=lambda s: s.bits)
+            moved.append(name)
+    if moved:
+        bits = sum(out[n].size_bits(tuple(plan.shapes[n])) for n in out)
+        stacks = sorted({g for n in moved for g in gguf_names(n)})
+        warnings.warn(f"llama.cpp stores the experts of a layer in one tensor: {len(moved)} expert unit(s) raised to "
+                      f"their stack's widest width ({', '.join(stacks[:4])}{', …' if len(stacks) > 4 else ''}): true "
+                      f"bpw becomes {bits / plan.n_params:.4f} (plan {plan.true_bpw:.4f}); allocate with "
+                      "--experts per-layer to plan one width per stack", stacklevel=3)
+    return out
 
 
 def to_llama_cpp(plan: BitPlan) -> str:
-    unmapped = [n for n in plan.layers if gguf_name(n) is None]
+    unmapped = [n for n in plan.layers if not gguf_names(n)]
     if unmapped:
         raise BitallocError(f"{len(unmapped)} layer(s) have no GGUF tensor name ({', '.join(unmapped[:5])}): the "
-                            "llama.cpp export knows Llama-style names (model.layers.N.self_attn.q_proj, mlp.*)")
-    specs = _map_up(plan, tuple(b for b in GGML_TYPES if b != 16), "llama.cpp")
-    lines = []
+                            "llama.cpp export knows Llama-style names (model.layers.N.self_attn.q_proj, mlp.*, "
+                            "mlp.experts.*)")
+    specs = _merge_experts(plan, _map_up(plan, tuple(b for b in GGML_TYPES if b != 16), "llama.cpp"))
+    lines = {}
     for name, spec in specs.items():
         ggml = GGML_TYPES[16 if spec.is_float else spec.bits]
-        lines.append((gguf_name(name), ggml))
+        for g in gguf_names(name):
+            lines[g] = ggml
+    lines = list(lines.items())
     # exact names only, so any order is unambiguous; most specific (longest) first by convention
     lines.sort(key=lambda kv: (-len(kv[0]), kv[0]))
     bits = sum(GGML_BPW[t] * plan.shapes[n][0] * plan.shapes[n][1]
@@ -111,9 +173,9 @@ def to_compressed_tensors(plan: BitPlan) -> dict:
     ignore = ["lm_head"] if "lm_head" not in plan.layers else []
     for name, spec in plan.layers.items():
         if spec.is_float:
-            ignore.append(name)
+            ignore += linear_names(name)
         else:
-            groups.setdefault(spec, []).append(name)
+            groups.setdefault(spec, []).extend(linear_names(name))
     config_groups = {}
     for k, (spec, names) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0].bits, kv[0].group_size))):
         per_channel = spec.group_size == -1

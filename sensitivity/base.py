@@ -49,6 +49,9 @@ class Probe(ABC):
 
     name: ClassVar[str]
     needs_grad: ClassVar[bool] = False
+    # Probes whose table is a mean over calibration samples name the meta field counting them: under
+    # torchrun each rank measures its share and the tables are summed with these weights (alloc/distributed.py).
+    samples_meta: ClassVar[str | None] = None
 
     def settings(self) -> dict[str, Any]:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}

@@ -79,6 +79,7 @@ STREAM_ABOVE_BYTES = 1 << 30      # auto: stream when the whole-model path's F +
 class FisherProbe(Probe):
     name = "fisher"
     needs_grad = True
+    samples_meta = "gradient_samples"
     micro_batch: int = 1                  # windows per gradient sample
     max_windows: int | None = None        # None: every calibration window
     stream: str = "auto"                  # one decoder block at a time (fisher_streamed.py): auto, on, off

@@ -69,6 +69,7 @@ def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
 @dataclass(frozen=True)
 class OutputErrorProbe(Probe):
     name = "output_error"
+    samples_meta = "n_tokens"
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         refuse_experts(units, self.name)

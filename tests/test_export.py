@@ -140,3 +140,43 @@ def test_sweep_and_report(tiny_llama_dir, calib_file, tmp_path, capsys):
     before = set(tmp_path.iterdir())
     assert main(["report", str(tmp_path / "p.json"), "--out", str(tmp_path / "missing" / "r.md")]) == 2
     assert set(tmp_path.iterdir()) == before
+
+
+def _moe_plan(experts: str, seed: int = 0):
+    import random
+
+    from bitalloc import zoo
+    from bitalloc.units import find_units
+    rng = random.Random(seed)
+    units = find_units(zoo.tiny("qwen2_moe"), experts=experts)
+    return BitPlan(layers={u.name: QuantSpec(rng.choice([2, 3, 4, 8])) for u in units},
+                   shapes={u.name: u.shape for u in units}, budget_bits=4.0, solver="test")
+
+
+@pytest.mark.parametrize("experts", ["per-expert", "per-layer"])
+def test_moe_exports_name_every_expert(experts):
+    plan = _moe_plan(experts)
+    config = json.loads(json.dumps(to_gptqmodel(plan)))
+    for e in range(4):                          # GPTQModel's per-expert Linear names, fused gate_up split
+        for proj, unit in (("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj"), ("down_proj", "down_proj")):
+            name = (f"model.layers.1.mlp.experts.{e}.{unit}" if experts == "per-expert"
+                    else f"model.layers.1.mlp.experts.{unit}")
+            got = gptqmodel_resolve(config, f"model.layers.1.mlp.experts.{e}.{proj}")
+            assert got["bits"] == plan.layers[name].bits
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    validated = ct.QuantizationConfig.model_validate(to_compressed_tensors(plan))
+    targets = [t for g in validated.config_groups.values() for t in g.targets]
+    assert ("model.layers.0.mlp.experts.3.up_proj" in targets) == (experts == "per-expert")
+    assert any(t.startswith("re:") for t in targets) == (experts == "per-layer")
+
+
+def test_llama_cpp_merges_experts_into_one_type_per_stack():
+    per_layer = to_llama_cpp(_moe_plan("per-layer"))
+    assert "blk\\.0\\.ffn_down_exps\\.weight=" in per_layer and "blk\\.1\\.ffn_up_shexp\\.weight=" in per_layer
+    plan = _moe_plan("per-expert")
+    with pytest.warns(UserWarning, match="stores the experts of a layer in one tensor"):
+        text = to_llama_cpp(plan)
+    widest = max(plan.layers[f"model.layers.0.mlp.experts.{e}.gate_up_proj"].bits for e in range(4))
+    types = dict(line.split("=") for line in text.splitlines() if not line.startswith("#"))
+    assert types["blk\\.0\\.ffn_gate_exps\\.weight"] == types["blk\\.0\\.ffn_up_exps\\.weight"] == \
+        {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0"}[widest]
