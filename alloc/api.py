@@ -42,10 +42,12 @@ class Prepared:
     tokens: torch.Tensor              # (n_windows, seq_len) calibration token ids
     info: dict = field(default_factory=dict)
     batch_size: int = 8
+    compute_device: str | None = None     # weights on the host, probes streamed block by block to this device
 
     @property
     def workload(self):
-        return make_workload(self.model, self.kind, self.tokens, batch_size=self.batch_size)
+        return make_workload(self.model, self.kind, self.tokens, batch_size=self.batch_size,
+                             compute_device=self.compute_device)
 
 
 def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: str | torch.Tensor | None = None,

@@ -68,8 +68,23 @@ def _prepare(args, strict: bool = False):
     device = local_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BitallocError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
-    prepared.model.to(device)
+    if device.startswith("cuda") and _weights_stay_on_host(args, prepared.model, device):
+        prepared.compute_device = device        # fisher streams one block at a time to the GPU
+    else:
+        prepared.model.to(device)
     return prepared
+
+
+def _weights_stay_on_host(args, model, device: str) -> bool:
+    """On a GPU, the fisher probe keeps the weights on the host and streams blocks to the device with
+    --stream on, or (auto) when the model takes more than 80 % of the GPU's free memory."""
+    import torch
+    if getattr(args, "probe", None) != "fisher" or getattr(args, "stream", "auto") == "off":
+        return False
+    if args.stream == "on":
+        return True
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return sum(p.numel() * p.element_size() for p in model.parameters()) > 0.8 * free
 
 
 def _print_plan(plan, table) -> None:

@@ -1,21 +1,21 @@
 """Fitness of a whole plan, measured on the model: what the search solvers (evolutionary, optuna) optimize.
 
-``KLFitness`` quantizes every option of every unit ONCE (RTN) and keeps the weights in memory; scoring a
-plan swaps in only the units whose option differs from the weights currently loaded, runs the first
-``n_windows`` calibration windows and returns the mean KL(fp ‖ quantized) per token (1 − cosine for
-encoders), against fp outputs computed once.
+``KLFitness`` scores a plan by swapping in only the units whose option differs from the weights currently
+loaded, quantizing them on the fly (RTN), then running the first ``n_windows`` calibration windows; it
+returns the mean KL(fp ‖ quantized) per token (1 − cosine for encoders), against fp outputs computed once.
+Memory: one copy of the units' fp weights in the model's dtype (to quantize from and restore), never a
+weight set per option.
 """
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from .quantize import fake_quantize
 from .units import set_unit_weight, unit_weight
 
 
 class KLFitness:
-    def __init__(self, prepared, *, max_windows: int | None = None, progress: bool = True):
+    def __init__(self, prepared, *, max_windows: int | None = None):
         self.workload = prepared.workload
         if max_windows is not None:
             self.workload = self.workload.subset(max_windows)
@@ -23,8 +23,6 @@ class KLFitness:
         self.max_windows = len(self.workload.tokens)
         self.modules = dict(prepared.model.named_modules())
         self.fp_weights = {u.name: unit_weight(self.modules, u).detach().clone() for u in self.units}
-        self.weights = [[fake_quantize(self.fp_weights[u.name], o) for o in self.options]
-                        for u in tqdm(self.units, desc="quantize every option", leave=False, disable=not progress)]
         self.loaded: list[int | None] = [None] * len(self.units)        # None: fp weights
         self.evaluations = 0
         with torch.no_grad():
@@ -34,7 +32,7 @@ class KLFitness:
         for i, (u, j) in enumerate(zip(self.units, choice)):
             j = int(j)
             if self.loaded[i] != j:
-                set_unit_weight(self.modules, u, self.weights[i][j])
+                set_unit_weight(self.modules, u, fake_quantize(self.fp_weights[u.name].float(), self.options[j]))
                 self.loaded[i] = j
 
     def restore(self) -> None:

@@ -11,10 +11,17 @@ model's.
 
 Boundary activations (the hidden state between blocks, per calibration window) are the caller's to keep;
 they live on the host in the model's dtype.
+
+Weights may stay on the host (or memory-mapped from the checkpoint) while the computation runs on a GPU:
+``resident()`` puts everything outside the blocks (embeddings, final norm, LM head, rotary tables) on the
+compute device for the whole pass and ``block_on_device(i)`` one block at a time. Both swap each tensor's
+``.data`` and put the host tensor back afterwards, so nothing is copied back and a memory-mapped weight stays
+mapped.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 from torch import nn
@@ -47,9 +54,23 @@ class _StandIn(nn.Module):
         return (out,) if self.as_tuple else out
 
 
+@contextlib.contextmanager
+def on_device(tensors, device: torch.device):
+    """``tensors`` (parameters/buffers) on ``device`` for the duration; their host data is restored after."""
+    saved = [(t, t.data) for t in tensors if t.device != device]
+    try:
+        for t, data in saved:
+            t.data = data.to(device, non_blocking=True)
+        yield
+    finally:
+        for t, data in saved:
+            t.data = data
+
+
 class BlockStream:
-    def __init__(self, model: nn.Module, units: list[Unit]):
+    def __init__(self, model: nn.Module, units: list[Unit], device: str | torch.device | None = None):
         self.model = model
+        self._device = torch.device(device) if device is not None else None
         self.blocks = find_blocks(model, units)
         if not self.blocks:
             raise BitallocError("streaming needs a model made of repeated decoder blocks: use --stream off")
@@ -58,7 +79,19 @@ class BlockStream:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the computation runs (the model's own device unless given)."""
+        return self._device or next(self.model.parameters()).device
+
+    def resident(self):
+        """Everything outside the decoder blocks on the compute device, for the whole streamed pass."""
+        in_blocks = {id(t) for _, b in self.blocks for t in itertools.chain(b.parameters(), b.buffers())}
+        rest = [t for t in itertools.chain(self.model.parameters(), self.model.buffers()) if id(t) not in in_blocks]
+        return on_device(rest, self.device)
+
+    def block_on_device(self, i: int):
+        """Block ``i``'s weights on the compute device while it runs."""
+        block = self.blocks[i][1]
+        return on_device(list(itertools.chain(block.parameters(), block.buffers())), self.device)
 
     def block_of(self, unit: Unit) -> int | None:
         for i, (name, _) in enumerate(self.blocks):

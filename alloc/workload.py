@@ -16,10 +16,12 @@ from .errors import BitallocError
 
 
 class CausalLMWorkload:
-    def __init__(self, model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 8):
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 8,
+                 compute_device: str | torch.device | None = None):
         self.model = model
         self.tokens = tokens                      # (n_windows, seq_len) int64
         self.batch_size = batch_size
+        self.compute_device = compute_device      # set when the weights stay on the host (block streaming)
 
     @property
     def device(self) -> torch.device:
@@ -34,7 +36,8 @@ class CausalLMWorkload:
         return -(-len(self.tokens) // self.batch_size)
 
     def subset(self, n_windows: int) -> "CausalLMWorkload":
-        return type(self)(self.model, self.tokens[:n_windows], batch_size=self.batch_size)
+        return type(self)(self.model, self.tokens[:n_windows], batch_size=self.batch_size,
+                          compute_device=self.compute_device)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=batch).logits.float()             # (b, seq, vocab)
@@ -52,7 +55,7 @@ class CausalLMWorkload:
     def stream(self, units) -> "BlockStream":
         """The model as a sequence of decoder blocks (alloc/stream.py), for block-streamed probes."""
         from .stream import BlockStream
-        return BlockStream(self.model, units)
+        return BlockStream(self.model, units, self.compute_device)
 
     @staticmethod
     def loss_terms(batch: torch.Tensor) -> int:
@@ -80,6 +83,7 @@ class EncoderWorkload(CausalLMWorkload):
         return 1 - F.cosine_similarity(reference.float(), output.float(), dim=-1).mean()
 
 
-def make_workload(model: nn.Module, kind: str, tokens: torch.Tensor, *, batch_size: int = 8):
+def make_workload(model: nn.Module, kind: str, tokens: torch.Tensor, *, batch_size: int = 8,
+                  compute_device: str | torch.device | None = None):
     cls = CausalLMWorkload if kind == "causal_lm" else EncoderWorkload
-    return cls(model, tokens, batch_size=batch_size)
+    return cls(model, tokens, batch_size=batch_size, compute_device=compute_device)

@@ -93,8 +93,12 @@ class FisherProbe(Probe):
         return {k: v for k, v in super().settings().items() if k != "stream"}
 
     def streams(self, workload: Workload, units: list[Unit]) -> bool:
-        if self.stream != "auto":
-            return self.stream == "on"
+        host_weights = getattr(workload, "compute_device", None) is not None
+        if self.stream == "off" and host_weights:
+            raise BitallocError("the weights stay on the host for block streaming: --stream off needs the whole "
+                                "model on the device; leave --stream out")
+        if self.stream != "auto" or host_weights:
+            return self.stream == "on" or host_weights
         if not hasattr(workload, "stream") or any(u.kind == "embedding" for u in units):
             return False
         params, _ = unique_params(workload.model, units)

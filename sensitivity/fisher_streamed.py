@@ -43,18 +43,21 @@ def streamed_fisher_costs(workload: Workload, units: list[Unit], options: list[Q
         tokens = tokens[:max_windows]
     batches = [tokens[i:i + micro_batch] for i in range(0, len(tokens), micro_batch)]
     n_blocks = len(stream.blocks)
+    check_host_memory(model, tokens, n_blocks)
     large_allocations_unmapped()
     cost = torch.zeros(len(units), len(options), dtype=torch.float64)
     bar = tqdm(total=len(batches) * (2 * n_blocks + 2), desc="fisher (streamed)", leave=False)
-    with grads_only_for(model, []):
-        # 1. boundary activations, block by block
+    device = stream.device
+    with grads_only_for(model, []), stream.resident():
+        # 1. boundary activations, block by block (kept on the host)
         with torch.no_grad():
             firsts = [stream.inputs(b) for b in batches]
             extras = [extra for _, extra in firsts]
             hidden = [[h.cpu() for h, _ in firsts]]
             bar.update(len(batches))
             for i in range(n_blocks):
-                hidden.append([stream.run_block(i, h.to(stream.device), e).cpu() for h, e in zip(hidden[-1], extras)])
+                with stream.block_on_device(i):
+                    hidden.append([stream.run_block(i, h.to(device), e).cpu() for h, e in zip(hidden[-1], extras)])
                 bar.update(len(batches))
         # 2. after the last block: g = ∂loss/∂h_L, and the head units' Fisher
         head_params, head_index = unique_params(model, head_units)
@@ -62,7 +65,7 @@ def streamed_fisher_costs(workload: Workload, units: list[Unit], options: list[Q
         grads_out = []
         with grads_only_for(model, head_params):
             for k, b in enumerate(batches):
-                h = hidden[-1][k].to(stream.device).requires_grad_(True)
+                h = hidden[-1][k].to(device).requires_grad_(True)
                 loss = workload.loss_from_logits(stream.logits(h, b), b)
                 check_loss(loss, f"calibration micro-batch {k}")
                 g = torch.autograd.grad(loss, [h, *head_params])
@@ -73,21 +76,23 @@ def streamed_fisher_costs(workload: Workload, units: list[Unit], options: list[Q
         hidden.pop()
         _reduce(cost, units, [i for i, b in enumerate(where) if b is None], F_head, head_index, len(batches),
                 modules, options, costs_fn)
+        del F_head
         # 3. blocks, last to first
         for i in reversed(range(n_blocks)):
             rows = [j for j, b in enumerate(where) if b == i]
-            params, index = unique_params(model, [units[j] for j in rows])
-            F = [torch.zeros_like(p, dtype=torch.float32) for p in params]
             inputs = hidden.pop()
-            with grads_only_for(model, params), _squares_into(params, F):
-                for k in range(len(batches)):
-                    h = inputs[k].to(stream.device).requires_grad_(True)
-                    y = stream.run_block(i, h, extras[k])
-                    torch.autograd.backward(y, grad_tensors=grads_out[k], inputs=[h, *params])
-                    grads_out[k] = h.grad.detach()
-                    bar.update()
-            release_freed_memory()
-            _reduce(cost, units, rows, F, index, len(batches), modules, options, costs_fn)
+            with stream.block_on_device(i):
+                params, index = unique_params(model, [units[j] for j in rows])
+                F = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+                with grads_only_for(model, params), _squares_into(params, F):
+                    for k in range(len(batches)):
+                        h = inputs[k].to(device).requires_grad_(True)
+                        y = stream.run_block(i, h, extras[k])
+                        torch.autograd.backward(y, grad_tensors=grads_out[k], inputs=[h, *params])
+                        grads_out[k] = h.grad.detach()
+                        bar.update()
+                release_freed_memory()
+                _reduce(cost, units, rows, F, index, len(batches), modules, options, costs_fn)
             del F, inputs
             release_freed_memory()
     bar.close()
@@ -131,6 +136,34 @@ def large_allocations_unmapped() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)          # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(model, tokens: torch.Tensor, n_blocks: int) -> None:
+    """The boundary activations (one hidden state per block boundary per window, plus one gradient) must fit
+    in the host's available memory: else say how many windows would."""
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    available = available_host_bytes()
+    if not hidden or available is None:
+        return
+    elem = next(model.parameters()).element_size()
+    per_window = (n_blocks + 2) * tokens.shape[1] * hidden * elem
+    if per_window * len(tokens) > 0.8 * available:
+        fit = int(0.8 * available // per_window)
+        raise BitallocError(f"the boundary activations of {len(tokens)} windows ({per_window * len(tokens) / 2**30:.1f} "
+                            f"GiB) do not fit in the host's {available / 2**30:.1f} GiB available: {fit} windows of "
+                            f"{tokens.shape[1]} tokens fit; pass --n-windows {max(fit, 1)} or a smaller --seq-len")
 
 
 def _reduce(cost, units, rows, F_params, index, steps, modules, options, costs_fn) -> None:

@@ -68,3 +68,48 @@ def test_stream_flag_on_other_probes_is_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fisher probe only" in err[0]
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_boundary_activations_that_do_not_fit_say_how_many_windows_do(monkeypatch):
+    from bitalloc.sensitivity import fisher_streamed
+    tokens = torch.randint(0, 8192, (6, 32))
+    prepared = prepare(zoo.tiny("llama3"), calibration=tokens)
+    per_window = (2 + 2) * 32 * 64 * 4                                  # (blocks + 2) × seq × hidden × fp32
+    monkeypatch.setattr(fisher_streamed, "available_host_bytes", lambda: int(3 * per_window / 0.8))
+    with pytest.raises(BitallocError, match=r"6 windows .* 3 windows of 32 tokens fit; pass --n-windows 3"):
+        get_probe("fisher", stream="on").measure(prepared.workload, prepared.units, prepared.options)
+
+
+def test_on_device_puts_the_host_tensors_back_unchanged():
+    from bitalloc.stream import on_device
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    ptr = p.data_ptr()
+    values = p.detach().clone()
+    with on_device([p], torch.device("cpu")):
+        assert p.device.type == "cpu" and p.data_ptr() == ptr       # already there: nothing moves
+    with on_device([p], torch.device("meta")):                       # a second device without a GPU
+        assert p.device.type == "meta"
+    assert p.device.type == "cpu" and p.data_ptr() == ptr and torch.equal(p, values)
+
+
+def test_streaming_with_a_separate_compute_device_equals_whole_model():
+    tokens = torch.randint(0, 8192, (3, 32), generator=torch.Generator().manual_seed(2))
+    prepared = prepare(zoo.tiny("qwen3_moe"), calibration=tokens)
+    whole = get_probe("fisher", stream="off").measure(prepared.workload, prepared.units, prepared.options)
+    prepared.compute_device = "cpu"          # the host-weights path (on a GPU machine: "cuda")
+    streamed = get_probe("fisher").measure(prepared.workload, prepared.units, prepared.options)
+    assert streamed.meta["streamed"] is True
+    assert ((whole.cost - streamed.cost).abs() / whole.cost).max() <= 1e-4
+    with pytest.raises(BitallocError, match="--stream off needs the whole model"):
+        get_probe("fisher", stream="off").measure(prepared.workload, prepared.units, prepared.options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_blocks_stream_to_the_gpu_with_weights_on_the_host():
+    tokens = torch.randint(0, 8192, (3, 32), generator=torch.Generator().manual_seed(2))
+    prepared = prepare(zoo.tiny("llama3"), calibration=tokens)
+    whole = get_probe("fisher", stream="off").measure(prepared.workload, prepared.units, prepared.options)
+    prepared.compute_device = "cuda"
+    streamed = get_probe("fisher").measure(prepared.workload, prepared.units, prepared.options)
+    assert next(prepared.model.parameters()).device.type == "cpu"
+    assert ((whole.cost - streamed.cost).abs() / whole.cost).max() <= 1e-3
