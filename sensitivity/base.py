@@ -123,6 +123,33 @@ def check_trainable(model: nn.Module, units: list[Unit]) -> None:
                                 "weights; use --probe output_error")
 
 
+STREAM_MODES = ("auto", "on", "off")
+STREAM_ABOVE_BYTES = 1 << 30      # auto: stream when the whole-model path's state would pass 1 GiB
+
+
+def check_stream_mode(mode: str) -> None:
+    if mode not in STREAM_MODES:
+        raise BitallocError(f"unknown --stream {mode!r}: choose auto, on or off")
+
+
+def streams(workload: Workload, units: list[Unit], mode: str) -> bool:
+    """Whether a probe runs one decoder block at a time (alloc/stream.py): ``on``/``off`` as asked; ``auto``
+    when the weights stay on the host (a compute device is set) or when the whole-model path's per-unit
+    state (fp32 Fisher + gradients, or XᵀX) would pass 1 GiB and the model has decoder blocks."""
+    from ..units import find_blocks
+    host_weights = getattr(workload, "compute_device", None) is not None
+    if mode == "off" and host_weights:
+        raise BitallocError("the weights stay on the host for block streaming: --stream off needs the whole "
+                            "model on the device; leave --stream out")
+    if mode != "auto" or host_weights:
+        return mode == "on" or host_weights
+    if not hasattr(workload, "stream") or any(u.kind == "embedding" for u in units):
+        return False
+    params, _ = unique_params(workload.model, units)
+    whole = sum(p.numel() * (4 + p.element_size()) for p in params)
+    return whole > STREAM_ABOVE_BYTES and bool(find_blocks(workload.model, units))
+
+
 PROBES: dict[str, str] = {
     "output_error": "bitalloc.sensitivity.output_error:OutputErrorProbe",
     "fisher": "bitalloc.sensitivity.fisher:FisherProbe",

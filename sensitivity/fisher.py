@@ -16,8 +16,8 @@ from ..options import QuantSpec
 from ..quantize import fake_quantize
 from ..errors import BitallocError
 from ..units import Unit, find_blocks, unit_slice, unit_weight
-from .base import (Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name,
-                   unique_params)
+from .base import (Probe, Workload, check_loss, check_stream_mode, check_trainable, grads_only_for,
+                   modules_by_name, streams, unique_params)
 from .table import SensitivityTable
 
 
@@ -71,10 +71,6 @@ def group_costs(F: torch.Tensor, dW: torch.Tensor, columns: int) -> torch.Tensor
     return torch.nn.functional.pad(e, (0, pad)).view(-1, columns).sum(1)
 
 
-STREAM_MODES = ("auto", "on", "off")
-STREAM_ABOVE_BYTES = 1 << 30      # auto: stream when the whole-model path's F + gradients would pass 1 GiB
-
-
 @dataclass(frozen=True)
 class FisherProbe(Probe):
     name = "fisher"
@@ -85,28 +81,14 @@ class FisherProbe(Probe):
     stream: str = "auto"                  # one decoder block at a time (fisher_streamed.py): auto, on, off
 
     def __post_init__(self) -> None:
-        if self.stream not in STREAM_MODES:
-            raise BitallocError(f"unknown --stream {self.stream!r}: choose auto, on or off")
+        check_stream_mode(self.stream)
 
     def settings(self) -> dict:
         """What the table depends on: streaming gives the same numbers, so it is not part of the cache key."""
         return {k: v for k, v in super().settings().items() if k != "stream"}
 
-    def streams(self, workload: Workload, units: list[Unit]) -> bool:
-        host_weights = getattr(workload, "compute_device", None) is not None
-        if self.stream == "off" and host_weights:
-            raise BitallocError("the weights stay on the host for block streaming: --stream off needs the whole "
-                                "model on the device; leave --stream out")
-        if self.stream != "auto" or host_weights:
-            return self.stream == "on" or host_weights
-        if not hasattr(workload, "stream") or any(u.kind == "embedding" for u in units):
-            return False
-        params, _ = unique_params(workload.model, units)
-        whole = sum(p.numel() * (4 + p.element_size()) for p in params)          # fp32 F + gradients
-        return whole > STREAM_ABOVE_BYTES and bool(find_blocks(workload.model, units))
-
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
-        if self.streams(workload, units):
+        if streams(workload, units, self.stream):
             from .fisher_streamed import streamed_fisher_costs
             cost, steps = streamed_fisher_costs(workload, units, options, micro_batch=self.micro_batch,
                                                 max_windows=self.max_windows, costs_fn=fisher_costs)

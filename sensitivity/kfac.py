@@ -43,10 +43,10 @@ class KFACProbe(Probe):
             def fn(module, args, output):
                 x = args[0]
                 key = (x.data_ptr(), tuple(x.shape))
-                if key not in seen:
+                if key not in seen or seen[key][0] is not x:    # x is held, so its address is not reused
                     x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                    seen[key] = (x2.T @ x2).double()
-                H[name] = H.get(name, 0) + seen[key]
+                    seen[key] = (x, (x2.T @ x2).double())
+                H[name] = H.get(name, 0) + seen[key][1]
                 output.register_hook(lambda g: G.__setitem__(
                     name, G.get(name, 0) + g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0)))
             return fn

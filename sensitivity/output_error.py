@@ -6,6 +6,7 @@ not know how a layer's error reaches the loss (see BENCHMARK.md): cheap, and a g
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -14,20 +15,17 @@ from tqdm.auto import tqdm
 from ..options import QuantSpec
 from ..quantize import fake_quantize
 from ..units import Unit, unit_weight
-from .base import Probe, Workload, modules_by_name, refuse_experts
+from ..errors import BitallocError
+from .base import Probe, Workload, modules_by_name, refuse_experts, streams
 from .table import SensitivityTable
 
 
-def collect_hessians(workload: Workload, units: list[Unit], *, desc: str = "collect XᵀX") -> tuple[dict[str, torch.Tensor], int]:
-    """H[name] = Σ xᵀx over calibration tokens entering each unit (in, in), float64; and the token count.
-
-    Units reading the same input tensor (q/k/v) share one H. Embedding units get the diagonal of token
-    counts in their place (their "input" is a one-hot token)."""
-    modules = modules_by_name(workload.model, units)
-    H: dict[str, torch.Tensor] = {}
-    counts = {"tokens": 0}
-    handles = []
-    seen: dict[tuple, torch.Tensor] = {}   # one XᵀX per input tensor per batch (q/k/v share theirs)
+@contextlib.contextmanager
+def hessian_hooks(modules, units: list[Unit], H: dict[str, torch.Tensor]):
+    """While active, every forward of a unit's module adds Σ xᵀx of its input (float64) to ``H[unit.name]``.
+    Yields ``new_batch()``, to call before each batch: units reading the same input tensor (q/k/v) share one
+    product per batch. Embedding units get the diagonal of token counts (their input is a one-hot token)."""
+    seen: dict[tuple, torch.Tensor] = {}
 
     def hook(name, kind):
         def fn(module, args, output):
@@ -38,24 +36,68 @@ def collect_hessians(workload: Workload, units: list[Unit], *, desc: str = "coll
                 H[name] = H.get(name, 0) + counts_vec
                 return
             key = (x.data_ptr(), tuple(x.shape))
-            if key not in seen:
+            if key not in seen or seen[key][0] is not x:        # x is held, so its address is not reused
                 x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                seen[key] = (x2.T @ x2).double()
-            H[name] = H.get(name, 0) + seen[key]
+                seen[key] = (x, (x2.T @ x2).double())
+            H[name] = H.get(name, 0) + seen[key][1]
         return fn
 
-    for unit in units:
-        handles.append(modules[unit.module_name].register_forward_hook(hook(unit.name, unit.kind)))
+    handles = [modules[u.module_name].register_forward_hook(hook(u.name, u.kind)) for u in units]
     try:
-        with torch.no_grad():
-            for batch in tqdm(workload.batches(), total=workload.n_batches(), desc=desc, leave=False):
-                seen.clear()
-                workload.logits(batch)
-                counts["tokens"] += batch.numel()
+        yield seen.clear
     finally:
         for h in handles:
             h.remove()
-    return H, counts["tokens"]
+
+
+def collect_hessians(workload: Workload, units: list[Unit], *, desc: str = "collect XᵀX") -> tuple[dict[str, torch.Tensor], int]:
+    """H[name] = Σ xᵀx over calibration tokens entering each unit (in, in), float64; and the token count."""
+    modules = modules_by_name(workload.model, units)
+    H: dict[str, torch.Tensor] = {}
+    tokens = 0
+    with hessian_hooks(modules, units, H) as new_batch, torch.no_grad():
+        for batch in tqdm(workload.batches(), total=workload.n_batches(), desc=desc, leave=False):
+            new_batch()
+            workload.logits(batch)
+            tokens += batch.numel()
+    return H, tokens
+
+
+def streamed_output_error(workload: Workload, units: list[Unit], options: list[QuantSpec],
+                          desc: str = "output_error (streamed)") -> tuple[torch.Tensor, int]:
+    """The output_error table one decoder block at a time (alloc/stream.py): H of one block's units at a
+    time, reduced to their cost rows before the next block; only the current boundary activations are kept."""
+    stream = workload.stream(units)
+    modules = modules_by_name(workload.model, units)
+    where = [stream.block_of(u) for u in units]
+    if any(b is None and u.kind == "embedding" for u, b in zip(units, where)):
+        raise BitallocError("block streaming cannot measure embedding units: leave them out of --include")
+    batches = list(workload.batches())
+    n_tokens = sum(b.numel() for b in batches)
+    cost = torch.zeros(len(units), len(options), dtype=torch.float64)
+
+    def reduce(rows, H):
+        for j in rows:
+            W = unit_weight(modules, units[j]).detach().float()
+            cost[j] = torch.tensor([output_error(fake_quantize(W, spec) - W, H[units[j].name]) / n_tokens
+                                    for spec in options], dtype=torch.float64)
+
+    with torch.no_grad(), stream.resident():
+        hidden = [stream.inputs(b) for b in batches]
+        for i in tqdm(range(len(stream.blocks)), desc=desc, leave=False):
+            rows, H = [j for j, b in enumerate(where) if b == i], {}
+            with stream.block_on_device(i), hessian_hooks(modules, [units[j] for j in rows], H) as new_batch:
+                for k, (h, extra) in enumerate(hidden):
+                    new_batch()
+                    hidden[k] = (stream.run_block(i, h, extra), extra)
+                reduce(rows, H)
+        rows, H = [j for j, b in enumerate(where) if b is None], {}
+        with hessian_hooks(modules, [units[j] for j in rows], H) as new_batch:
+            for (h, _), b in zip(hidden, batches):
+                new_batch()
+                stream.logits(h, b)
+        reduce(rows, H)
+    return cost, n_tokens
 
 
 def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
@@ -70,9 +112,16 @@ def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
 class OutputErrorProbe(Probe):
     name = "output_error"
     samples_meta = "n_tokens"
+    stream: str = "auto"                  # one decoder block at a time: auto, on, off
+
+    def settings(self) -> dict:
+        return {k: v for k, v in super().settings().items() if k != "stream"}     # same numbers either way
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         refuse_experts(units, self.name)
+        if streams(workload, units, self.stream):
+            cost, n_tokens = streamed_output_error(workload, units, options)
+            return self.table(units, options, cost, n_tokens=n_tokens, streamed=True)
         H, n_tokens = collect_hessians(workload, units)
         modules = modules_by_name(workload.model, units)
         cost = torch.zeros(len(units), len(options), dtype=torch.float64)

@@ -45,14 +45,14 @@ def test_streamed_fisher_with_micro_batches_and_lm_head():
 
 
 def test_streaming_is_chosen_by_size_and_refuses_embeddings(monkeypatch):
-    from bitalloc.sensitivity import fisher
+    from bitalloc.sensitivity import base
     tokens = torch.randint(0, 8192, (2, 16))
     prepared = prepare(zoo.tiny("llama3"), calibration=tokens)
     probe = get_probe("fisher")
-    assert not probe.streams(prepared.workload, prepared.units)          # tiny: the whole-model path
+    assert not base.streams(prepared.workload, prepared.units, "auto")       # tiny: the whole-model path
     unit_params = sum(u.numel for u in prepared.units)
-    monkeypatch.setattr(fisher, "STREAM_ABOVE_BYTES", 8 * unit_params - 1)   # fp32 F + fp32 gradients
-    assert probe.streams(prepared.workload, prepared.units)
+    monkeypatch.setattr(base, "STREAM_ABOVE_BYTES", 8 * unit_params - 1)     # fp32 F + fp32 gradients
+    assert base.streams(prepared.workload, prepared.units, "auto")
     assert get_probe("fisher", stream="on").settings() == probe.settings()      # one cache entry for both
     with_embedding = prepare(zoo.tiny("llama3"), calibration=tokens, include=("model.embed_tokens",))
     with pytest.raises(BitallocError, match="embedding units.*--stream off"):
@@ -62,11 +62,20 @@ def test_streaming_is_chosen_by_size_and_refuses_embeddings(monkeypatch):
         get_probe("fisher", stream="sometimes")
 
 
+def test_streamed_output_error_equals_whole_model():
+    tokens = torch.randint(0, 8192, (3, 32), generator=torch.Generator().manual_seed(3))
+    prepared = prepare(zoo.tiny("gemma3"), calibration=tokens, include=("lm_head",))
+    whole = get_probe("output_error", stream="off").measure(prepared.workload, prepared.units, prepared.options)
+    streamed = get_probe("output_error", stream="on").measure(prepared.workload, prepared.units, prepared.options)
+    assert streamed.meta["streamed"] is True and (whole.cost > 0).all()
+    assert ((whole.cost - streamed.cost).abs() / whole.cost).max() <= 1e-6
+
+
 def test_stream_flag_on_other_probes_is_one_line(capsys, tmp_path):
-    assert main(["probe", "--probe", "output_error", "--stream", "on", "--n-windows", "1", "--seq-len", "64",
+    assert main(["probe", "--probe", "kfac", "--stream", "on", "--n-windows", "1", "--seq-len", "64",
                  "--out", str(tmp_path / "t.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fisher probe only" in err[0]
+    assert len(err) == 1 and "fisher and output_error probes only" in err[0]
     assert not (tmp_path / "t.csv").exists()
 
 
