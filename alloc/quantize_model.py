@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import BitallocError
+from .expert_inputs import expert_hessians
 from .plan import BitPlan
 from .quantize import QuantizedWeight, gptq, rtn
 from .units import EXPERT_KINDS, Unit, find_blocks, set_unit_weight, unit_weight
@@ -105,22 +106,24 @@ def _gptq_units(model, units, plan, run, progress_desc, progress, out) -> None:
     hooked = [u for u in units if u.kind not in ("embedding", *EXPERT_KINDS)]
     handles = [modules[u.name].register_forward_hook(hook(u.name)) for u in hooked]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), expert_hessians(modules, units, H):
             run()
     finally:
         for h in handles:
             h.remove()
+    unreached = [u.name for u in units if u.kind in EXPERT_KINDS and u.name not in H]
+    if unreached:
+        warnings.warn(f"GPTQ rounds {len(unreached)} MoE expert unit(s) to nearest (RTN): their inputs were not seen "
+                      f"({', '.join(unreached[:3])}{', …' if len(unreached) > 3 else ''}): no calibration token "
+                      "reached them, or the experts module does not call F.linear per expert (GPT-OSS's "
+                      "transposed experts)", stacklevel=4)
     for u in units:
-        # embeddings and 3-D MoE experts (no per-expert inputs from a hook) are rounded to nearest
+        # embeddings and experts no calibration token reached are rounded to nearest
         method = rtn if u.name not in H else (lambda W, spec, H=H[u.name]: gptq(W, H, spec))
         _quantize_unit(modules, u, plan.layers[u.name], method, out)
 
 
 def _gptq_model(model, units, plan, calibration, batch_size, progress, out) -> None:
-    experts = [u.name for u in units if u.kind in EXPERT_KINDS]
-    if experts:
-        warnings.warn(f"GPTQ rounds the {len(experts)} MoE expert unit(s) to nearest (RTN): their per-expert inputs "
-                      "are not collected yet", stacklevel=3)
     blocks = find_blocks(model, units)
     batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
     in_blocks = set()

@@ -118,3 +118,24 @@ def test_exclude_keeps_weights_out_and_experts_flag_needs_experts():
         find_units(model, exclude=["nothing"])
     with pytest.raises(BitallocError, match="no MoE experts"):
         find_units(zoo.tiny("llama3"), experts="per-layer")
+
+
+@pytest.mark.parametrize("experts", ["per-expert", "per-layer"])
+def test_gptq_sees_each_experts_inputs(experts):
+    import warnings
+    model = zoo.tiny("mixtral")
+    units = find_units(model, experts=experts)
+    plan = BitPlan(layers={u.name: QuantSpec(3) for u in units}, shapes={u.name: u.shape for u in units})
+    tokens = torch.randint(0, 8192, (4, 64), generator=torch.Generator().manual_seed(0))
+    rtn_model, gptq_model = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_model(rtn_model, units, plan, quantizer="rtn", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # no expert falls back to RTN
+        quantize_model(gptq_model, units, plan, quantizer="gptq", calibration=tokens, progress=False)
+    with torch.no_grad():
+        ref = model(input_ids=tokens).logits
+        err = {name: (m(input_ids=tokens).logits - ref).pow(2).mean() for name, m in
+               (("rtn", rtn_model), ("gptq", gptq_model))}
+    assert err["gptq"] < 0.8 * err["rtn"]
+    experts_module = gptq_model.model.layers[0].mlp.experts
+    assert "forward" not in experts_module.__dict__          # the eager forward was only borrowed

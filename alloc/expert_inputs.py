@@ -1,0 +1,61 @@
+"""What each MoE expert reads: XᵀX per expert matrix, for GPTQ.
+
+Experts kept in 3-D parameters are not modules, so forward hooks cannot see their inputs. While
+``expert_hessians`` is active, each experts module runs its eager forward (the per-expert loop that
+transformers' other implementations (grouped_mm, …) must match), and every ``F.linear(x, W)`` whose
+weight ``W`` is one expert's slice of a tracked parameter adds xᵀx to that expert's H (per-layer units:
+to the stack's H, the sum over its experts). Experts that no calibration token reached get no H.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+import torch.nn.functional as F
+
+from .units import EXPERT_KINDS, Unit
+
+
+@contextlib.contextmanager
+def expert_hessians(modules: dict, units: list[Unit], H: dict[str, torch.Tensor]):
+    units = [u for u in units if u.kind in EXPERT_KINDS]
+    if not units:
+        yield
+        return
+    by_param: dict[int, tuple[torch.Tensor, dict]] = {}
+    for u in units:
+        p = getattr(modules[u.module_name], u.param)
+        by_param.setdefault(id(p), (p, {}))[1][u.expert] = u.name
+    original = F.linear
+
+    def linear(x, weight, bias=None):
+        for p, names in by_param.values():
+            base, size = p.data_ptr(), p[0].numel() * p.element_size()
+            if weight.dim() == 2 and base <= weight.data_ptr() < base + p.shape[0] * size:
+                e = (weight.data_ptr() - base) // size
+                name = names.get(e, names.get(None))
+                if name is not None:
+                    x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                    H[name] = H.get(name, 0) + x2.T @ x2
+                break
+        return original(x, weight, bias)
+
+    owners = {u.module_name for u in units}
+    saved = {}
+    for name in owners:            # the eager loop: one F.linear per expert slice
+        module = modules[name]
+        eager = getattr(type(module).forward, "__wrapped__", None)
+        if eager is not None:
+            saved[name] = module.__dict__.get("forward")
+            module.forward = types.MethodType(eager, module)
+    F.linear = linear
+    try:
+        yield
+    finally:
+        F.linear = original
+        for name, previous in saved.items():
+            if previous is None:
+                del modules[name].forward
+            else:
+                modules[name].forward = previous
