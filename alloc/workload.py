@@ -6,13 +6,16 @@ training loss, so gradient probes refuse it (use output_error or measured_kl).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import BitallocError
+
+if TYPE_CHECKING:
+    from .stream import BlockStream
 
 
 class CausalLMWorkload:

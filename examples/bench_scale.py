@@ -131,7 +131,7 @@ def main() -> None:
             peaks = [r[1 + which][last][1] for r in rows]
             secs = [sum(v[0] for k, v in r[1 + which].items() if k != "streamed") for r in rows]
             for what, ys, unit in (("peak RSS", peaks, "GB"), ("wall", secs, "s")):
-                n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+                mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
                 slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
                 base = my - slope * mx
                 extra = f" = {slope * GB / layer_bytes:.2f} × one layer's bf16 bytes" if unit == "GB" else ""

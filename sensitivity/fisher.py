@@ -14,8 +14,7 @@ from tqdm.auto import tqdm
 
 from ..options import QuantSpec
 from ..quantize import fake_quantize
-from ..errors import BitallocError
-from ..units import Unit, find_blocks, unit_slice, unit_weight
+from ..units import Unit, unit_slice, unit_weight
 from .base import (Probe, Workload, check_loss, check_stream_mode, check_trainable, grads_only_for,
                    modules_by_name, streams, unique_params)
 from .table import SensitivityTable
