@@ -142,23 +142,49 @@ def cmd_allocate(args) -> None:
 def _evaluate_plans(args, prepared, table, plan) -> None:
     from .api import solve
     from .calibration import read_text, windows
-    from .evaluate import Evaluator
-    from .quantize_model import quantize_model, set_unit_weights, unit_weights
     text = read_text(args.eval)
     tokens = windows(prepared.tokenizer, text, seq_len=prepared.tokens.shape[1], n_windows=args.eval_windows,
                      source=f"eval file {args.eval!r}")
-    evaluator = Evaluator(prepared.model, prepared.kind, prepared.units, tokens)
     uniform = solve(table, args.budget, "uniform", count_overhead=not args.nominal)
-    rows = [("fp", None, evaluator.fp)]
-    for label, p in (("plan", plan), (f"uniform {next(iter(uniform.layers.values())).label()}", uniform)):
-        quantize_model(prepared.model, prepared.units, p, quantizer=args.quantizer, calibration=prepared.tokens,
-                       sink=_discard)
-        weights = unit_weights(prepared.model, prepared.units)
-        set_unit_weights(prepared.model, prepared.units, evaluator.fp_weights)
-        rows.append((label, p, evaluator.score(weights, desc=f"eval {label}")))
+    plans = [("plan", plan), (f"uniform {next(iter(uniform.layers.values())).label()}", uniform)]
+    rows = _score_plans(prepared, tokens, plans, args.quantizer, getattr(args, "stream", "auto"))
     print()
     _print_scores(rows, prepared.kind, tokens, args.quantizer)
     plan.extra["eval"] = {label: s.as_dict() for label, _, s in rows}
+
+
+def _score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -> list:
+    """[("fp", None, Scores), (label, plan, Scores), ...] on ``tokens``. RTN on a causal LM with decoder
+    blocks is scored one block at a time (evaluate.streamed_scores) with --stream on, or auto when the whole
+    path's copies (unit weights, reference log-probabilities) would pass 1 GiB."""
+    from .evaluate import Evaluator, streamed_scores
+    from .quantize_model import quantize_model, set_unit_weights, unit_weights
+    from .units import find_blocks
+    model = prepared.model
+    can_stream = quantizer == "rtn" and prepared.kind == "causal_lm" and bool(find_blocks(model, prepared.units)) \
+        and not any(u.kind == "embedding" for u in prepared.units)
+    if stream == "on" and not can_stream:
+        raise BitallocError("--stream on evaluates RTN plans of causal LMs with decoder blocks (and no quantized "
+                            "embeddings) only: use --quantizer rtn, or leave --stream out")
+    if stream == "auto" and can_stream:
+        copies = sum(u.numel for u in prepared.units) * next(model.parameters()).element_size()
+        vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+        stream = "on" if max(copies, tokens.numel() * vocab * 4) > (1 << 30) else "off"
+    if stream == "on":
+        rows = []
+        for label, plan in plans:
+            fp, scores = streamed_scores(model, prepared.units, tokens, plan)
+            rows += [("fp", None, fp)] if not rows else []
+            rows.append((label, plan, scores))
+        return rows
+    evaluator = Evaluator(model, prepared.kind, prepared.units, tokens)
+    rows = [("fp", None, evaluator.fp)]
+    for label, plan in plans:
+        quantize_model(model, prepared.units, plan, quantizer=quantizer, calibration=prepared.tokens, sink=_discard)
+        weights = unit_weights(model, prepared.units)
+        set_unit_weights(model, prepared.units, evaluator.fp_weights)
+        rows.append((label, plan, evaluator.score(weights, desc=f"eval {label}")))
+    return rows
 
 
 def _print_scores(rows, kind: str, tokens, quantizer: str) -> None:
@@ -223,21 +249,14 @@ def _experts_of(plan_path) -> str:
 def cmd_eval(args) -> None:
     from .api import prepare
     from .calibration import read_text, windows
-    from .evaluate import Evaluator
     from .plan import BitPlan
-    from .quantize_model import quantize_model, set_unit_weights, unit_weights
     prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, dtype=args.dtype,
                        experts=_experts_of(args.plan))
     plan = BitPlan.load(args.plan, units=prepared.units)
     tokens = windows(prepared.tokenizer, read_text(args.text), seq_len=args.seq_len, n_windows=args.eval_windows,
                      source=f"eval file {args.text!r}")
-    evaluator = Evaluator(prepared.model, prepared.kind, prepared.units, tokens)
-    quantize_model(prepared.model, prepared.units, plan, quantizer=args.quantizer, calibration=prepared.tokens,
-                       sink=_discard)
-    weights = unit_weights(prepared.model, prepared.units)
-    set_unit_weights(prepared.model, prepared.units, evaluator.fp_weights)
-    s = evaluator.score(weights)
-    _print_scores([("fp", None, evaluator.fp), ("plan", plan, s)], prepared.kind, tokens, args.quantizer)
+    rows = _score_plans(prepared, tokens, [("plan", plan)], args.quantizer, args.stream)
+    _print_scores(rows, prepared.kind, tokens, args.quantizer)
 
 
 def cmd_apply(args) -> None:
@@ -494,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-windows", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=64)
     _add_dtype_arg(p)
+    p.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                   help="score RTN plans one decoder block at a time (auto: when the whole-model copies pass 1 GiB)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("apply", help="quantize and pack a model by a plan; write safetensors + plan JSON")

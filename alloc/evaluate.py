@@ -6,6 +6,7 @@ outputs once and then scores any number of quantized weight sets against them in
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .quantize import fake_quantize
 from .quantize_model import set_unit_weights, unit_weights
-from .units import Unit
+from .units import Unit, set_unit_weight, unit_weight
 
 
 def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -90,3 +92,51 @@ class Evaluator:
     def score(self, weights: dict[str, torch.Tensor], desc: str = "eval") -> Scores:
         """Scores of the model with ``weights`` (unit name -> (out, in)) in place of the fp ones."""
         return self._score(weights, desc)
+
+
+@contextlib.contextmanager
+def _fake_quantized(modules: dict, units: list[Unit], plan) -> None:
+    """``units`` RTN fake-quantized by ``plan`` (as quantize_model does) for the duration, then restored."""
+    saved = {u.name: unit_weight(modules, u).detach().clone() for u in units}
+    try:
+        for u in units:
+            set_unit_weight(modules, u, fake_quantize(saved[u.name].float(), plan.layers[u.name]))
+        yield
+    finally:
+        for u in units:
+            set_unit_weight(modules, u, saved[u.name])
+
+
+@torch.no_grad()
+def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, plan, *, batch_size: int = 8,
+                    progress: bool = True) -> tuple[Scores, Scores]:
+    """(fp, plan) scores of a causal LM with the plan's RTN weights, one decoder block at a time
+    (alloc/stream.py): every window's hidden state is carried through each block twice, with the block's fp
+    weights and with its fake-quantized ones; only one block's weights are ever copied and no reference
+    logits are stored (they take windows × tokens × vocab floats). Same numbers as the Evaluator."""
+    from .stream import BlockStream
+    stream = BlockStream(model, units)
+    modules = dict(model.named_modules())
+    where = [stream.block_of(u) for u in units]
+    batches = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
+    nll_fp = nll_q = kl = 0.0
+    head = [u for u, b in zip(units, where) if b is None]
+    with stream.resident():
+        fp = [stream.inputs(b) for b in batches]                       # (hidden, block arguments)
+        with _fake_quantized(modules, head, plan):                     # an LM head tied to the embeddings
+            q = [stream.inputs(b)[0] for b in batches]
+        for i in tqdm(range(len(stream.blocks)), desc="eval (streamed)", leave=False, disable=not progress):
+            with stream.block_on_device(i):
+                fp_next = [stream.run_block(i, h, extra) for h, extra in fp]
+                with _fake_quantized(modules, [u for u, b in zip(units, where) if b == i], plan):
+                    q = [stream.run_block(i, h, extra) for h, (_, extra) in zip(q, fp)]
+            fp = [(h, extra) for h, (_, extra) in zip(fp_next, fp)]
+        for (h, _), hq, batch in zip(fp, q, batches):
+            ref, batch_nll = window_nll(stream.logits(h, batch), batch.to(h.device))
+            nll_fp += batch_nll
+            with _fake_quantized(modules, head, plan):
+                logp, batch_nll = window_nll(stream.logits(hq, batch), batch.to(h.device))
+            nll_q += batch_nll
+            kl += float((ref.exp() * (ref - logp)).sum(-1).mean(-1).sum())
+    n = len(tokens)
+    return Scores(math.exp(nll_fp / n), 0.0, None), Scores(math.exp(nll_q / n), kl / n, None)

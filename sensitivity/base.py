@@ -150,6 +150,11 @@ def streams(workload: Workload, units: list[Unit], mode: str) -> bool:
         return mode == "on" or host_weights
     if not hasattr(workload, "stream") or any(u.kind == "embedding" for u in units):
         return False
+    get_in = getattr(workload.model, "get_input_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    modules = modules_by_name(workload.model, units)
+    if embedding is not None and any(unit_param(modules, u) is embedding.weight for u in units):
+        return False                               # an LM head tied to the embeddings: the whole-model path
     params, _ = unique_params(workload.model, units)
     whole = sum(p.numel() * (4 + p.element_size()) for p in params)
     return whole > STREAM_ABOVE_BYTES and bool(find_blocks(workload.model, units))

@@ -120,3 +120,66 @@ def test_blocks_stream_to_the_gpu_with_weights_on_the_host():
     streamed = get_probe("fisher").measure(prepared.workload, prepared.units, prepared.options)
     assert next(prepared.model.parameters()).device.type == "cpu"
     assert ((whole.cost - streamed.cost).abs() / whole.cost).max() <= 1e-3
+
+
+def _whole_scores(prepared, tokens, plan):
+    from bitalloc.evaluate import Evaluator
+    from bitalloc.quantize_model import quantize_model, set_unit_weights, unit_weights
+    evaluator = Evaluator(prepared.model, prepared.kind, prepared.units, tokens, progress=False)
+    quantize_model(prepared.model, prepared.units, plan, progress=False, sink=lambda name, q: None)
+    weights = unit_weights(prepared.model, prepared.units)
+    set_unit_weights(prepared.model, prepared.units, evaluator.fp_weights)
+    return evaluator.fp, evaluator.score(weights)
+
+
+@pytest.mark.parametrize("model", ["refllama-s", "qwen3_moe", "gpt2"])
+def test_streamed_evaluation_equals_whole_model(model):
+    import random
+
+    from bitalloc.evaluate import streamed_scores
+    from bitalloc.options import QuantSpec
+    from bitalloc.plan import BitPlan
+    if model == "refllama-s":
+        prepared = prepare(None, n_windows=1, seq_len=64)
+        tokens = torch.randint(0, 8192, (3, 128), generator=torch.Generator().manual_seed(4))
+    else:
+        tokens = torch.randint(0, 8192, (3, 32), generator=torch.Generator().manual_seed(4))
+        prepared = prepare(zoo.tiny(model), calibration=tokens, include=("lm_head",))
+    rng = random.Random(1)
+    plan = BitPlan(layers={u.name: QuantSpec(rng.choice([2, 3, 4, 8, 16])) for u in prepared.units},
+                   shapes={u.name: u.shape for u in prepared.units})
+    before = {n: p.clone() for n, p in prepared.model.state_dict().items()}
+    fp_s, plan_s = streamed_scores(prepared.model, prepared.units, tokens, plan, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in prepared.model.state_dict().items())     # weights restored
+    fp_w, plan_w = _whole_scores(prepared, tokens, plan)
+    assert abs(fp_s.ppl / fp_w.ppl - 1) <= 1e-5 and abs(plan_s.ppl / plan_w.ppl - 1) <= 1e-5
+    assert plan_s.kl == pytest.approx(plan_w.kl, rel=1e-4) and plan_s.kl > 0
+
+
+def test_cli_eval_streamed_prints_the_same_scores(tmp_path, capsys):
+    from bitalloc.options import QuantSpec
+    from bitalloc.plan import BitPlan
+    from bitalloc.units import find_units
+    from bitalloc.model import load_model
+    model, _, _ = load_model(None)
+    units = find_units(model)
+    BitPlan(layers={u.name: QuantSpec(3) for u in units}, shapes={u.name: u.shape for u in units}).save(
+        tmp_path / "plan.json")
+    text = tmp_path / "eval.txt"
+    from bitalloc.calibration import default_text
+    text.write_text(default_text()[:20000])
+    outputs = []
+    for mode in ("off", "on"):
+        assert main(["eval", "--plan", str(tmp_path / "plan.json"), "--text", str(text), "--eval-windows", "2",
+                     "--seq-len", "128", "--n-windows", "1", "--stream", mode]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and "plan" in outputs[0]
+
+
+def test_a_tied_lm_head_is_measured_on_the_whole_model_path():
+    tokens = torch.randint(0, 8192, (2, 16))
+    prepared = prepare(zoo.tiny("gpt2"), calibration=tokens, include=("lm_head",))     # lm_head is wte
+    from bitalloc.sensitivity import base
+    assert not base.streams(prepared.workload, prepared.units, "auto")
+    with pytest.raises(BitallocError, match="tied to the embeddings"):
+        get_probe("fisher", stream="on").measure(prepared.workload, prepared.units, prepared.options)
