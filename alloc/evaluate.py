@@ -95,12 +95,16 @@ class Evaluator:
 
 
 @contextlib.contextmanager
-def _fake_quantized(modules: dict, units: list[Unit], plan) -> None:
-    """``units`` RTN fake-quantized by ``plan`` (as quantize_model does) for the duration, then restored."""
+def _fake_quantized(modules: dict, units: list[Unit], plan, cache: dict | None = None) -> None:
+    """``units`` RTN fake-quantized by ``plan`` (as quantize_model does) for the duration, then restored;
+    ``cache`` keeps the quantized weights between uses (the LM head, entered once per window)."""
     saved = {u.name: unit_weight(modules, u).detach().clone() for u in units}
+    cache = {} if cache is None else cache
     try:
         for u in units:
-            set_unit_weight(modules, u, fake_quantize(saved[u.name].float(), plan.layers[u.name]))
+            if u.name not in cache:
+                cache[u.name] = fake_quantize(saved[u.name].float(), plan.layers[u.name]).to(saved[u.name].dtype)
+            set_unit_weight(modules, u, cache[u.name])
         yield
     finally:
         for u in units:
@@ -120,10 +124,10 @@ def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, p
     where = [stream.block_of(u) for u in units]
     batches = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
     nll_fp = nll_q = kl = 0.0
-    head = [u for u, b in zip(units, where) if b is None]
+    head, head_cache = [u for u, b in zip(units, where) if b is None], {}
     with stream.resident():
         fp = [stream.inputs(b) for b in batches]                       # (hidden, block arguments)
-        with _fake_quantized(modules, head, plan):                     # an LM head tied to the embeddings
+        with _fake_quantized(modules, head, plan, head_cache):         # an LM head tied to the embeddings
             q = [stream.inputs(b)[0] for b in batches]
         for i in tqdm(range(len(stream.blocks)), desc="eval (streamed)", leave=False, disable=not progress):
             with stream.block_on_device(i):
@@ -132,11 +136,13 @@ def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, p
                     q = [stream.run_block(i, h, extra) for h, (_, extra) in zip(q, fp)]
             fp = [(h, extra) for h, (_, extra) in zip(fp_next, fp)]
         for (h, _), hq, batch in zip(fp, q, batches):
-            ref, batch_nll = window_nll(stream.logits(h, batch), batch.to(h.device))
-            nll_fp += batch_nll
-            with _fake_quantized(modules, head, plan):
-                logp, batch_nll = window_nll(stream.logits(hq, batch), batch.to(h.device))
-            nll_q += batch_nll
-            kl += float((ref.exp() * (ref - logp)).sum(-1).mean(-1).sum())
+            for w in range(len(batch)):           # one window at a time: logits are seq × vocab floats each
+                one = batch[w:w + 1].to(h.device)
+                ref, window = window_nll(stream.logits(h[w:w + 1], one), one)
+                nll_fp += window
+                with _fake_quantized(modules, head, plan, head_cache):
+                    logp, window = window_nll(stream.logits(hq[w:w + 1], one), one)
+                nll_q += window
+                kl += float((ref.exp() * (ref - logp)).sum(-1).mean(-1).sum())
     n = len(tokens)
     return Scores(math.exp(nll_fp / n), 0.0, None), Scores(math.exp(nll_q / n), kl / n, None)

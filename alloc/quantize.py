@@ -70,11 +70,17 @@ def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     return QuantizedWeight(codes, scale, zero, spec)
 
 
-def fake_quantize(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """W -> dequantize(rtn(W)), same dtype as W; fp16 specs only round to fp16."""
+def fake_quantize(W: torch.Tensor, spec: QuantSpec, rows: int = 2048) -> torch.Tensor:
+    """W -> dequantize(rtn(W)), same dtype as W; fp16 specs only round to fp16. ``rows`` output rows at a
+    time (groups never span rows, so the result is the same): float32 temporaries stay small for large W."""
     if spec.is_float:
         return W.half().to(W.dtype)
-    return rtn(W, spec).dequantize().to(W.dtype)
+    if W.shape[0] <= rows:
+        return rtn(W, spec).dequantize().to(W.dtype)
+    out = torch.empty_like(W)
+    for r in range(0, W.shape[0], rows):
+        out[r:r + rows] = rtn(W[r:r + rows], spec).dequantize().to(W.dtype)
+    return out
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,

@@ -40,3 +40,10 @@ def test_gptq_beats_rtn_on_correlated_inputs(group):
     assert q.codes.min() >= 0 and q.codes.max() < 8
     out_err = lambda Wq: float(((Wq - W) @ X.T).pow(2).sum())
     assert out_err(q.dequantize()) < 0.8 * out_err(rtn(W, spec).dequantize())
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(3), QuantSpec(4, 64, True), QuantSpec(2, -1)])
+def test_fake_quantize_in_row_chunks_equals_whole(spec):
+    from bitalloc.quantize import fake_quantize, rtn
+    W = torch.randn(301, 200, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fake_quantize(W, spec, rows=64), rtn(W, spec).dequantize())
