@@ -387,10 +387,8 @@ def cmd_sweep(args) -> None:
 
     from .api import measure, solve
     from .calibration import read_text, windows
-    from .evaluate import Evaluator
     from .files import atomic_path
     from .plan import BitPlan
-    from .quantize import fake_quantize
     budgets = _parse_budgets(args.budgets)
     out = Path(args.out_dir)
     if not out.parent.is_dir():
@@ -413,12 +411,10 @@ def cmd_sweep(args) -> None:
     if args.eval:
         tokens = windows(prepared.tokenizer, read_text(args.eval), seq_len=args.seq_len, n_windows=args.eval_windows,
                          source=f"eval file {args.eval!r}")
-        evaluator = Evaluator(prepared.model, prepared.kind, prepared.units, tokens)
-        fp = evaluator.fp.ppl
-        quantized = {(u.name, o): fake_quantize(evaluator.fp_weights[u.name], o)
-                     for u in prepared.units for o in {s for p in plans + uniform for s in p.layers.values()}}
-        for row, plan in zip(rows, plans + uniform):
-            s = evaluator.score({n: quantized[n, spec] for n, spec in plan.layers.items()}, desc=f"eval {row['label']}")
+        scored = _score_plans(prepared, tokens, [(row["label"], p) for row, p in zip(rows, plans + uniform)], "rtn",
+                              args.stream)
+        fp = scored[0][2].ppl
+        for row, (_, _, s) in zip(rows, scored[1:]):
             row["ppl"], row["kl"] = s.ppl, s.kl
         for row in rows[:len(plans)]:
             row["uniform_ppl_at_bpw"] = uniform_curve_at(rows[len(plans):], row["true_bpw"])
