@@ -4,7 +4,7 @@
 loaded, quantizing them on the fly (RTN), then running the first ``n_windows`` calibration windows; it
 returns the mean KL(fp ‖ quantized) per token (1 − cosine for encoders), against fp outputs computed once.
 Memory: one copy of the units' fp weights in the model's dtype (to quantize from and restore), never a
-weight set per option.
+weight set per option; the fp reference logits in float32, or in bf16 once they pass 1 GiB.
 """
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import torch
 
 from .quantize import fake_quantize
 from .units import set_unit_weight, unit_weight
+
+
+REFERENCE_FP32_BYTES = 1 << 30   # fp reference logits beyond this are kept in bf16 (128k vocab: 256 MB a window)
 
 
 class KLFitness:
@@ -27,6 +30,8 @@ class KLFitness:
         self.evaluations = 0
         with torch.no_grad():
             self.reference = [self.workload.logits(b) for b in self.workload.batches()]
+        if sum(r.numel() for r in self.reference) * 4 > REFERENCE_FP32_BYTES:     # large vocabularies
+            self.reference = [r.to(torch.bfloat16) for r in self.reference]
 
     def _load(self, choice) -> None:
         for i, (u, j) in enumerate(zip(self.units, choice)):
