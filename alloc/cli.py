@@ -32,7 +32,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="MoE models: a width per expert, or one per layer for all its experts (default per-expert)")
     _add_dtype_arg(p)
     p.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
-                   help="fisher, output_error: one decoder block at a time (auto: when the whole-model "
+                   help="fisher, kfac, output_error: one decoder block at a time (auto: when the whole-model "
                         "state would pass 1 GiB, or the weights stay on the host for a GPU)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens (default 512)")
     p.add_argument("--n-windows", type=int, default=128, help="calibration windows (default 128)")
@@ -40,14 +40,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
-STREAMING_PROBES = ("fisher", "output_error")
+STREAMING_PROBES = ("fisher", "kfac", "output_error")
 
 
 def _probe_settings(args) -> dict:
-    """--stream for the probes that can run one decoder block at a time (fisher, output_error)."""
+    """--stream for the probes that can run one decoder block at a time (fisher, kfac, output_error)."""
     if args.stream != "auto" and args.probe not in STREAMING_PROBES:
-        raise BitallocError(f"--stream {args.stream} applies to the fisher and output_error probes only, not "
-                            f"{args.probe}: leave it out")
+        raise BitallocError(f"--stream {args.stream} applies to the fisher, kfac and output_error probes only, "
+                            f"not {args.probe}: leave it out")
     return {"stream": args.stream} if args.probe in STREAMING_PROBES else {}
 
 
@@ -80,7 +80,7 @@ def _prepare(args, strict: bool = False):
 
 
 def _weights_stay_on_host(args, model, device: str) -> bool:
-    """On a GPU, the fisher and output_error probes keep the weights on the host and stream blocks to the device with
+    """On a GPU, the streaming probes keep the weights on the host and stream blocks to the device with
     --stream on, or (auto) when the model takes more than 80 % of the GPU's free memory."""
     import torch
     if getattr(args, "probe", None) not in STREAMING_PROBES or getattr(args, "stream", "auto") == "off":

@@ -43,7 +43,7 @@ class Workload(Protocol):
     def divergence(self, reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Mean divergence of ``output`` from the full-precision ``reference`` (KL for LMs)."""
 
-    # Optional, for block-streamed probes (fisher_streamed.py, output_error.py):
+    # Optional, for block-streamed probes (streamed.py, output_error.py):
     #   stream(units)                  the model as decoder blocks (alloc/stream.py: inputs, run_block, logits)
     #   loss_from_logits(logits, b)    the loss of given logits
     #   compute_device                 set when the weights stay on the host and blocks visit this device

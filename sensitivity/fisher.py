@@ -77,7 +77,7 @@ class FisherProbe(Probe):
     samples_meta = "gradient_samples"
     micro_batch: int = 1                  # windows per gradient sample
     max_windows: int | None = None        # None: every calibration window
-    stream: str = "auto"                  # one decoder block at a time (fisher_streamed.py): auto, on, off
+    stream: str = "auto"                  # one decoder block at a time (streamed.py): auto, on, off
 
     def __post_init__(self) -> None:
         check_stream_mode(self.stream)
@@ -88,7 +88,7 @@ class FisherProbe(Probe):
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         if streams(workload, units, self.stream):
-            from .fisher_streamed import streamed_fisher_costs
+            from .streamed import streamed_fisher_costs
             cost, steps = streamed_fisher_costs(workload, units, options, micro_batch=self.micro_batch,
                                                 max_windows=self.max_windows, costs_fn=fisher_costs)
             return self.table(units, options, cost, gradient_samples=steps, streamed=True)

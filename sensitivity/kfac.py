@@ -10,6 +10,7 @@ It keeps output_error's input correlations (H) and fisher's loss weighting (G) i
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +19,65 @@ from tqdm.auto import tqdm
 from ..options import QuantSpec
 from ..quantize import fake_quantize
 from ..units import Unit, unit_weight
-from .base import (Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name,
-                   refuse_experts, unique_params)
+from .base import (Probe, Workload, check_loss, check_stream_mode, check_trainable, grads_only_for,
+                   modules_by_name, refuse_experts, streams, unique_params)
 from .table import SensitivityTable
+
+
+def kfac_cost(W: torch.Tensor, G: torch.Tensor, Hn: torch.Tensor, options: list[QuantSpec]) -> torch.Tensor:
+    """(O,) float64: ½ Σ_i G_i (ΔW Hn ΔWᵀ)_ii of one unit under each option."""
+    W = W.detach().float()
+    row = torch.zeros(len(options), dtype=torch.float64)
+    for j, spec in enumerate(options):
+        dW = (fake_quantize(W, spec) - W).double()
+        row[j] = 0.5 * float((G * ((dW @ Hn) * dW).sum(1)).sum())
+    return row
+
+
+class KFACCollector:
+    """kfac under block streaming (streamed.py): input XᵀX and squared output gradients of a block's units."""
+
+    def __init__(self, model, options: list[QuantSpec]):
+        self.modules, self.options = modules_by_name(model, []), options
+        self.H: dict[str, torch.Tensor] = {}
+        self.G: dict[str, torch.Tensor] = {}
+        self.n_tokens = 0
+
+    def params(self, units):
+        return []                                   # only activations and their gradients
+
+    @contextlib.contextmanager
+    def collect(self, units):
+        seen: dict[tuple, tuple] = {}
+
+        def hook(name):
+            def fn(module, args, output):
+                x = args[0]
+                key = (x.data_ptr(), tuple(x.shape))
+                if key not in seen or seen[key][0] is not x:    # x is held, so its address is not reused
+                    x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                    seen[key] = (x, (x2.T @ x2).double())
+                self.H[name] = self.H.get(name, 0) + seen[key][1]
+                output.register_hook(lambda g: self.G.__setitem__(
+                    name, self.G.get(name, 0) + g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0)))
+            return fn
+
+        handles = [self.modules[u.module_name].register_forward_hook(hook(u.name)) for u in units]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            seen.clear()
+
+    def reduce(self, cost, rows, units, steps):
+        for j, u in zip(rows, units):
+            cost[j] = kfac_cost(unit_weight(self.modules, u), self.G.pop(u.name), self.H.pop(u.name) / self.n_tokens,
+                                self.options)
+
+    def loss_scale(self, batch):
+        self.n_tokens += batch.numel()
+        return batch.numel() - len(batch)           # the summed per-token loss (CausalLMWorkload.loss_terms)
 
 
 @dataclass(frozen=True)
@@ -28,10 +85,23 @@ class KFACProbe(Probe):
     name = "kfac"
     needs_grad = True
     micro_batch: int = 4
+    stream: str = "auto"                  # one decoder block at a time (streamed.py): auto, on, off
+
+    def __post_init__(self) -> None:
+        check_stream_mode(self.stream)
+
+    def settings(self) -> dict:
+        return {k: v for k, v in super().settings().items() if k != "stream"}     # same numbers either way
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         model = workload.model
         refuse_experts(units, self.name)
+        if streams(workload, units, self.stream):
+            from .streamed import streamed_costs
+            collector = KFACCollector(model, options)
+            cost, _ = streamed_costs(workload, units, options, collector, micro_batch=self.micro_batch,
+                                     desc="kfac (streamed)")
+            return self.table(units, options, cost, n_tokens=collector.n_tokens, streamed=True)
         check_trainable(model, units)
         modules = modules_by_name(model, units)
         H: dict[str, torch.Tensor] = {}
@@ -71,11 +141,6 @@ class KFACProbe(Probe):
         finally:
             for h in handles:
                 h.remove()
-        cost = torch.zeros(len(units), len(options), dtype=torch.float64)
-        for i, unit in enumerate(units):
-            W = unit_weight(modules, unit).detach().float()
-            Hn = H[unit.name] / n_tokens
-            for j, spec in enumerate(options):
-                dW = (fake_quantize(W, spec) - W).double()
-                cost[i, j] = 0.5 * float((G[unit.name] * ((dW @ Hn) * dW).sum(1)).sum())
-        return self.table(units, options, cost, n_tokens=n_tokens)
+        cost = torch.stack([kfac_cost(unit_weight(modules, u), G[u.name], H[u.name] / n_tokens, options)
+                            for u in units])
+        return self.table(units, options, cost, n_tokens=n_tokens, streamed=False)

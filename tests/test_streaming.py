@@ -1,4 +1,4 @@
-"""Block streaming (alloc/stream.py, sensitivity/fisher_streamed.py) gives the whole-model numbers."""
+"""Block streaming (alloc/stream.py, sensitivity/streamed.py) gives the whole-model numbers."""
 import pytest
 import torch
 
@@ -71,16 +71,28 @@ def test_streamed_output_error_equals_whole_model():
     assert ((whole.cost - streamed.cost).abs() / whole.cost).max() <= 1e-6
 
 
+@pytest.mark.parametrize("family", ["llama3", "gemma3"])
+def test_streamed_kfac_equals_whole_model(family):
+    tokens = torch.randint(0, 8192, (5, 32), generator=torch.Generator().manual_seed(5))
+    include = ("lm_head",) if family == "llama3" else ()          # gemma3's head is tied: not streamed
+    prepared = prepare(zoo.tiny(family), calibration=tokens, include=include)
+    whole = get_probe("kfac", stream="off").measure(prepared.workload, prepared.units, prepared.options)
+    streamed = get_probe("kfac", stream="on").measure(prepared.workload, prepared.units, prepared.options)
+    assert streamed.meta["streamed"] is True and streamed.meta["n_tokens"] == whole.meta["n_tokens"] == 160
+    assert (whole.cost > 0).all()
+    assert ((whole.cost - streamed.cost).abs() / whole.cost).max() <= 1e-4
+
+
 def test_stream_flag_on_other_probes_is_one_line(capsys, tmp_path):
-    assert main(["probe", "--probe", "kfac", "--stream", "on", "--n-windows", "1", "--seq-len", "64",
+    assert main(["probe", "--probe", "hessian_trace", "--stream", "on", "--n-windows", "1", "--seq-len", "64",
                  "--out", str(tmp_path / "t.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fisher and output_error probes only" in err[0]
+    assert len(err) == 1 and "fisher, kfac and output_error probes only" in err[0]
     assert not (tmp_path / "t.csv").exists()
 
 
 def test_boundary_activations_that_do_not_fit_say_how_many_windows_do(monkeypatch):
-    from bitalloc.sensitivity import fisher_streamed
+    from bitalloc.sensitivity import streamed as fisher_streamed
     tokens = torch.randint(0, 8192, (6, 32))
     prepared = prepare(zoo.tiny("llama3"), calibration=tokens)
     per_window = (2 + 2) * 32 * 64 * 4                                  # (blocks + 2) × seq × hidden × fp32

@@ -1,12 +1,13 @@
-"""The fisher probe one decoder block at a time: the same numbers as the whole-model pass, with one block's
-gradients and Fisher in memory instead of the whole model's.
+"""Gradient probes one decoder block at a time: the same numbers as the whole-model pass, with one block's
+gradients and statistics in memory instead of the whole model's.
 
     1. forward, no grad: the hidden state entering every block, per micro-batch (kept on the host)
     2. the rest of the model after the last block: loss, its gradient g with respect to the last hidden
-       state, and the Fisher of units there (an untied LM head)
+       state, and the statistics of units there (an untied LM head)
     3. blocks last to first: recompute the block from its stored input with grad, backpropagate g through
-       it (giving the block's weight gradients and the next g), square and accumulate them into the block's
-       F, then reduce F to the block's rows of the cost table before moving on
+       it (giving the next g), with the probe's Collector gathering the block's statistics (fisher: squared
+       weight gradients; kfac: input XᵀX and squared output gradients), then reduce them to the block's
+       rows of the cost table before moving on
 
 Chain rule, same micro-batches, same order of additions per parameter: the table equals the whole-model
 one up to floating-point reassociation (tests/test_streaming.py holds it to 1e-4 relative).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -25,10 +27,26 @@ from ..units import Unit, unit_param, unit_slice, unit_weight
 from .base import Workload, check_loss, check_trainable, grads_only_for, modules_by_name, unique_params
 
 
-def streamed_fisher_costs(workload: Workload, units: list[Unit], options: list[QuantSpec], *,
-                          micro_batch: int = 1, max_windows: int | None = None,
-                          costs_fn=None) -> tuple[torch.Tensor, int]:
-    """(cost (U, O) float64, number of micro-batches); ``costs_fn(F, W, options)`` gives one unit's row."""
+class Collector(Protocol):
+    """What a gradient probe gathers during each block's recompute and backward pass."""
+
+    def params(self, units: list[Unit]) -> list[torch.Tensor]:
+        """Parameters whose gradients the collector reads ([] when it needs none)."""
+
+    def collect(self, units: list[Unit]) -> contextlib.AbstractContextManager:
+        """Active while ``units``' block (or the part after the blocks) runs forward and backward."""
+
+    def reduce(self, cost: torch.Tensor, rows: list[int], units: list[Unit], steps: int) -> None:
+        """Fill ``cost[rows]`` for ``units`` from what was gathered, then drop it."""
+
+    def loss_scale(self, batch: torch.Tensor) -> float:
+        """Factor on the mean loss (kfac differentiates the summed per-token loss)."""
+
+
+def streamed_costs(workload: Workload, units: list[Unit], options: list[QuantSpec], collector: Collector, *,
+                   micro_batch: int = 1, max_windows: int | None = None,
+                   desc: str = "streamed") -> tuple[torch.Tensor, int]:
+    """(cost (U, O) float64, number of micro-batches), one decoder block at a time."""
     model = workload.model
     check_trainable(model, units)
     stream = workload.stream(units)
@@ -49,7 +67,7 @@ def streamed_fisher_costs(workload: Workload, units: list[Unit], options: list[Q
     check_host_memory(model, tokens, n_blocks)
     large_allocations_unmapped()
     cost = torch.zeros(len(units), len(options), dtype=torch.float64)
-    bar = tqdm(total=len(batches) * (2 * n_blocks + 2), desc="fisher (streamed)", leave=False)
+    bar = tqdm(total=len(batches) * (2 * n_blocks + 2), desc=desc, leave=False)
     device = stream.device
     with grads_only_for(model, []), stream.resident():
         # 1. boundary activations, block by block (kept on the host)
@@ -62,32 +80,27 @@ def streamed_fisher_costs(workload: Workload, units: list[Unit], options: list[Q
                 with stream.block_on_device(i):
                     hidden.append([stream.run_block(i, h.to(device), e).cpu() for h, e in zip(hidden[-1], extras)])
                 bar.update(len(batches))
-        # 2. after the last block: g = ∂loss/∂h_L, and the head units' Fisher
-        head_params, head_index = unique_params(model, head_units)
-        F_head = [torch.zeros_like(p, dtype=torch.float32) for p in head_params]
+        # 2. after the last block: g = ∂loss/∂h_L, and the head units' statistics
         grads_out = []
-        with grads_only_for(model, head_params):
+        params = collector.params(head_units)
+        with grads_only_for(model, params), collector.collect(head_units):
             for k, b in enumerate(batches):
                 h = hidden[-1][k].to(device).requires_grad_(True)
                 loss = workload.loss_from_logits(stream.logits(h, b), b)
                 check_loss(loss, f"calibration micro-batch {k}")
-                g = torch.autograd.grad(loss, [h, *head_params])
-                grads_out.append(g[0].detach())
-                for acc, gp in zip(F_head, g[1:]):
-                    acc += gp.float() ** 2
+                torch.autograd.backward(loss * collector.loss_scale(b), inputs=[h, *params])
+                grads_out.append(h.grad.detach())
                 bar.update()
         hidden.pop()
-        _reduce(cost, units, [i for i, b in enumerate(where) if b is None], F_head, head_index, len(batches),
-                modules, options, costs_fn)
-        del F_head
+        collector.reduce(cost, [j for j, b in enumerate(where) if b is None], head_units, len(batches))
         # 3. blocks, last to first
         for i in reversed(range(n_blocks)):
             rows = [j for j, b in enumerate(where) if b == i]
+            block_units = [units[j] for j in rows]
             inputs = hidden.pop()
             with stream.block_on_device(i):
-                params, index = unique_params(model, [units[j] for j in rows])
-                F = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-                with grads_only_for(model, params), _squares_into(params, F):
+                params = collector.params(block_units)
+                with grads_only_for(model, params), collector.collect(block_units):
                     for k in range(len(batches)):
                         h = inputs[k].to(device).requires_grad_(True)
                         y = stream.run_block(i, h, extras[k])
@@ -95,11 +108,48 @@ def streamed_fisher_costs(workload: Workload, units: list[Unit], options: list[Q
                         grads_out[k] = h.grad.detach()
                         bar.update()
                 release_freed_memory()
-                _reduce(cost, units, rows, F, index, len(batches), modules, options, costs_fn)
-            del F, inputs
+                collector.reduce(cost, rows, block_units, len(batches))
+            del inputs
             release_freed_memory()
     bar.close()
     return cost, len(batches)
+
+
+class FisherCollector:
+    """fisher: F = Σ (∂loss/∂W)² per micro-batch, squared into float32 as each gradient is ready."""
+
+    def __init__(self, model, options: list[QuantSpec], costs_fn):
+        self.modules = modules_by_name(model, [])
+        self.model, self.options, self.costs_fn = model, options, costs_fn
+        self.F: list[torch.Tensor] = []
+        self.index: list[int] = []
+
+    def params(self, units):
+        params, self.index = unique_params(self.model, units)
+        self._params = params
+        return params
+
+    @contextlib.contextmanager
+    def collect(self, units):
+        self.F = [torch.zeros_like(p, dtype=torch.float32) for p in self._params]
+        with _squares_into(self._params, self.F):
+            yield
+
+    def reduce(self, cost, rows, units, steps):
+        for j, u, k in zip(rows, units, self.index):
+            cost[j] = self.costs_fn(unit_slice(self.F[k], u), unit_weight(self.modules, u), self.options) / steps
+        self.F = []
+
+    def loss_scale(self, batch):
+        return 1.0
+
+
+def streamed_fisher_costs(workload: Workload, units: list[Unit], options: list[QuantSpec], *,
+                          micro_batch: int = 1, max_windows: int | None = None,
+                          costs_fn=None) -> tuple[torch.Tensor, int]:
+    """The fisher table one block at a time; ``costs_fn(F, W, options)`` gives one unit's row."""
+    return streamed_costs(workload, units, options, FisherCollector(workload.model, options, costs_fn),
+                          micro_batch=micro_batch, max_windows=max_windows, desc="fisher (streamed)")
 
 
 @contextlib.contextmanager
@@ -167,10 +217,3 @@ def check_host_memory(model, tokens: torch.Tensor, n_blocks: int) -> None:
         raise BitallocError(f"the boundary activations of {len(tokens)} windows ({per_window * len(tokens) / 2**30:.1f} "
                             f"GiB) do not fit in the host's {available / 2**30:.1f} GiB available: {fit} windows of "
                             f"{tokens.shape[1]} tokens fit; pass --n-windows {max(fit, 1)} or a smaller --seq-len")
-
-
-def _reduce(cost, units, rows, F_params, index, steps, modules, options, costs_fn) -> None:
-    """Fill ``cost`` rows of ``units[rows]`` from their parameters' accumulated squared gradients."""
-    for j, k in zip(rows, index):
-        u = units[j]
-        cost[j] = costs_fn(unit_slice(F_params[k], u), unit_weight(modules, u), options) / steps
