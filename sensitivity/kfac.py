@@ -11,6 +11,7 @@ It keeps output_error's input correlations (H) and fisher's loss weighting (G) i
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,9 @@ def kfac_cost(W: torch.Tensor, G: torch.Tensor, Hn: torch.Tensor, options: list[
 class KFACCollector:
     """kfac under block streaming (streamed.py): input XᵀX and squared output gradients of a block's units."""
 
-    def __init__(self, model, options: list[QuantSpec]):
+    def __init__(self, model, options: list[QuantSpec], workload: Workload):
         self.modules, self.options = modules_by_name(model, []), options
+        self.terms = getattr(workload, "loss_terms", lambda batch: 1)     # how many terms the loss averages
         self.H: dict[str, torch.Tensor] = {}
         self.G: dict[str, torch.Tensor] = {}
         self.n_tokens = 0
@@ -48,16 +50,18 @@ class KFACCollector:
 
     @contextlib.contextmanager
     def collect(self, units):
-        seen: dict[tuple, tuple] = {}
+        """Forward hooks add each unit's Σ xᵀx to H and hook its output's gradient into G. Units reading one
+        input tensor (q/k/v) share its product while the tensor lives."""
+        seen: dict[int, torch.Tensor] = {}
 
         def hook(name):
             def fn(module, args, output):
                 x = args[0]
-                key = (x.data_ptr(), tuple(x.shape))
-                if key not in seen or seen[key][0] is not x:    # x is held, so its address is not reused
+                if id(x) not in seen:
                     x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                    seen[key] = (x, (x2.T @ x2).double())
-                self.H[name] = self.H.get(name, 0) + seen[key][1]
+                    seen[id(x)] = (x2.T @ x2).double()
+                    weakref.finalize(x, seen.pop, id(x), None)      # gone with x: an id is never reused stale
+                self.H[name] = self.H.get(name, 0) + seen[id(x)]
                 output.register_hook(lambda g: self.G.__setitem__(
                     name, self.G.get(name, 0) + g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0)))
             return fn
@@ -77,7 +81,7 @@ class KFACCollector:
 
     def loss_scale(self, batch):
         self.n_tokens += batch.numel()
-        return batch.numel() - len(batch)           # the summed per-token loss (CausalLMWorkload.loss_terms)
+        return self.terms(batch)                    # the summed per-token loss
 
 
 @dataclass(frozen=True)
@@ -98,49 +102,30 @@ class KFACProbe(Probe):
         refuse_experts(units, self.name)
         if streams(workload, units, self.stream):
             from .streamed import streamed_costs
-            collector = KFACCollector(model, options)
+            collector = KFACCollector(model, options, workload)
             cost, _ = streamed_costs(workload, units, options, collector, micro_batch=self.micro_batch,
                                      desc="kfac (streamed)")
             return self.table(units, options, cost, n_tokens=collector.n_tokens, streamed=True)
         check_trainable(model, units)
-        modules = modules_by_name(model, units)
-        H: dict[str, torch.Tensor] = {}
-        G: dict[str, torch.Tensor] = {}
-        seen: dict[tuple, torch.Tensor] = {}
-        n_tokens = 0
-
-        def forward_hook(name):
-            def fn(module, args, output):
-                x = args[0]
-                key = (x.data_ptr(), tuple(x.shape))
-                if key not in seen or seen[key][0] is not x:    # x is held, so its address is not reused
-                    x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                    seen[key] = (x, (x2.T @ x2).double())
-                H[name] = H.get(name, 0) + seen[key][1]
-                output.register_hook(lambda g: G.__setitem__(
-                    name, G.get(name, 0) + g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0)))
-            return fn
-
+        collector = KFACCollector(model, options, workload)
         first = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        handles = [modules[u.module_name].register_forward_hook(forward_hook(u.name)) for u in units]
+        handles = []
         if first is not None:  # gradients must flow to every layer although no weight requires them
             handles.append(first.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
         # a plain module without an embedding hook: let the units' weights carry the graph
         carriers = [] if first is not None else unique_params(model, units)[0]
         tokens = torch.cat(list(workload.batches()))
         try:
-            with grads_only_for(model, carriers):
+            with grads_only_for(model, carriers), collector.collect(units):
                 for i in tqdm(range(0, len(tokens), self.micro_batch), desc="kfac", leave=False):
                     batch = tokens[i:i + self.micro_batch]
-                    seen.clear()
                     loss = workload.loss(batch)
                     check_loss(loss, f"calibration windows {i}..{i + len(batch) - 1}")
-                    terms = workload.loss_terms(batch) if hasattr(workload, "loss_terms") else 1
-                    (loss * terms).backward()                                 # summed per-token loss
-                    n_tokens += batch.numel()
+                    (loss * collector.loss_scale(batch)).backward()           # summed per-token loss
         finally:
             for h in handles:
                 h.remove()
-        cost = torch.stack([kfac_cost(unit_weight(modules, u), G[u.name], H[u.name] / n_tokens, options)
-                            for u in units])
+        n_tokens = collector.n_tokens
+        cost = torch.zeros(len(units), len(options), dtype=torch.float64)
+        collector.reduce(cost, list(range(len(units))), units, 0)
         return self.table(units, options, cost, n_tokens=n_tokens, streamed=False)
