@@ -10,7 +10,12 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import BitallocError
+from .errors import BitallocError, BitallocWarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"bitalloc: warning: {message}" if issubclass(category, BitallocWarning) else
+          warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
 
 
 def _budget(text: str) -> float:
@@ -349,12 +354,7 @@ def cmd_export(args) -> None:
         raise BitallocError(f"unknown export format {args.to!r}: choose one of {', '.join(FORMATS)}")
     check_parent(args.out)
     plan = BitPlan.load(args.plan)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        text = export(plan, args.to)
-    for w in caught:
-        if "mapped up" in str(w.message):
-            print(f"bitalloc: warning: {w.message}", file=sys.stderr)
+    text = export(plan, args.to)                     # warnings print as one line each (main)
     atomic_write_text(args.out, text)
     print(f"{args.to} config for {len(plan.layers)} layers written to {args.out}")
 
@@ -596,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", UserWarning)             # third-party chatter
+            warnings.simplefilter("always", BitallocWarning)         # ours: one line each
+            warnings.showwarning = _show_warning
             args.func(args)
     except BitallocError as e:
         print(f"bitalloc: error: {e}", file=sys.stderr)

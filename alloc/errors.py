@@ -7,3 +7,8 @@ traceback. Messages are one line and say how to fix the problem.
 
 class BitallocError(ValueError):
     """Bad input: a budget, a model, a plan, a table or a file the user gave us."""
+
+
+class BitallocWarning(UserWarning):
+    """Something the user should know that does not stop the work (a width mapped up, an expert rounded to
+    nearest); the CLI prints each as one ``bitalloc: warning: ...`` line."""

@@ -16,7 +16,7 @@ import re
 import warnings
 from collections import Counter
 
-from .errors import BitallocError
+from .errors import BitallocError, BitallocWarning
 from .options import QuantSpec
 from .plan import BitPlan
 
@@ -65,7 +65,7 @@ def _map_up(plan: BitPlan, supported: tuple[int, ...], target: str) -> dict[str,
         bits = sum(out[n].size_bits(tuple(plan.shapes[n])) for n in out)
         warnings.warn(f"{target} cannot store every width of the plan; mapped up {len(moved)} layer(s) "
                       f"({', '.join(moved[:6])}{', …' if len(moved) > 6 else ''}): true bpw becomes "
-                      f"{bits / plan.n_params:.4f} (plan {plan.true_bpw:.4f})", stacklevel=3)
+                      f"{bits / plan.n_params:.4f} (plan {plan.true_bpw:.4f})", BitallocWarning, stacklevel=3)
     return out
 
 
@@ -142,7 +142,7 @@ def _merge_experts(plan: BitPlan, specs: dict[str, QuantSpec]) -> dict[str, Quan
         warnings.warn(f"llama.cpp stores the experts of a layer in one tensor: {len(moved)} expert unit(s) raised to "
                       f"their stack's widest width ({', '.join(stacks[:4])}{', …' if len(stacks) > 4 else ''}): true "
                       f"bpw becomes {bits / plan.n_params:.4f} (plan {plan.true_bpw:.4f}); allocate with "
-                      "--experts per-layer to plan one width per stack", stacklevel=3)
+                      "--experts per-layer to plan one width per stack", BitallocWarning, stacklevel=3)
     return out
 
 

@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .errors import BitallocError
+from .errors import BitallocError, BitallocWarning
 from .files import atomic_write_text
 from .options import QuantSpec
 from .units import Unit
@@ -146,7 +146,7 @@ class BitPlan:
                    probe=data.get("probe", "none"), objective=objective, model=model, extra=extra)
         if budget is not None and plan.true_bpw > budget + 1e-9:
             warnings.warn(f"{source}: its layers take {plan.true_bpw:.4f} true bits per weight, over its budget "
-                          f"{budget}", stacklevel=2)
+                          f"{budget}", BitallocWarning, stacklevel=2)
         return plan
 
     @classmethod

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import BitallocError
+from .errors import BitallocError, BitallocWarning
 from .expert_inputs import expert_hessians
 from .plan import BitPlan
 from .quantize import QuantizedWeight, gptq, rtn
@@ -116,7 +116,7 @@ def _gptq_units(model, units, plan, run, progress_desc, progress, out) -> None:
         warnings.warn(f"GPTQ rounds {len(unreached)} MoE expert unit(s) to nearest (RTN): their inputs were not seen "
                       f"({', '.join(unreached[:3])}{', …' if len(unreached) > 3 else ''}): no calibration token "
                       "reached them, or the experts module does not call F.linear per expert (GPT-OSS's "
-                      "transposed experts)", stacklevel=4)
+                      "transposed experts)", BitallocWarning, stacklevel=4)
     for u in units:
         # embeddings and experts no calibration token reached are rounded to nearest
         method = rtn if u.name not in H else (lambda W, spec, H=H[u.name]: gptq(W, H, spec))

@@ -180,3 +180,13 @@ def test_llama_cpp_merges_experts_into_one_type_per_stack():
     types = dict(line.split("=") for line in text.splitlines() if not line.startswith("#"))
     assert types["blk\\.0\\.ffn_gate_exps\\.weight"] == types["blk\\.0\\.ffn_up_exps\\.weight"] == \
         {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0"}[widest]
+
+
+def test_cli_prints_the_expert_merge_warning_as_one_line(tmp_path, capsys):
+    from bitalloc.cli import main
+    plan = _moe_plan("per-expert", seed=3)
+    plan.budget_bits = 16.0
+    plan.save(tmp_path / "plan.json")
+    assert main(["export", str(tmp_path / "plan.json"), "--to", "llama.cpp", "--out", str(tmp_path / "t.txt")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bitalloc: warning: llama.cpp stores the experts of a layer")
