@@ -152,44 +152,11 @@ def _evaluate_plans(args, prepared, table, plan) -> None:
                      source=f"eval file {args.eval!r}")
     uniform = solve(table, args.budget, "uniform", count_overhead=not args.nominal)
     plans = [("plan", plan), (f"uniform {next(iter(uniform.layers.values())).label()}", uniform)]
-    rows = _score_plans(prepared, tokens, plans, args.quantizer, getattr(args, "stream", "auto"))
+    from .evaluate import score_plans
+    rows = score_plans(prepared, tokens, plans, args.quantizer, getattr(args, "stream", "auto"))
     print()
     _print_scores(rows, prepared.kind, tokens, args.quantizer)
     plan.extra["eval"] = {label: s.as_dict() for label, _, s in rows}
-
-
-def _score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -> list:
-    """[("fp", None, Scores), (label, plan, Scores), ...] on ``tokens``. RTN on a causal LM with decoder
-    blocks is scored one block at a time (evaluate.streamed_scores) with --stream on, or auto when the whole
-    path's copies (unit weights, reference log-probabilities) would pass 1 GiB."""
-    from .evaluate import Evaluator, streamed_scores
-    from .quantize_model import quantize_model, set_unit_weights, unit_weights
-    from .units import find_blocks
-    model = prepared.model
-    can_stream = quantizer == "rtn" and prepared.kind == "causal_lm" and bool(find_blocks(model, prepared.units)) \
-        and not any(u.kind == "embedding" for u in prepared.units)
-    if stream == "on" and not can_stream:
-        raise BitallocError("--stream on evaluates RTN plans of causal LMs with decoder blocks (and no quantized "
-                            "embeddings) only: use --quantizer rtn, or leave --stream out")
-    if stream == "auto" and can_stream:
-        copies = sum(u.numel for u in prepared.units) * next(model.parameters()).element_size()
-        vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
-        stream = "on" if max(copies, tokens.numel() * vocab * 4) > (1 << 30) else "off"
-    if stream == "on":
-        rows = []
-        for label, plan in plans:
-            fp, scores = streamed_scores(model, prepared.units, tokens, plan)
-            rows += [("fp", None, fp)] if not rows else []
-            rows.append((label, plan, scores))
-        return rows
-    evaluator = Evaluator(model, prepared.kind, prepared.units, tokens)
-    rows = [("fp", None, evaluator.fp)]
-    for label, plan in plans:
-        quantize_model(model, prepared.units, plan, quantizer=quantizer, calibration=prepared.tokens, sink=_discard)
-        weights = unit_weights(model, prepared.units)
-        set_unit_weights(model, prepared.units, evaluator.fp_weights)
-        rows.append((label, plan, evaluator.score(weights, desc=f"eval {label}")))
-    return rows
 
 
 def _print_scores(rows, kind: str, tokens, quantizer: str) -> None:
@@ -260,7 +227,8 @@ def cmd_eval(args) -> None:
     plan = BitPlan.load(args.plan, units=prepared.units)
     tokens = windows(prepared.tokenizer, read_text(args.text), seq_len=args.seq_len, n_windows=args.eval_windows,
                      source=f"eval file {args.text!r}")
-    rows = _score_plans(prepared, tokens, [("plan", plan)], args.quantizer, args.stream)
+    from .evaluate import score_plans
+    rows = score_plans(prepared, tokens, [("plan", plan)], args.quantizer, args.stream)
     _print_scores(rows, prepared.kind, tokens, args.quantizer)
 
 
@@ -411,7 +379,8 @@ def cmd_sweep(args) -> None:
     if args.eval:
         tokens = windows(prepared.tokenizer, read_text(args.eval), seq_len=args.seq_len, n_windows=args.eval_windows,
                          source=f"eval file {args.eval!r}")
-        scored = _score_plans(prepared, tokens, [(row["label"], p) for row, p in zip(rows, plans + uniform)], "rtn",
+        from .evaluate import score_plans
+        scored = score_plans(prepared, tokens, [(row["label"], p) for row, p in zip(rows, plans + uniform)], "rtn",
                               args.stream)
         fp = scored[0][2].ppl
         for row, (_, _, s) in zip(rows, scored[1:]):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import BitallocError
 from .quantize import fake_quantize
 from .quantize_model import set_unit_weights, unit_weights
 from .units import Unit, set_unit_weight, unit_weight
@@ -146,3 +147,36 @@ def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, p
                 kl += float((ref.exp() * (ref - logp)).sum(-1).mean(-1).sum())
     n = len(tokens)
     return Scores(math.exp(nll_fp / n), 0.0, None), Scores(math.exp(nll_q / n), kl / n, None)
+
+
+def score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -> list:
+    """[("fp", None, Scores), (label, plan, Scores), ...] on ``tokens``. RTN on a causal LM with decoder
+    blocks is scored one block at a time (evaluate.streamed_scores) with --stream on, or auto when the whole
+    path's copies (unit weights, reference log-probabilities) would pass 1 GiB."""
+    from .quantize_model import quantize_model
+    from .units import find_blocks
+    model = prepared.model
+    can_stream = quantizer == "rtn" and prepared.kind == "causal_lm" and bool(find_blocks(model, prepared.units)) \
+        and not any(u.kind == "embedding" for u in prepared.units)
+    if stream == "on" and not can_stream:
+        raise BitallocError("--stream on evaluates RTN plans of causal LMs with decoder blocks (and no quantized "
+                            "embeddings) only: use --quantizer rtn, or leave --stream out")
+    if stream == "auto" and can_stream:
+        copies = sum(u.numel for u in prepared.units) * next(model.parameters()).element_size()
+        vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+        stream = "on" if max(copies, tokens.numel() * vocab * 4) > (1 << 30) else "off"
+    if stream == "on":
+        rows = []
+        for label, plan in plans:
+            fp, scores = streamed_scores(model, prepared.units, tokens, plan)
+            rows += [("fp", None, fp)] if not rows else []
+            rows.append((label, plan, scores))
+        return rows
+    evaluator = Evaluator(model, prepared.kind, prepared.units, tokens)
+    rows = [("fp", None, evaluator.fp)]
+    for label, plan in plans:
+        quantize_model(model, prepared.units, plan, quantizer=quantizer, calibration=prepared.tokens, sink=lambda name, q: None)
+        weights = unit_weights(model, prepared.units)
+        set_unit_weights(model, prepared.units, evaluator.fp_weights)
+        rows.append((label, plan, evaluator.score(weights, desc=f"eval {label}")))
+    return rows
