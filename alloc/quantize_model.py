@@ -40,7 +40,7 @@ def quantize_model(model: nn.Module, units: list[Unit], plan: BitPlan, *, quanti
                    progress: bool = True, sink=None) -> dict[str, QuantizedWeight]:
     """Quantize every unit of ``plan`` in place; fp16 (bits=16) units are only rounded to fp16.
 
-    Returns each unit's QuantizedWeight, or, with ``sink``, hands each to ``sink(unit, q)`` as soon as it is
+    Returns each unit's QuantizedWeight, or, with ``sink``, hands each to ``sink(unit name, q)`` as soon as it is
     made and keeps none (int32 codes take 4 bytes per weight: a packer turns them into bits at once)."""
     if quantizer not in QUANTIZERS:
         raise BitallocError(f"unknown quantizer {quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
@@ -64,10 +64,6 @@ class _Sink(dict):
 
     def __setitem__(self, name, q):
         self.fn(name, q)
-
-    def update(self, other=(), **kw):
-        for k, v in dict(other, **kw).items():
-            self[k] = v
 
 
 def _rtn_model(model, units, plan, progress, out) -> None:
