@@ -194,9 +194,10 @@ def large_allocations_unmapped() -> None:
 def available_host_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (None where there is none)."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
