@@ -436,7 +436,9 @@ def cmd_report(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .api import DEFAULT_PROBE, DEFAULT_SOLVER
+    from . import __version__
     parser = argparse.ArgumentParser(prog="bitalloc", description="Mixed-precision bit allocation under a memory budget.")
+    parser.add_argument("--version", action="version", version=f"bitalloc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("allocate", help="probe, solve and write a plan (the whole flow)")

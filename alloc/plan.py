@@ -57,6 +57,14 @@ class BitPlan:
         """Bytes the quantized layers take when packed."""
         return self._bits(True) / 8
 
+    def __repr__(self) -> str:
+        """One line: layers, budget, true and nominal bpw, and the share of weights at each width."""
+        hist = self.bits_histogram()
+        shares = ", ".join(f"{b}: {100 * n / max(self.n_params, 1):.0f} %" for b, n in hist.items())
+        budget = f"budget {self.budget_bits:g}, " if self.budget_bits is not None else ""
+        return (f"BitPlan({len(self.layers)} layers, {budget}true {self.true_bpw:.4f} bpw, nominal "
+                f"{self.nominal_bpw:.4f}, widths {{{shares}}}, solver {self.solver}, probe {self.probe})")
+
     def bits_histogram(self) -> dict[int, int]:
         """bits -> number of parameters stored at that width."""
         hist: dict[int, int] = {}

@@ -95,3 +95,20 @@ def test_loader_on_mutated_plans(key, value, top, top_value):
     except BitallocError:
         return
     assert all(isinstance(s, QuantSpec) for s in plan.layers.values())      # accepted only if well-formed
+
+
+def test_repr_is_one_short_line():
+    plan = BitPlan(layers={u.name: QuantSpec(b) for u, b in zip(UNITS, (2, 3, 4))},
+                   shapes={u.name: u.shape for u in UNITS}, budget_bits=3.5, solver="ilp", probe="fisher")
+    text = repr(plan)
+    assert "\n" not in text and len(text) < 200
+    assert "3 layers" in text and "budget 3.5" in text and f"true {plan.true_bpw:.4f}" in text
+    assert "widths {2: " in text and "4: " in text
+
+
+def test_version_flag(capsys):
+    from bitalloc import __version__
+    from bitalloc.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"bitalloc {__version__}"
