@@ -209,22 +209,14 @@ def _discard(name, q) -> None:
     """quantize_model sink for fake quantization only: the codes are not needed."""
 
 
-def _experts_of(plan_path) -> str:
-    """The --experts mode a plan file was made with (per-expert unless it says otherwise)."""
-    import json
-    try:
-        return json.loads(Path(plan_path).read_text()).get("extra", {}).get("experts", "per-expert")
-    except (OSError, ValueError, AttributeError):
-        return "per-expert"         # BitPlan.load reports what is wrong with the file
-
-
 def cmd_eval(args) -> None:
     from .api import prepare
     from .calibration import read_text, windows
     from .plan import BitPlan
+    plan = BitPlan.load(args.plan)
     prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, dtype=args.dtype,
-                       experts=_experts_of(args.plan))
-    plan = BitPlan.load(args.plan, units=prepared.units)
+                       experts=plan.extra.get("experts", "per-expert"))
+    plan.check_units(prepared.units)
     tokens = windows(prepared.tokenizer, read_text(args.text), seq_len=args.seq_len, n_windows=args.eval_windows,
                      source=f"eval file {args.text!r}")
     from .evaluate import score_plans

@@ -154,6 +154,7 @@ def score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -
     blocks is scored one block at a time (evaluate.streamed_scores) with --stream on, or auto when the whole
     path's copies (unit weights, reference log-probabilities) would pass 1 GiB."""
     from .quantize_model import quantize_model
+    from .sensitivity.base import STREAM_ABOVE_BYTES
     from .units import find_blocks
     model = prepared.model
     can_stream = quantizer == "rtn" and prepared.kind == "causal_lm" and bool(find_blocks(model, prepared.units)) \
@@ -164,7 +165,7 @@ def score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -
     if stream == "auto" and can_stream:
         copies = sum(u.numel for u in prepared.units) * next(model.parameters()).element_size()
         vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
-        stream = "on" if max(copies, tokens.numel() * vocab * 4) > (1 << 30) else "off"
+        stream = "on" if max(copies, tokens.numel() * vocab * 4) > STREAM_ABOVE_BYTES else "off"
     if stream == "on":
         rows = []
         for label, plan in plans:

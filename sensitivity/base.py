@@ -58,8 +58,16 @@ class Probe(ABC):
     # torchrun each rank measures its share and the tables are summed with these weights (alloc/distributed.py).
     samples_meta: ClassVar[str | None] = None
 
+    def __post_init__(self) -> None:
+        if hasattr(self, "stream"):
+            check_stream_mode(self.stream)
+
     def settings(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+        """What the table depends on (its cache key): block streaming gives the same numbers, so ``stream``
+        is left out."""
+        settings = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+        settings.pop("stream", None)
+        return settings
 
     @abstractmethod
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
@@ -128,6 +136,17 @@ def check_trainable(model: nn.Module, units: list[Unit]) -> None:
                                 "weights; use --probe output_error")
 
 
+def tied_to_embeddings(model: nn.Module, units: list[Unit]) -> list[Unit]:
+    """Units whose weight is the input embedding's (an LM head tied to it): their gradient comes from every
+    block, so block streaming cannot measure them."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    if embedding is None:
+        return []
+    modules = modules_by_name(model, units)
+    return [u for u in units if unit_param(modules, u) is embedding.weight]
+
+
 STREAM_MODES = ("auto", "on", "off")
 STREAM_ABOVE_BYTES = 1 << 30      # auto: stream when the whole-model path's state would pass 1 GiB
 
@@ -150,10 +169,7 @@ def streams(workload: Workload, units: list[Unit], mode: str) -> bool:
         return mode == "on" or host_weights
     if not hasattr(workload, "stream") or any(u.kind == "embedding" for u in units):
         return False
-    get_in = getattr(workload.model, "get_input_embeddings", None)
-    embedding = get_in() if callable(get_in) else None
-    modules = modules_by_name(workload.model, units)
-    if embedding is not None and any(unit_param(modules, u) is embedding.weight for u in units):
+    if tied_to_embeddings(workload.model, units):
         return False                               # an LM head tied to the embeddings: the whole-model path
     params, _ = unique_params(workload.model, units)
     whole = sum(p.numel() * (4 + p.element_size()) for p in params)

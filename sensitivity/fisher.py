@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..options import QuantSpec
 from ..quantize import fake_quantize
 from ..units import Unit, unit_slice, unit_weight
-from .base import (Probe, Workload, check_loss, check_stream_mode, check_trainable, grads_only_for,
+from .base import (Probe, Workload, check_loss, check_trainable, grads_only_for,
                    modules_by_name, streams, unique_params)
 from .table import SensitivityTable
 
@@ -78,13 +78,6 @@ class FisherProbe(Probe):
     micro_batch: int = 1                  # windows per gradient sample
     max_windows: int | None = None        # None: every calibration window
     stream: str = "auto"                  # one decoder block at a time (streamed.py): auto, on, off
-
-    def __post_init__(self) -> None:
-        check_stream_mode(self.stream)
-
-    def settings(self) -> dict:
-        """What the table depends on: streaming gives the same numbers, so it is not part of the cache key."""
-        return {k: v for k, v in super().settings().items() if k != "stream"}
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         if streams(workload, units, self.stream):

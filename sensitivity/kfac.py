@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..options import QuantSpec
 from ..quantize import fake_quantize
 from ..units import Unit, unit_weight
-from .base import (Probe, Workload, check_loss, check_stream_mode, check_trainable, grads_only_for,
+from .base import (Probe, Workload, check_loss, check_trainable, grads_only_for,
                    modules_by_name, refuse_experts, streams, unique_params)
 from .table import SensitivityTable
 
@@ -90,12 +90,6 @@ class KFACProbe(Probe):
     needs_grad = True
     micro_batch: int = 4
     stream: str = "auto"                  # one decoder block at a time (streamed.py): auto, on, off
-
-    def __post_init__(self) -> None:
-        check_stream_mode(self.stream)
-
-    def settings(self) -> dict:
-        return {k: v for k, v in super().settings().items() if k != "stream"}     # same numbers either way
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         model = workload.model

@@ -114,9 +114,6 @@ class OutputErrorProbe(Probe):
     samples_meta = "n_tokens"
     stream: str = "auto"                  # one decoder block at a time: auto, on, off
 
-    def settings(self) -> dict:
-        return {k: v for k, v in super().settings().items() if k != "stream"}     # same numbers either way
-
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         refuse_experts(units, self.name)
         if streams(workload, units, self.stream):

@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from ..errors import BitallocError
 from ..options import QuantSpec
-from ..units import Unit, unit_param, unit_slice, unit_weight
-from .base import Workload, check_loss, check_trainable, grads_only_for, modules_by_name, unique_params
+from ..units import Unit, unit_slice, unit_weight
+from .base import (Workload, check_loss, check_trainable, grads_only_for, modules_by_name, tied_to_embeddings,
+                   unique_params)
 
 
 class Collector(Protocol):
@@ -50,13 +51,9 @@ def streamed_costs(workload: Workload, units: list[Unit], options: list[QuantSpe
     model = workload.model
     check_trainable(model, units)
     stream = workload.stream(units)
-    modules = modules_by_name(model, units)
     where = [stream.block_of(u) for u in units]
     head_units = [u for u, b in zip(units, where) if b is None]
-    get_in = getattr(model, "get_input_embeddings", None)
-    embedding = get_in() if callable(get_in) else None
-    tied = [u for u in head_units if embedding is not None and unit_param(modules, u) is embedding.weight]
-    if any(u.kind == "embedding" for u in head_units) or tied:
+    if any(u.kind == "embedding" for u in head_units) or tied_to_embeddings(model, head_units):
         raise BitallocError("block streaming cannot measure embedding units or an LM head tied to the embeddings "
                             "(their gradient comes from every block): use --stream off")
     tokens = torch.cat(list(workload.batches()))

@@ -58,8 +58,9 @@ def test_streaming_is_chosen_by_size_and_refuses_embeddings(monkeypatch):
     with pytest.raises(BitallocError, match="embedding units.*--stream off"):
         get_probe("fisher", stream="on").measure(with_embedding.workload, with_embedding.units,
                                                  with_embedding.options)
-    with pytest.raises(BitallocError, match="unknown --stream"):
-        get_probe("fisher", stream="sometimes")
+    for name in ("fisher", "kfac", "output_error"):
+        with pytest.raises(BitallocError, match="unknown --stream"):
+            get_probe(name, stream="sometimes")
 
 
 def test_streamed_output_error_equals_whole_model():
