@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import checks
 from .calibration import data_hash, read_text, windows
 from .errors import BitallocError
-from .model import load_model, model_info
+from .model import load_model, model_info, parse_dtype
 from .options import QuantSpec, parse_options
 from .plan import BitPlan
 from .units import Unit, check_finite, find_units
@@ -61,6 +62,13 @@ def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: 
     ``calibration``: text, or a (n, seq) tensor of token ids; ``calib_file``: a text file; neither: Python's
     own help topics (alloc/calibration.py). ``experts``: MoE experts per-expert or per-layer; ``exclude``:
     modules kept in full precision."""
+    seq_len, n_windows = checks.count(seq_len, "seq_len"), checks.count(n_windows, "n_windows")
+    batch_size = checks.count(batch_size, "batch_size")
+    checks.one_of(experts, ("per-expert", "per-layer"), "experts setting")
+    if calib_file is not None:
+        checks.input_file(calib_file, "calibration file", "UTF-8 text file")
+    if not (model is None or isinstance(model, (str, os.PathLike, nn.Module))):
+        raise BitallocError(f"model must be an nn.Module or a local model folder, got {type(model).__name__}")
     if model is None or isinstance(model, (str, os.PathLike)):
         model, tokenizer, kind = load_model(model, dtype=dtype)
     else:
@@ -113,9 +121,20 @@ def measure(prepared: Prepared, probe: str = DEFAULT_PROBE, *, settings: dict | 
     key = table_key(prepared, probe, probe_obj.settings())
     path = cache_dir() / "tables" / f"{probe}-{key}.safetensors"
     if cache and path.is_file() and Path(str(path) + ".json").is_file():
-        table = SensitivityTable.load(path)
-        table.meta["cached"] = str(path)
-        return table
+        try:
+            table = SensitivityTable.load(path)
+            if [u.name for u in table.units] != [u.name for u in prepared.units] or \
+                    list(table.options) != list(prepared.options):
+                raise ValueError("units or options differ from the request")
+            table.meta["cached"] = str(path)
+            return table
+        except Exception as e:        # truncated/garbled cache entry: say so once, then measure again
+            import warnings
+
+            from .errors import BitallocWarning
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            warnings.warn(f"cached table {path} is unreadable ({first}): measuring it again", BitallocWarning,
+                          stacklevel=2)
     table = probe_obj.measure(prepared.workload, prepared.units, prepared.options)
     table.meta.update(model=prepared.info, data_hash=data_hash(prepared.tokens),
                       n_windows=len(prepared.tokens), seq_len=prepared.tokens.shape[1])
@@ -147,6 +166,12 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
     get a width each ("per-expert") or one per layer ("per-layer"); ``exclude``: modules kept in full
     precision; ``dtype``: for a model path, "auto" (the checkpoint's own) or bf16/fp16/fp32.
     """
+    from .sensitivity.base import PROBES
+    from .solvers.base import SOLVERS
+    checks.budget(budget_bits)                       # everything cheap is checked before the model loads
+    checks.one_of(probe, list(PROBES), "probe")
+    checks.one_of(solver, list(SOLVERS), "solver")
+    parse_dtype(dtype)
     prepared = prepare(model, calibration=calibration, tokenizer=tokenizer, options=options, include=include,
                        seq_len=seq_len, n_windows=n_windows, experts=experts, exclude=tuple(exclude), dtype=dtype)
     table = measure(prepared, probe, settings=probe_settings, cache=cache)

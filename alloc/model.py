@@ -10,8 +10,8 @@ from torch import nn
 
 from .errors import BitallocError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_ROOT / "examples" / "models" / "refllama-s"
+# The default model ships inside the package (package data), so a plain `pip install` finds it.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "model-data" / "refllama-s"
 
 
 def default_model_path() -> Path:
@@ -52,12 +52,10 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     checkpoint takes; "fp32" etc. override it. The source dtype is kept as ``model.bitalloc_source_dtype``:
     packed checkpoints store every unquantized tensor in it."""
     import transformers
+    from safetensors import SafetensorError
     dtype = parse_dtype(dtype)
-    path = Path(path) if path is not None else default_model_path()
-    if not path.exists():
-        raise BitallocError(f"model path {str(path)!r} does not exist: give a local folder with config.json")
-    if not (path / "config.json").is_file():
-        raise BitallocError(f"{str(path)!r} is not a model folder (no config.json): give a Hugging Face model folder")
+    given = path is not None
+    path = check_model_folder(path) if given else default_model_path()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     if attn:
@@ -74,11 +72,13 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
         else:
             model, kind = transformers.AutoModel.from_pretrained(path, **kwargs), "encoder"
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:   # SafetensorError: truncated file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BitallocError(f"could not load a model from {str(path)!r}: {first}") from None
+        raise BitallocError(f"could not load a model from {str(path)!r}: {first[:300]} (is a weight file "
+                            "truncated or of another format? re-download or re-save the model)") from None
     model.eval()
     model.name_or_path = str(path)
+    model.bitalloc_given_path = str(path) if given else None     # plans record the path only as the user gave it
     model.bitalloc_source_dtype = source
     return model, tokenizer, kind
 
@@ -94,8 +94,24 @@ def model_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def model_info(model: nn.Module, path: str | None = None) -> dict:
-    return {"id": Path(path or getattr(model, "name_or_path", "") or "model").name,
-            "path": str(path or getattr(model, "name_or_path", "")),
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """A local model folder: exists, is a folder, holds config.json."""
+    path = Path(path)
+    if not path.exists():
+        raise BitallocError(f"model path {str(path)!r} does not exist: give a local folder with config.json")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise BitallocError(f"{str(path)!r} is not a model folder (no config.json): give a Hugging Face model folder")
+    return path
+
+
+def model_info(model: nn.Module) -> dict:
+    """What a plan records of its model: id (folder name), content hash, architecture, and the path only
+    when the user gave one, exactly as given (never the install location of the default model)."""
+    source = getattr(model, "name_or_path", "") or ""
+    given = getattr(model, "bitalloc_given_path", source if source and Path(source).is_dir() else None)
+    info = {"id": Path(source).name if source else type(model).__name__,
             "architecture": type(model).__name__,
             "hash": model_hash(model)}
+    if given:
+        info["path"] = given
+    return info

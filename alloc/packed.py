@@ -75,12 +75,19 @@ def _pack_experts(model: nn.Module, units, packed: dict) -> None:
     _attach_experts(model, units, part)
 
 
-def apply(model: nn.Module, plan: BitPlan, *, quantizer: str = "rtn", calibration: torch.Tensor | None = None,
-          progress: bool = True) -> nn.Module:
-    """Quantize ``model`` by ``plan`` and replace each planned layer by a packed QuantLinear, in place.
+def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str = "rtn",
+          calibration: torch.Tensor | None = None, progress: bool = True) -> nn.Module:
+    """Quantize ``model`` by ``plan`` (a BitPlan or a plan JSON path) and replace each planned layer by a
+    packed QuantLinear, in place.
 
     Layers planned at 16 bits stay ordinary layers with fp16-rounded weights. Returns the model, which
     carries the plan as ``model.bitalloc_plan``."""
+    if not isinstance(model, nn.Module):
+        raise BitallocError(f"apply needs an nn.Module, got {type(model).__name__}: load the model first")
+    if isinstance(plan, (str, os.PathLike)):
+        plan = BitPlan.load(plan)
+    if not isinstance(plan, BitPlan):
+        raise BitallocError(f"plan must be a BitPlan or a plan JSON path, got {type(plan).__name__}")
     units = planned_units(model, plan)
     embeddings = [u.name for u in units if u.kind == "embedding" and not plan.layers[u.name].is_float]
     if embeddings:
@@ -112,6 +119,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def check_new_folder(path: str | os.PathLike) -> Path:
     """A checkpoint folder to create: its parent must exist and it must not hold anything yet."""
     out = check_parent(path)
+    if out.exists() and not out.is_dir():
+        raise BitallocError(f"{str(out)!r} is a file: give a new folder name for the packed checkpoint")
     if out.exists() and any(out.iterdir()):
         raise BitallocError(f"{str(out)!r} exists and is not empty: choose a new folder")
     return out

@@ -3,10 +3,11 @@
     {"format": "bitalloc.plan", "version": 1, "model": {...}, "budget_bits": 3.2, "true_bpw": 3.19,
      "nominal_bpw": 3.05, "solver": "ilp", "probe": "fisher", "objective": 0.12,
      "layers": {"model.layers.0.self_attn.q_proj": {"bits": 3, "group_size": 128, "symmetric": false,
-                                                    "shape": [384, 384]}, ...}}
+                                                    "shape": [384, 384], "cost": 9.4e-07}, ...}}
 
 ``true_bpw`` counts codes + scales + zeros (kernels/pack.py); ``nominal_bpw`` counts codes only. Both are
 derived from the layers and recomputed on load, so a hand-edited plan always reports what it really costs.
+``cost`` (optional) is the probe's cost of the chosen width, kept so that ``plan.table()`` can show it.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class BitPlan:
     objective: float | None = None
     model: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    costs: dict[str, float] = field(default_factory=dict)    # layer -> the probe's cost of its chosen width
 
     # -- derived figures -------------------------------------------------------------------------------
     def _bits(self, count_overhead: bool) -> float:
@@ -72,6 +74,21 @@ class BitPlan:
             hist[spec.bits] = hist.get(spec.bits, 0) + self.shapes[name][0] * self.shapes[name][1]
         return dict(sorted(hist.items()))
 
+    def table(self) -> list[dict[str, Any]]:
+        """One row per layer: layer, params, format (e.g. W3g128), bpw (true), cost (None when unknown)."""
+        return [{"layer": n, "params": self.shapes[n][0] * self.shapes[n][1], "format": s.label(),
+                 "bpw": s.bits_per_weight(self.shapes[n]), "cost": self.costs.get(n)} for n, s in self.layers.items()]
+
+    def table_lines(self) -> list[str]:
+        """``table()`` as aligned text lines, header first (what ``bitalloc allocate`` prints)."""
+        rows = self.table()
+        width = max(len("layer"), *(len(r["layer"]) for r in rows))
+        lines = [f"{'layer':<{width}}  {'params':>9}  {'format':>8}  {'bpw':>6}  {'cost':>10}"]
+        for r in rows:
+            cost = f"{r['cost']:.4g}" if r["cost"] is not None else "-"
+            lines.append(f"{r['layer']:<{width}}  {r['params']:>9,}  {r['format']:>8}  {r['bpw']:>6.3f}  {cost:>10}")
+        return lines
+
     @classmethod
     def from_choice(cls, units: Iterable[Unit], specs: Iterable[QuantSpec], **meta: Any) -> "BitPlan":
         units = list(units)
@@ -90,7 +107,8 @@ class BitPlan:
             "probe": self.probe,
             "objective": self.objective,
             **({"extra": self.extra} if self.extra else {}),
-            "layers": {n: {**s.to_json(), "shape": list(self.shapes[n])} for n, s in self.layers.items()},
+            "layers": {n: {**s.to_json(), "shape": list(self.shapes[n]),
+                           **({"cost": self.costs[n]} if n in self.costs else {})} for n, s in self.layers.items()},
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -132,7 +150,7 @@ class BitPlan:
         layers = data.get("layers")
         if not isinstance(layers, dict) or not layers:
             raise bad("'layers' must be a non-empty object mapping layer names to {bits, group_size, symmetric}")
-        specs, shapes = {}, {}
+        specs, shapes, costs = {}, {}, {}
         for name, entry in layers.items():
             if not isinstance(entry, dict):
                 raise bad(f"layer {name!r} must be an object with bits, group_size, symmetric; got {entry!r}")
@@ -150,8 +168,12 @@ class BitPlan:
             except BitallocError as e:
                 raise bad(f"layer {name!r}: {e}") from None
             shapes[name] = (shape[0], shape[1])
+            if "cost" in entry:
+                if not _is_number(entry["cost"]):
+                    raise bad(f"layer {name!r}: 'cost' must be a number, got {entry['cost']!r}")
+                costs[name] = float(entry["cost"])
         plan = cls(specs, shapes, budget_bits=budget, solver=data.get("solver", "manual"),
-                   probe=data.get("probe", "none"), objective=objective, model=model, extra=extra)
+                   probe=data.get("probe", "none"), objective=objective, model=model, extra=extra, costs=costs)
         if budget is not None and plan.true_bpw > budget + 1e-9:
             warnings.warn(f"{source}: its layers take {plan.true_bpw:.4f} true bits per weight, over its budget "
                           f"{budget}", BitallocWarning, stacklevel=2)

@@ -42,7 +42,8 @@ def bits_heatmap(plan, path: str | Path) -> Path:
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_ylabel("layer")
-    ax.set_title(f"bits per layer ({plan.solver}, true {plan.true_bpw:.3f} bpw)")
+    budget = f", budget {plan.budget_bits:g}" if plan.budget_bits is not None else ""
+    ax.set_title(f"bits per layer ({plan.solver}{budget}, true {plan.true_bpw:.4f} bpw)")
     fig.colorbar(im, ax=ax, label="true bits/weight")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -59,16 +60,21 @@ def cost_heatmap(table, path: str | Path) -> Path:
     im = ax.imshow(cost, cmap="magma_r", aspect="auto")
     ax.set_xticks(range(len(table.options)), [o.label() for o in table.options], fontsize=8)
     ax.set_yticks(range(len(table.units)), [u.name for u in table.units], fontsize=5)
-    ax.set_title(f"{table.probe} cost (log10)")
-    fig.colorbar(im, ax=ax)
+    source = table.meta.get("source")
+    what = f"costs from {Path(source).name}" if table.probe == "csv" and source else f"{table.probe} probe costs"
+    ax.set_title(f"{what} per unit and format")
+    ax.set_xlabel("format")
+    fig.colorbar(im, ax=ax, label="log10 cost (estimated loss increase)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
 
 
-def pareto_plot(points: list[dict], uniform: list[dict], path: str | Path, fp: float | None = None) -> Path:
-    """Allocated plans and uniform plans: true bpw (x) vs perplexity (y, log)."""
+def pareto_plot(points: list[dict], uniform: list[dict], path: str | Path, fp: float | None = None,
+                baselines: list[dict] = (), title: str = "bitalloc plans vs uniform widths") -> Path:
+    """Allocated plans, uniform plans and baseline mixes (e.g. llama.cpp's): true bpw (x) vs perplexity
+    (y, log scale)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     u = sorted(uniform, key=lambda p: p["true_bpw"])
@@ -77,15 +83,22 @@ def pareto_plot(points: list[dict], uniform: list[dict], path: str | Path, fp: f
         ax.annotate(p["label"], (p["true_bpw"], p["ppl"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
     a = sorted(points, key=lambda p: p["true_bpw"])
     ax.plot([p["true_bpw"] for p in a], [p["ppl"] for p in a], "o-", color="C0", label="bitalloc plans")
+    if baselines:
+        ax.plot([p["true_bpw"] for p in baselines], [p["ppl"] for p in baselines], "^", color="C3",
+                label="llama.cpp mixes")
+        for p in baselines:
+            ax.annotate(p["label"], (p["true_bpw"], p["ppl"]), fontsize=7, color="C3", textcoords="offset points",
+                        xytext=(3, -9))
     if fp is not None:
         ax.axhline(fp, color="C2", lw=0.8, label=f"fp ({fp:.2f})")
+    ax.set_title(title)
     ax.set_yscale("log")
     from matplotlib.ticker import FuncFormatter
     plain = FuncFormatter(lambda v, _: f"{v:g}")  # 12, 14, 20 rather than 1.2×10¹
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("true bits per weight")
-    ax.set_ylabel("perplexity")
+    ax.set_ylabel("perplexity (log scale)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TOKENIZER = REPO / "examples" / "models" / "refllama-s"
+TOKENIZER = REPO / "alloc" / "model-data" / "refllama-s"
 GB = 1e9
 
 

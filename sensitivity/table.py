@@ -103,6 +103,13 @@ class SensitivityTable:
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise BitallocError(f"table {str(path)!r} does not exist: write one with `bitalloc probe --out`") from None
+        except IsADirectoryError:
+            raise BitallocError(f"table {str(path)!r} is a directory: give a table CSV") from None
+        except UnicodeDecodeError:
+            raise BitallocError(f"table {str(path)!r} is not a text CSV: give a table from `bitalloc probe --out`") from None
+        if text.lstrip().startswith("{"):
+            raise BitallocError(f"table {str(path)!r} is JSON (a plan?), not a table CSV: give a table from "
+                                "`bitalloc probe --out`")
         rows = list(csv.DictReader(io.StringIO(text)))
         need = {"unit", "bits", "group_size", "cost", "size_bits", "out_features", "in_features"}
         if not rows or not need <= set(rows[0]):
@@ -125,7 +132,12 @@ class SensitivityTable:
             if (name, spec) in costs:
                 raise BitallocError(f"table {str(path)!r} line {line}: unit {name!r} has option {spec.label()} twice")
             units.setdefault(name, Unit(name, shape, "linear", row.get("fused_group") or None))
-            if int(row["size_bits"]) != spec.size_bits(shape):
+            try:
+                size_bits = float(row["size_bits"])     # "35072" or "35072.0" (spreadsheets write floats)
+            except (ValueError, TypeError):
+                raise BitallocError(f"table {str(path)!r} line {line}: size_bits {row['size_bits']!r} is not a "
+                                    "number") from None
+            if size_bits != spec.size_bits(shape):
                 raise BitallocError(f"table {str(path)!r} line {line}: size_bits {row['size_bits']} is not what "
                                     f"{spec.label()} on {shape} takes ({spec.size_bits(shape)})")
             costs[(name, spec)] = cost

@@ -83,13 +83,14 @@ class Problem:
             if len({int(choice[i]) for i in group}) > 1:
                 raise AssertionError(f"{solver} split fused group {[self.table.units[i].name for i in group]}")
         specs = [self.table.options[int(j)] for j in choice]
+        costs = {u.name: float(self.cost[i, int(j)]) for i, (u, j) in enumerate(zip(self.table.units, choice))}
         meta = self.table.meta
         experts = [u.expert for u in self.table.units if u.kind in EXPERT_KINDS]
         if experts:                  # how a plan's MoE experts are named: one per expert, or one per layer
             extra["experts"] = "per-layer" if experts[0] is None else "per-expert"
         return BitPlan.from_choice(
             self.table.units, specs, budget_bits=self.budget_bits, solver=solver, probe=self.table.probe,
-            objective=objective, model=meta.get("model", {}),
+            objective=objective, model=meta.get("model", {}), costs=costs,
             extra={"count_overhead": self.count_overhead, "fuse": self.fuse, **extra})
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +172,10 @@ class OptunaSolver(Solver):
         stored = study.user_attrs.get("bitalloc_settings")
         if stored is None:
             study.set_user_attr("bitalloc_settings", settings)
+            # the dashboard's axis names: what the study minimises, not "Objective 0"
+            with warnings.catch_warnings():          # set_metric_names is "experimental" in optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(["true bits/weight", "KL to fp"] if self.multi_objective else ["KL to fp"])
             if space == "reweight":             # start from the table's optimum
                 study.enqueue_trial({n: 0.0 for n in names})
             elif not self.multi_objective:

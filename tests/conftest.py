@@ -5,7 +5,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-REFLLAMA = REPO / "examples" / "models" / "refllama-s"
+REFLLAMA = REPO / "alloc" / "model-data" / "refllama-s"
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,94 @@
+"""Up-front checks of what a user hands us (CLI arguments and API arguments alike).
+
+Each check raises a one-line BitallocError that names the problem and the fix, before any slow work starts
+and before anything is written.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import numbers
+import os
+from pathlib import Path
+
+from .errors import BitallocError
+
+
+def count(value, name: str) -> int:
+    """A whole number ≥ 1 (windows, tokens, trials, …)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise BitallocError(f"{name} must be a whole number ≥ 1, got {value!r}")
+    if value < 1:
+        raise BitallocError(f"{name} is {value}: give a whole number ≥ 1")
+    return int(value)
+
+
+def positive(value, name: str, *, allow_none: bool = False) -> float | None:
+    """A finite real number > 0 (seconds, budgets)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BitallocError(f"{name} must be a number, got {value!r} ({type(value).__name__}): e.g. 3.2")
+    if not math.isfinite(value) or value <= 0:
+        raise BitallocError(f"{name} is {value}: give a finite number > 0")
+    return float(value)
+
+
+def budget(value) -> float:
+    """Bits per weight: a finite number > 0 (whether a plan can meet it is the solver's question)."""
+    return positive(value, "budget_bits")
+
+
+def output_file(path, flag: str = "--out") -> Path:
+    """A file we may create or replace: its folder exists and is writable, and it is not itself a folder."""
+    if path is None or str(path) == "":
+        raise BitallocError(f"{flag} is empty: give a file name")
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise BitallocError(f"{flag} {str(path)!r} is a directory: give a file name, e.g. {path / 'plan.json'}")
+    if not parent.is_dir():
+        raise BitallocError(f"output directory {str(parent)!r} does not exist: create it or choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BitallocError(f"output directory {str(parent)!r} is not writable: choose another {flag}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise BitallocError(f"{flag} {str(path)!r} exists and is read-only: choose another name")
+    return path
+
+
+def output_folder(path, flag: str = "--out-dir") -> Path:
+    """A folder we may create or write into (sweep's --out-dir): not a file, its parent exists."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BitallocError(f"{flag} {str(path)!r} is a file: give a folder name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise BitallocError(f"output directory {str(parent)!r} does not exist: create it or choose another {flag}")
+    if not os.access(path if path.is_dir() else parent, os.W_OK | os.X_OK):
+        raise BitallocError(f"{flag} {str(path)!r} is not writable: choose another folder")
+    return path
+
+
+def input_file(path, flag: str, what: str = "file") -> Path:
+    """A readable file (not a folder) that exists."""
+    path = Path(path)
+    if not path.exists():
+        raise BitallocError(f"{flag} {str(path)!r} does not exist: give an existing {what}")
+    if path.is_dir():
+        raise BitallocError(f"{flag} {str(path)!r} is a directory: give a {what}")
+    if not os.access(path, os.R_OK):
+        raise BitallocError(f"{flag} {str(path)!r} is not readable: check its permissions")
+    return path
+
+
+def require(module: str, extra: str, purpose: str) -> None:
+    """Refuse up front, in one line, when an optional dependency is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise BitallocError(f"{purpose} needs the Python package {module!r}, which is not installed: "
+                            f'pip install "bitalloc[{extra}]"')
+
+
+def one_of(value, choices, name: str) -> str:
+    if value not in choices:
+        raise BitallocError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+    return value

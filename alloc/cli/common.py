@@ -1,0 +1,183 @@
+"""What several commands share: argument groups, the up-front checks of the model/calibration arguments,
+preparing the model on its device, and the plan and score tables they print."""
+from __future__ import annotations
+
+import argparse
+
+from .. import checks
+from ..errors import BitallocError
+
+STREAMING_PROBES = ("fisher", "kfac", "output_error")
+EVAL_WINDOWS = 32          # one default for every command that scores plans on held-out text
+
+
+# -- argparse value types: a bad value is one `bitalloc: error:` line (see parser.OneLineParser) ------------
+def budget_type(text: str) -> float:
+    try:
+        return checks.budget(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not a number of bits per weight, e.g. 3.2") from None
+    except BitallocError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("budget_bits", "budget")) from None
+
+
+def count_type(text: str) -> int:
+    try:
+        return checks.count(int(text), "the value")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 1") from None
+    except BitallocError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def seconds_type(text: str) -> float:
+    try:
+        return checks.positive(float(text), "the value")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    except BitallocError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="dtype to load the model in (default auto: the checkpoint's own)")
+
+
+def add_eval_windows(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-windows", type=count_type, default=EVAL_WINDOWS,
+                   help=f"held-out windows to score (default {EVAL_WINDOWS}, the same for every command)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local Hugging Face model folder (default: the embedded refllama-s)")
+    p.add_argument("--calib", help="calibration text file (default: Python's own help topics)")
+    p.add_argument("--options", help="candidate widths, e.g. 2,3,4,8 or 3g64 (default 2,3,4,8 at --group-size)")
+    p.add_argument("--group-size", type=count_type, default=128, help="weights per scale along the input (default 128)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric codes (no zero points)")
+    p.add_argument("--include", default="", help="also quantize these modules (comma list of names or globs, e.g. lm_head)")
+    p.add_argument("--exclude", default="", help="keep these modules in full precision (comma list of names or globs)")
+    p.add_argument("--experts", default="per-expert", choices=["per-expert", "per-layer"],
+                   help="MoE models: a width per expert, or one per layer for all its experts (default per-expert)")
+    add_dtype_arg(p)
+    p.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                   help="fisher, kfac, output_error: one decoder block at a time (auto: when the whole-model "
+                        "state would pass 1 GiB, or the weights stay on the host for a GPU)")
+    p.add_argument("--seq-len", type=count_type, default=512, help="calibration window length in tokens (default 512)")
+    p.add_argument("--n-windows", type=count_type, default=128, help="calibration windows (default 128)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the sensitivity-table cache")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def add_search_solver_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generations", type=count_type, default=50,
+                   help="evolutionary: generations (optuna: trials) (default 50)")
+    p.add_argument("--time-limit", type=seconds_type, default=None,
+                   help="evolutionary/optuna: stop after this many seconds")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the search solvers (default 0)")
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+# -- up-front checks ----------------------------------------------------------------------------------------
+def check_model_args(args) -> None:
+    """Everything about the model/calibration arguments that can be checked without loading the model."""
+    from ..options import parse_options
+    from ..sensitivity.base import PROBES
+    if getattr(args, "model", None):
+        from ..model import check_model_folder
+        check_model_folder(args.model)
+    if getattr(args, "calib", None):
+        checks.input_file(args.calib, "--calib", "UTF-8 text file")
+    if getattr(args, "probe", None) is not None:
+        checks.one_of(args.probe, list(PROBES), "probe")
+    if getattr(args, "solver", None) is not None:
+        from ..solvers.base import SOLVERS
+        checks.one_of(args.solver, list(SOLVERS), "solver")
+    if hasattr(args, "options"):
+        parse_options(args.options, group_size=args.group_size, symmetric=args.symmetric)
+    if getattr(args, "device", None) and not args.device.split(":")[0] in ("cpu", "cuda"):
+        raise BitallocError(f"--device {args.device!r} is not understood: use cpu or cuda")
+    if getattr(args, "eval", None):
+        checks.input_file(args.eval, "--eval", "UTF-8 text file")
+    if hasattr(args, "stream") and hasattr(args, "probe"):
+        probe_settings(args)
+
+
+def probe_settings(args) -> dict:
+    """--stream for the probes that can run one decoder block at a time (fisher, kfac, output_error)."""
+    if args.stream != "auto" and args.probe not in STREAMING_PROBES:
+        raise BitallocError(f"--stream {args.stream} applies to the fisher, kfac and output_error probes only, "
+                            f"not {args.probe}: leave it out")
+    return {"stream": args.stream} if args.probe in STREAMING_PROBES else {}
+
+
+# -- the work ------------------------------------------------------------------------------------------------
+def prepare_model(args, strict: bool = False):
+    """Load the model, find its units, tokenize the calibration text; place the model on its device."""
+    import torch
+
+    from ..api import prepare
+    from ..distributed import local_device
+    from ..options import parse_options
+    options = parse_options(args.options, group_size=args.group_size, symmetric=args.symmetric)
+    prepared = prepare(args.model, calib_file=args.calib, options=options, include=split_list(args.include),
+                       seq_len=args.seq_len, n_windows=args.n_windows, strict_windows=strict, experts=args.experts,
+                       exclude=split_list(args.exclude), dtype=args.dtype)
+    device = local_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BitallocError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
+    if device.startswith("cuda") and _weights_stay_on_host(args, prepared.model, device):
+        prepared.compute_device = device        # fisher streams one block at a time to the GPU
+    else:
+        prepared.model.to(device)
+    return prepared
+
+
+def _weights_stay_on_host(args, model, device: str) -> bool:
+    """On a GPU, the streaming probes keep the weights on the host and stream blocks to the device with
+    --stream on, or (auto) when the model takes more than 80 % of the GPU's free memory."""
+    import torch
+    if getattr(args, "probe", None) not in STREAMING_PROBES or getattr(args, "stream", "auto") == "off":
+        return False
+    if args.stream == "on":
+        return True
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return sum(p.numel() * p.element_size() for p in model.parameters()) > 0.8 * free
+
+
+def solver_settings(args, prepared) -> dict:
+    """--generations/--time-limit/--seed for the search solvers, plus their KL fitness on the model."""
+    from ..api import with_fitness
+    settings = {}
+    if args.solver == "evolutionary":
+        settings = {"generations": args.generations, "time_limit": args.time_limit, "seed": args.seed}
+    elif args.solver == "optuna":
+        settings = {"n_trials": args.generations, "timeout": args.time_limit, "seed": args.seed}
+    return with_fitness(prepared, args.solver, settings)
+
+
+def eval_tokens(prepared, path: str, n_windows: int, seq_len: int):
+    """Held-out windows from ``path`` (fewer than asked is a warning, the count is printed with the scores)."""
+    from ..calibration import read_text, windows
+    return windows(prepared.tokenizer, read_text(path), seq_len=seq_len, n_windows=n_windows,
+                   source=f"eval file {path!r}")
+
+
+def print_plan(plan) -> None:
+    print("\n".join(plan.table_lines()))
+
+
+def print_scores(rows, kind: str, tokens, quantizer: str) -> None:
+    """One line per (label, plan or None for fp, Score): true bpw, perplexity (or cosine) and KL to fp."""
+    metric = "ppl" if kind == "causal_lm" else "cosine"
+    width = max(18, *(len(label) for label, _, _ in rows))
+    print(f"{'model':<{width}} {'true bpw':>9} {metric:>9} {'KL':>8}   ({len(tokens)} windows of {tokens.shape[1]} "
+          f"tokens, {quantizer})")
+    for label, p, s in rows:
+        bpw = f"{p.true_bpw:.4f}" if p else "16"
+        value = s.ppl if metric == "ppl" else s.cosine
+        kl = f"{s.kl:.5f}" if s.kl is not None else "-"
+        print(f"{label:<{width}} {bpw:>9} {value:>9.4f} {kl:>8}")

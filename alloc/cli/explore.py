@@ -1,0 +1,185 @@
+"""Commands that explore many plans: sweep (budgets → CSV + Pareto plot), search (an Optuna study), dashboard."""
+from __future__ import annotations
+
+import time
+
+from .. import checks
+from ..errors import BitallocError
+from .common import check_model_args, eval_tokens, prepare_model, probe_settings, solver_settings
+
+
+def parse_budgets(text: str) -> list[float]:
+    try:
+        if ":" in text:
+            lo, hi, step = (float(v) for v in text.split(":"))
+            if step <= 0 or hi < lo:
+                raise ValueError
+            n = int(round((hi - lo) / step))
+            budgets = [round(lo + k * step, 6) for k in range(n + 1)]
+        else:
+            budgets = [float(v) for v in text.split(",")]
+        for b in budgets:
+            checks.budget(b)
+        return budgets
+    except (ValueError, BitallocError):
+        raise BitallocError(f"--budgets {text!r} is not START:STOP:STEP (e.g. 2.25:4.25:0.25) or a comma list "
+                            "of numbers > 0") from None
+
+
+def uniform_curve_at(uniform: list[dict], bpw: float) -> float | None:
+    """Perplexity of the uniform curve at ``bpw``: straight line between the two uniform plans around it
+    (the piecewise-linear curve drawn in the Pareto plot). None outside the uniform plans' range."""
+    pts = sorted((u["true_bpw"], u["ppl"]) for u in uniform if u["ppl"] is not None)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= bpw <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (bpw - x0) / (x1 - x0)
+    return None
+
+
+def plan_curve_at(plans: list[dict], bpw: float) -> float | None:
+    """Perplexity of the plans' curve at ``bpw`` (straight lines between neighbouring plans)."""
+    return uniform_curve_at(plans, bpw)
+
+
+def _row(kind: str, label: str, p, budget=None) -> dict:
+    return {"kind": kind, "label": label, "budget": budget, "true_bpw": p.true_bpw, "nominal_bpw": p.nominal_bpw,
+            "objective": p.objective if kind == "plan" else None, "ppl": None, "kl": None,
+            "uniform_ppl_at_bpw": None, "plan_ppl_at_bpw": None}
+
+
+def cmd_sweep(args) -> None:
+    import csv
+
+    from ..api import measure, solve
+    from ..files import atomic_path
+    from ..plan import BitPlan
+    budgets = parse_budgets(args.budgets)
+    out = checks.output_folder(args.out_dir)
+    check_model_args(args)
+    if args.baselines and not args.eval:
+        raise BitallocError("--baselines scores mixes on held-out text: add --eval FILE")
+    t0 = time.time()
+    prepared = prepare_model(args)
+    table = measure(prepared, args.probe, settings=probe_settings(args), cache=not args.no_cache)
+    settings = solver_settings(args, prepared)
+    plans = [solve(table, b, args.solver, settings=settings, count_overhead=not args.nominal, fuse=args.fuse)
+             for b in budgets]
+    uniform = [BitPlan.from_choice(table.units, [o] * len(table.units), budget_bits=16.0,
+                                   solver="uniform", probe=table.probe, objective=0.0) for o in table.options]
+    scored_plans = [(_row("plan", f"{p.budget_bits:g}", p, p.budget_bits), p) for p in plans]
+    scored_plans += [(_row("uniform", o.label(), p), p) for o, p in zip(table.options, uniform)]
+    if args.baselines:
+        from ..baselines import baseline_plans
+        scored_plans += [(_row(f"{args.baselines}", name, p), p) for name, p in
+                         baseline_plans(args.baselines, table, getattr(prepared.model, "config", None))]
+    rows = [r for r, _ in scored_plans]
+    fp = None
+    if args.eval:
+        from ..evaluate import score_plans
+        tokens = eval_tokens(prepared, args.eval, args.eval_windows, args.seq_len)
+        scored = score_plans(prepared, tokens, [(r["label"], p) for r, p in scored_plans], "rtn", args.stream)
+        fp = scored[0][2].ppl
+        for row, (_, _, s) in zip(rows, scored[1:]):
+            row["ppl"], row["kl"] = s.ppl, s.kl
+        plan_rows = [r for r in rows if r["kind"] == "plan"]
+        uniform_rows = [r for r in rows if r["kind"] == "uniform"]
+        for row in rows:
+            if row["kind"] != "uniform":
+                row["uniform_ppl_at_bpw"] = uniform_curve_at(uniform_rows, row["true_bpw"])
+            if row["kind"] not in ("plan",):
+                row["plan_ppl_at_bpw"] = plan_curve_at(plan_rows, row["true_bpw"])
+    out.mkdir(exist_ok=True)
+    with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    _print_sweep(rows, args, tokens if args.eval else None)
+    if args.eval:
+        from ..plots import pareto_plot
+        pareto_plot([r for r in rows if r["kind"] == "plan"], [r for r in rows if r["kind"] == "uniform"],
+                    out / "pareto.png", fp=fp, baselines=[r for r in rows if r["kind"] == args.baselines],
+                    title=f"{prepared.info['id']}: {len(tokens)} windows × {tokens.shape[1]} tokens, RTN")
+    print(f"sweep of {len(budgets)} budgets -> {out / 'sweep.csv'}" + (f", {out / 'pareto.png'}" if args.eval else "")
+          + f" ({time.time() - t0:.1f} s)")
+
+
+def _print_sweep(rows: list[dict], args, tokens) -> None:
+    def fmt(v):
+        return f"{v:.4f}" if v is not None else "-"
+    kind_w = max(8, *(len(r["kind"]) for r in rows))
+    windows = f"   ({len(tokens)} windows of {tokens.shape[1]} tokens, rtn)" if tokens is not None else ""
+    print(f"{'kind':<{kind_w}} {'label':>6} {'true bpw':>9} {'ppl':>9} {'KL':>8} {'uniform ppl here':>17}"
+          f"{' plans ppl here' if args.baselines else ''}{windows}")
+    for r in rows:
+        line = (f"{r['kind']:<{kind_w}} {r['label']:>6} {r['true_bpw']:>9.4f} {fmt(r['ppl']):>9} {fmt(r['kl']):>8} "
+                f"{fmt(r['uniform_ppl_at_bpw']):>17}")
+        print(line + (f" {fmt(r['plan_ppl_at_bpw']):>15}" if args.baselines else ""))
+    if tokens is None:
+        return
+    plans = [r for r in rows if r["kind"] == "plan"]
+    compared = [r for r in plans if r["uniform_ppl_at_bpw"] is not None]
+    below = sum(r["ppl"] <= r["uniform_ppl_at_bpw"] for r in compared)
+    print(f"{below} of {len(compared)} plans inside the uniform range are at or below the uniform curve"
+          + (f" ({len(plans) - len(compared)} outside it)" if len(compared) < len(plans) else ""))
+    for r in rows:
+        if r["kind"] == args.baselines and r["plan_ppl_at_bpw"] is not None:
+            gain = 100 * (1 - r["plan_ppl_at_bpw"] / r["ppl"])
+            print(f"{args.baselines} {r['label']} ({r['true_bpw']:.4f} bpw): ppl {r['ppl']:.4f}; bitalloc plans at "
+                  f"the same true bpw {r['plan_ppl_at_bpw']:.4f} ({gain:+.1f} % lower)")
+        elif r["kind"] == args.baselines:
+            print(f"{args.baselines} {r['label']} ({r['true_bpw']:.4f} bpw) lies outside the swept budgets: "
+                  "widen --budgets to compare")
+
+
+def cmd_search(args) -> None:
+    import json
+
+    from ..api import measure, with_fitness
+    from ..plan import BitPlan
+    from ..solvers import Problem
+    from ..solvers.optuna_search import OptunaSolver, make_storage
+    if args.out:
+        checks.output_file(args.out)
+    check_model_args(args)
+    if args.storage.startswith("postgresql"):
+        checks.require("psycopg", "search", "a PostgreSQL study storage")
+    make_storage(args.storage)                    # an unreachable or malformed storage fails before any work
+    prepared = prepare_model(args)
+    table = measure(prepared, args.probe, settings=probe_settings(args), cache=not args.no_cache)
+    budget = args.budget if args.budget is not None else 16.0
+    problem = Problem(table, budget, count_overhead=not args.nominal, fuse=args.fuse)
+    solver = OptunaSolver(n_trials=args.n_trials, study_name=args.study, storage=args.storage, sampler=args.sampler,
+                          seed=args.seed, windows=args.windows, heartbeat=args.heartbeat, grace=args.grace,
+                          timeout=args.timeout, multi_objective=args.budget is None, trial_delay=args.trial_delay,
+                          space=args.space, spread=args.spread,
+                          settings={"model": prepared.info["hash"], "probe": args.probe})
+    solver.fitness = with_fitness(prepared, "optuna", {}, max_windows=args.windows)["fitness"]
+    study = solver.run(problem)
+    import optuna
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    print(f"study {args.study!r} on {solver.storage}: {len(complete)} complete trials")
+    if args.budget is None:
+        print(f"{'true bpw':>9}  {'KL':>9}  trial")
+        for t in sorted(study.best_trials, key=lambda t: t.values[0]):
+            print(f"{t.values[0]:>9.4f}  {t.values[1]:>9.5f}  {t.number}")
+        return
+    best = study.best_trial
+    plan = BitPlan.from_json(json.loads(best.user_attrs["plan"]))
+    print(f"best trial {best.number}: KL {best.value:.5f} · true {plan.true_bpw:.4f} bits/weight")
+    if args.out:
+        plan.save(args.out)
+        print(f"plan written to {args.out}")
+
+
+def cmd_dashboard(args) -> None:
+    from ..solvers.optuna_search import make_storage
+    checks.require("optuna_dashboard", "search", "bitalloc dashboard")
+    if not 1 <= args.port <= 65535:
+        raise BitallocError(f"--port {args.port} is not a TCP port: give 1–65535 (e.g. 8080)")
+    if args.storage.startswith("postgresql"):
+        checks.require("psycopg", "search", "a PostgreSQL study storage")
+    storage = make_storage(args.storage)
+    from optuna_dashboard import run_server
+    print(f"optuna-dashboard for {args.storage} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    run_server(storage, host=args.host, port=args.port)
+

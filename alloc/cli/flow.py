@@ -1,0 +1,148 @@
+"""The commands of the flow in DESIGN.md: allocate (all of it), probe, solve, eval, apply.
+
+Each command checks every argument it can before it loads a model, so a mistake costs no waiting."""
+from __future__ import annotations
+
+import time
+
+from .. import checks
+from ..errors import BitallocError
+from .common import (check_model_args, eval_tokens, prepare_model, print_plan, print_scores, probe_settings,
+                     solver_settings)
+
+
+def print_calibration(prepared, args) -> None:
+    """What the probe calibrated on, so nobody mistakes a few windows for the 128 they asked for."""
+    n, seq = prepared.tokens.shape
+    source = f"{args.calib}" if args.calib else "Python's help topics (the default)"
+    print(f"calibration: {n} windows × {seq} tokens = {n * seq:,} tokens of {source}")
+
+
+def cmd_allocate(args) -> None:
+    from ..api import measure, solve
+    checks.output_file(args.out)
+    check_model_args(args)
+    if args.baselines and not args.eval:
+        raise BitallocError("--baselines scores mixes on held-out text: add --eval FILE")
+    t0 = time.time()
+    prepared = prepare_model(args)
+    print_calibration(prepared, args)
+    table = measure(prepared, args.probe, settings=probe_settings(args), cache=not args.no_cache)
+    plan = solve(table, args.budget, args.solver, settings=solver_settings(args, prepared),
+                 count_overhead=not args.nominal, fuse=args.fuse)
+    plan.extra["quantizer"] = args.quantizer
+    print_plan(plan)
+    print(f"\nbudget {args.budget} {'nominal' if args.nominal else 'true'} bits/weight · "
+          f"true {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver}"
+          f" · {len(plan.layers)} layers, {plan.n_params:,} weights, {plan.size_bytes() / 2**20:.2f} MiB packed")
+    if args.eval:
+        _evaluate_plans(args, prepared, table, plan)
+    plan.save(args.out)
+    print(f"plan written to {args.out} ({time.time() - t0:.1f} s)")
+
+
+def _evaluate_plans(args, prepared, table, plan) -> None:
+    from ..api import solve
+    from ..evaluate import score_plans
+    tokens = eval_tokens(prepared, args.eval, args.eval_windows, prepared.tokens.shape[1])
+    uniform = solve(table, args.budget, "uniform", count_overhead=not args.nominal)
+    plans = [("plan", plan), (f"uniform {next(iter(uniform.layers.values())).label()}", uniform)]
+    if args.baselines:
+        from ..baselines import baseline_plans
+        plans += [(f"llama.cpp {name}", p) for name, p in baseline_plans(args.baselines, table, getattr(prepared.model, "config", None))]
+    rows = score_plans(prepared, tokens, plans, args.quantizer, getattr(args, "stream", "auto"))
+    print()
+    print_scores(rows, prepared.kind, tokens, args.quantizer)
+    plan.extra["eval"] = {label: s.as_dict() for label, _, s in rows}
+
+
+def cmd_probe(args) -> None:
+    from ..api import measure
+    from ..distributed import world
+    checks.output_file(args.out)
+    check_model_args(args)
+    rank, size = world()
+    prepared = prepare_model(args, strict=True)
+    if rank == 0:
+        print_calibration(prepared, args)
+    t0 = time.time()
+    if size > 1:                 # under torchrun: every rank measures its share, rank 0 writes
+        from ..distributed import init, measure_distributed
+        init(str(next(prepared.model.parameters()).device))
+        table = measure_distributed(prepared, args.probe, probe_settings(args), cache=not args.no_cache)
+        if rank != 0:
+            return
+    else:
+        table = measure(prepared, args.probe, settings=probe_settings(args), cache=not args.no_cache)
+    table.save_csv(args.out)
+    source = "cache" if "cached" in table.meta else "measured"
+    ranks = f", {size} ranks" if size > 1 else ""
+    print(f"{args.probe}: {len(table.units)} units × {len(table.options)} options ({source}{ranks}, "
+          f"{time.time() - t0:.1f} s) -> {args.out}")
+
+
+def cmd_solve(args) -> None:
+    from ..api import solve
+    from ..sensitivity.table import SensitivityTable
+    from ..solvers.base import NEEDS_MODEL, SOLVERS
+    checks.input_file(args.table, "--table", "table CSV (from bitalloc probe --out)")
+    checks.output_file(args.out)
+    checks.one_of(args.solver, [s for s in SOLVERS if s not in NEEDS_MODEL], "solver for a table alone")
+    table = SensitivityTable.load_csv(args.table)
+    plan = solve(table, args.budget, args.solver, count_overhead=not args.nominal, fuse=args.fuse)
+    print_plan(plan)
+    print(f"\ntrue {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · objective {plan.objective:.6g}")
+    plan.save(args.out)
+    print(f"plan written to {args.out}")
+
+
+def _discard(name, q) -> None:
+    """quantize_model sink for fake quantization only: the codes are not needed."""
+
+
+def cmd_eval(args) -> None:
+    from ..api import prepare
+    from ..evaluate import score_plans
+    from ..plan import BitPlan
+    checks.input_file(args.text, "--text", "UTF-8 text file")
+    check_model_args(args)
+    plan = BitPlan.load(args.plan)
+    prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, dtype=args.dtype,
+                       experts=plan.extra.get("experts", "per-expert"))
+    plan.check_units(prepared.units)
+    tokens = eval_tokens(prepared, args.text, args.eval_windows, args.seq_len)
+    rows = score_plans(prepared, tokens, [("plan", plan)], args.quantizer, args.stream)
+    print_scores(rows, prepared.kind, tokens, args.quantizer)
+
+
+def cmd_apply(args) -> None:
+    import copy
+
+    from ..api import prepare
+    from ..evaluate import perplexity
+    from ..packed import apply, check_new_folder, checkpoint_report, planned_units, save
+    from ..plan import BitPlan
+    from ..quantize_model import quantize_model
+    out = check_new_folder(args.out)           # fail before the slow part; save() checks again
+    check_model_args(args)
+    plan = BitPlan.load(args.plan)
+    prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len,
+                       dtype=args.dtype, experts=plan.extra.get("experts", "per-expert"))
+    model = prepared.model
+    if args.eval:
+        tokens = eval_tokens(prepared, args.eval, args.eval_windows, args.seq_len)
+        fake = copy.deepcopy(model)
+        quantize_model(fake, planned_units(fake, plan), plan, quantizer=args.quantizer, calibration=prepared.tokens,
+                       sink=_discard)
+        ppl_fake = perplexity(fake, tokens, desc="ppl fake-quantized")
+        del fake
+    apply(model, plan, quantizer=args.quantizer, calibration=prepared.tokens)
+    save(model, out, tokenizer=prepared.tokenizer)
+    r = checkpoint_report(model, out)
+    print(f"packed {len(plan.layers)} layers ({r['quantized_params']:,} params at {r['true_bpw']:.4f} true bpw) "
+          f"-> {args.out}\ncheckpoint {r['actual_bytes']:,} bytes; plan predicts {r['expected_bytes']:,.0f} "
+          f"({100 * r['relative_diff']:+.2f} %)")
+    if args.eval:
+        ppl_packed = perplexity(model, tokens, desc="ppl packed")
+        print(f"perplexity ({len(tokens)} windows of {tokens.shape[1]} tokens): packed {ppl_packed:.6f} · "
+              f"fake-quantized {ppl_fake:.6f} · relative difference {abs(ppl_packed / ppl_fake - 1):.2e}")

@@ -1,0 +1,154 @@
+"""The ``bitalloc`` argument parser: one sub-parser per command, every value type-checked by argparse."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import (add_dtype_arg, add_eval_windows, add_model_args, add_search_solver_args, budget_type,
+                     count_type, seconds_type)
+from .explore import cmd_dashboard, cmd_search, cmd_sweep
+from .flow import cmd_allocate, cmd_apply, cmd_eval, cmd_probe, cmd_solve
+from .publish import cmd_export, cmd_report
+
+BASELINES = ["llama.cpp"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``bitalloc: error: …`` line (exit status 2), like every other
+    mistake; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        print(f"bitalloc: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+    from ..api import DEFAULT_PROBE, DEFAULT_SOLVER
+    from ..solvers.optuna_search import DEFAULT_STORAGE
+    parser = OneLineParser(prog="bitalloc", description="Mixed-precision bit allocation under a memory budget.")
+    parser.add_argument("--version", action="version", version=f"bitalloc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("allocate", help="probe, solve and write a plan (the whole flow)")
+    add_model_args(p)
+    p.add_argument("--budget", type=budget_type, required=True, help="average TRUE bits per weight (codes+scales+zeros)")
+    p.add_argument("--probe", default=DEFAULT_PROBE, help=f"sensitivity probe (default {DEFAULT_PROBE})")
+    p.add_argument("--solver", default=DEFAULT_SOLVER, help=f"solver (default {DEFAULT_SOLVER})")
+    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"], help="quantizer for --eval (default rtn)")
+    p.add_argument("--fuse", action="store_true", help="q/k/v and gate/up share one width")
+    p.add_argument("--nominal", action="store_true", help="budget counts code bits only (count_overhead=False)")
+    p.add_argument("--eval", help="text file: report perplexity of fp, the plan and the best uniform plan")
+    add_eval_windows(p)
+    p.add_argument("--baselines", choices=BASELINES, help="with --eval: also score llama.cpp's Q2_K, Q3_K_S, "
+                   "Q3_K_M and Q4_K_M tensor-type mixes")
+    p.add_argument("--out", default="plan.json", help="plan JSON to write (default plan.json)")
+    add_search_solver_args(p)
+    p.set_defaults(func=cmd_allocate)
+
+    p = sub.add_parser("probe", help="measure a sensitivity table and write it as CSV")
+    add_model_args(p)
+    p.add_argument("--probe", default=DEFAULT_PROBE, help=f"probe name (default {DEFAULT_PROBE})")
+    p.add_argument("--out", required=True, help="CSV to write: unit,bits,group_size,symmetric,cost,size_bits,...")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("solve", help="solve a budget from a sensitivity table CSV")
+    p.add_argument("--table", required=True, help="table CSV from `bitalloc probe --out`")
+    p.add_argument("--budget", type=budget_type, required=True)
+    p.add_argument("--solver", default=DEFAULT_SOLVER, help=f"ilp, closed_form or uniform (default {DEFAULT_SOLVER})")
+    p.add_argument("--fuse", action="store_true")
+    p.add_argument("--nominal", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("eval", help="perplexity / KL (or embedding cosine) of a plan")
+    p.add_argument("--model", help="local Hugging Face model folder (default: the embedded refllama-s)")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--text", required=True, help="evaluation text file")
+    p.add_argument("--calib", help="calibration text for GPTQ")
+    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"])
+    p.add_argument("--seq-len", type=count_type, default=512)
+    p.add_argument("--n-windows", type=count_type, default=128, help="GPTQ calibration windows (default 128)")
+    add_eval_windows(p)
+    add_dtype_arg(p)
+    p.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
+                   help="score RTN plans one decoder block at a time (auto: when the whole-model copies pass 1 GiB)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("apply", help="quantize and pack a model by a plan; write safetensors + plan JSON")
+    p.add_argument("--model", help="local Hugging Face model folder (default: the embedded refllama-s)")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--out", required=True, help="new folder for the packed checkpoint")
+    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"])
+    p.add_argument("--calib", help="calibration text for GPTQ (default: Python's own help topics)")
+    p.add_argument("--seq-len", type=count_type, default=512)
+    p.add_argument("--n-windows", type=count_type, default=128, help="GPTQ calibration windows (default 128)")
+    p.add_argument("--eval", help="text file: perplexity of the packed model and of the fake-quantized one")
+    add_eval_windows(p)
+    add_dtype_arg(p)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("search", help="run one worker of an Optuna study over plans (start several to scale out)")
+    add_model_args(p)
+    p.add_argument("--study", required=True, help="study name (workers with the same name share it)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE}); "
+                   "postgresql://user@host/db for many machines")
+    p.add_argument("--n-trials", type=count_type, default=100, help="the study stops at this many complete trials")
+    p.add_argument("--budget", type=budget_type, default=None,
+                   help="single objective (KL) under this budget; without it: multi-objective (true bpw, KL)")
+    p.add_argument("--probe", default=DEFAULT_PROBE,
+                   help="the cost table the study starts from: reweighted (reweight space) or used to repair plans "
+                        "to the budget (widths space); its ILP plan is trial 0")
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])
+    p.add_argument("--space", choices=["reweight", "widths"], default=None,
+                   help="reweight (default with --budget): per-layer multipliers on the cost table, each trial the "
+                        "exact ILP plan of the reweighted table; widths (default without): one width per layer")
+    p.add_argument("--spread", type=seconds_type, default=0.3,
+                   help="reweight: log-multipliers lie in [-spread, spread] (default 0.3)")
+    p.add_argument("--windows", type=count_type, default=4, help="calibration windows scored per trial (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fuse", action="store_true")
+    p.add_argument("--nominal", action="store_true")
+    p.add_argument("--heartbeat", type=count_type, default=10, help="seconds between heartbeats (default 10)")
+    p.add_argument("--grace", type=count_type, default=30,
+                   help="a trial whose worker is silent this long is failed and retried (default 30)")
+    p.add_argument("--timeout", type=seconds_type, default=None, help="stop this worker after this many seconds")
+    p.add_argument("--trial-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--out", help="write the best plan (single-objective studies)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="write a plan as another tool's config")
+    p.add_argument("plan")
+    p.add_argument("--to", required=True, help="gptqmodel, llama.cpp or compressed-tensors")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sweep", help="solve many budgets from one (cached) table; CSV + Pareto plot")
+    add_model_args(p)
+    p.add_argument("--budgets", default="2.25:4.25:0.25", help="START:STOP:STEP or a comma list (default 2.25:4.25:0.25)")
+    p.add_argument("--probe", default=DEFAULT_PROBE)
+    p.add_argument("--solver", default=DEFAULT_SOLVER)
+    p.add_argument("--fuse", action="store_true")
+    p.add_argument("--nominal", action="store_true")
+    p.add_argument("--eval", help="text file: perplexity of every plan and of the uniform plans (Pareto plot)")
+    add_eval_windows(p)
+    p.add_argument("--baselines", choices=BASELINES, help="with --eval: also score llama.cpp's Q2_K, Q3_K_S, "
+                   "Q3_K_M and Q4_K_M tensor-type mixes (rows in the CSV, triangles on the plot)")
+    p.add_argument("--out-dir", default="sweep", help="folder for sweep.csv and pareto.png (default ./sweep)")
+    add_search_solver_args(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="an HTML (or, for --out x.md, Markdown) page with the plan's summary, "
+                                      "charts and per-layer table")
+    p.add_argument("plan")
+    p.add_argument("--table", help="a probe table CSV, for the cost heat map")
+    p.add_argument("--out", default="report.html",
+                   help="page to write (default report.html); a .md name writes Markdown with the charts beside it")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard on a study storage")
+    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_dashboard)
+    return parser
