@@ -73,8 +73,26 @@ def _spec_args(spec: QuantSpec) -> dict:
     return {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.symmetric}
 
 
+def split_fused_groups(specs: dict[str, QuantSpec]) -> list[str]:
+    """Sibling groups (q/k/v, gate/up of one block) whose members the plan gives different formats."""
+    from .units import FUSED_SIBLINGS
+    split = []
+    parents = list(dict.fromkeys(n.rpartition(".")[0] for n in specs))     # in plan (layer) order
+    for parent in parents:
+        for tag, siblings in FUSED_SIBLINGS:
+            members = [specs[f"{parent}.{s}"] for s in siblings if f"{parent}.{s}" in specs]
+            if len(members) > 1 and len(set(members)) > 1:
+                split.append(f"{parent}.{tag}")
+    return split
+
+
 def to_gptqmodel(plan: BitPlan) -> dict:
     specs = _map_up(plan, GPTQMODEL_BITS, "gptqmodel")
+    split = split_fused_groups(specs)
+    if split:
+        warnings.warn(f"{len(split)} q/k/v or gate/up group(s) mix widths ({', '.join(split[:3])}"
+                      f"{', …' if len(split) > 3 else ''}): vLLM fuses these projections and cannot load such a "
+                      "checkpoint; allocate with --fuse to give each group one width", BitallocWarning, stacklevel=3)
     quantized = [s for s in specs.values() if not s.is_float]
     if not quantized:
         raise BitallocError("the plan quantizes no layer: nothing to export")

@@ -15,28 +15,28 @@ EVAL_WINDOWS = 32          # one default for every command that scores plans on 
 def budget_type(text: str) -> float:
     try:
         return checks.budget(float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget {text!r} is not a number of bits per weight, e.g. 3.2") from None
     except BitallocError as e:
         raise argparse.ArgumentTypeError(str(e).replace("budget_bits", "budget")) from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not a number of bits per weight, e.g. 3.2") from None
 
 
 def count_type(text: str) -> int:
     try:
         return checks.count(int(text), "the value")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 1") from None
     except BitallocError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 1") from None
 
 
 def seconds_type(text: str) -> float:
     try:
         return checks.positive(float(text), "the value")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     except BitallocError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
 
 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:

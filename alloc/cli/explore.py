@@ -36,15 +36,10 @@ def uniform_curve_at(uniform: list[dict], bpw: float) -> float | None:
     return None
 
 
-def plan_curve_at(plans: list[dict], bpw: float) -> float | None:
-    """Perplexity of the plans' curve at ``bpw`` (straight lines between neighbouring plans)."""
-    return uniform_curve_at(plans, bpw)
-
-
 def _row(kind: str, label: str, p, budget=None) -> dict:
     return {"kind": kind, "label": label, "budget": budget, "true_bpw": p.true_bpw, "nominal_bpw": p.nominal_bpw,
             "objective": p.objective if kind == "plan" else None, "ppl": None, "kl": None,
-            "uniform_ppl_at_bpw": None, "plan_ppl_at_bpw": None}
+            "uniform_ppl_at_bpw": None, "plan_ppl_same_bits": None}
 
 
 def cmd_sweep(args) -> None:
@@ -62,38 +57,41 @@ def cmd_sweep(args) -> None:
     prepared = prepare_model(args)
     table = measure(prepared, args.probe, settings=probe_settings(args), cache=not args.no_cache)
     settings = solver_settings(args, prepared)
-    plans = [solve(table, b, args.solver, settings=settings, count_overhead=not args.nominal, fuse=args.fuse)
-             for b in budgets]
+
+    def plan_at(budget: float):
+        return solve(table, budget, args.solver, settings=settings, count_overhead=not args.nominal, fuse=args.fuse)
+    entries = [(_row("plan", f"{b:g}", p, b), p) for b in budgets for p in [plan_at(b)]]
     uniform = [BitPlan.from_choice(table.units, [o] * len(table.units), budget_bits=16.0,
                                    solver="uniform", probe=table.probe, objective=0.0) for o in table.options]
-    scored_plans = [(_row("plan", f"{p.budget_bits:g}", p, p.budget_bits), p) for p in plans]
-    scored_plans += [(_row("uniform", o.label(), p), p) for o, p in zip(table.options, uniform)]
+    entries += [(_row("uniform", o.label(), p), p) for o, p in zip(table.options, uniform)]
+    pairs = []                 # (baseline row, the plan solved at the baseline's own true bpw)
     if args.baselines:
         from ..baselines import baseline_plans
-        scored_plans += [(_row(f"{args.baselines}", name, p), p) for name, p in
-                         baseline_plans(args.baselines, table, getattr(prepared.model, "config", None))]
-    rows = [r for r, _ in scored_plans]
-    fp = None
+        for name, base in baseline_plans(args.baselines, table, getattr(prepared.model, "config", None)):
+            mine = plan_at(base.true_bpw if not args.nominal else base.nominal_bpw)
+            pairs.append(((_row(args.baselines, name, base), base), (_row("plan", f"={name}", mine), mine)))
+        entries += [e for pair in pairs for e in pair]
+    rows = [r for r, _ in entries]
+    fp = tokens = None
     if args.eval:
         from ..evaluate import score_plans
         tokens = eval_tokens(prepared, args.eval, args.eval_windows, args.seq_len)
-        scored = score_plans(prepared, tokens, [(r["label"], p) for r, p in scored_plans], "rtn", args.stream)
+        scored = score_plans(prepared, tokens, [(r["label"], p) for r, p in entries], "rtn", args.stream)
         fp = scored[0][2].ppl
         for row, (_, _, s) in zip(rows, scored[1:]):
             row["ppl"], row["kl"] = s.ppl, s.kl
-        plan_rows = [r for r in rows if r["kind"] == "plan"]
         uniform_rows = [r for r in rows if r["kind"] == "uniform"]
         for row in rows:
             if row["kind"] != "uniform":
                 row["uniform_ppl_at_bpw"] = uniform_curve_at(uniform_rows, row["true_bpw"])
-            if row["kind"] not in ("plan",):
-                row["plan_ppl_at_bpw"] = plan_curve_at(plan_rows, row["true_bpw"])
+        for (base, _), (mine, _) in pairs:
+            base["plan_ppl_same_bits"] = mine["ppl"]
     out.mkdir(exist_ok=True)
     with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    _print_sweep(rows, args, tokens if args.eval else None)
+    _print_sweep(rows, tokens, [(b, m) for (b, _), (m, _) in pairs])
     if args.eval:
         from ..plots import pareto_plot
         pareto_plot([r for r in rows if r["kind"] == "plan"], [r for r in rows if r["kind"] == "uniform"],
@@ -103,32 +101,30 @@ def cmd_sweep(args) -> None:
           + f" ({time.time() - t0:.1f} s)")
 
 
-def _print_sweep(rows: list[dict], args, tokens) -> None:
+def _print_sweep(rows: list[dict], tokens, pairs: list[tuple[dict, dict]]) -> None:
     def fmt(v):
         return f"{v:.4f}" if v is not None else "-"
     kind_w = max(8, *(len(r["kind"]) for r in rows))
+    label_w = max(6, *(len(r["label"]) for r in rows))
     windows = f"   ({len(tokens)} windows of {tokens.shape[1]} tokens, rtn)" if tokens is not None else ""
-    print(f"{'kind':<{kind_w}} {'label':>6} {'true bpw':>9} {'ppl':>9} {'KL':>8} {'uniform ppl here':>17}"
-          f"{' plans ppl here' if args.baselines else ''}{windows}")
+    print(f"{'kind':<{kind_w}} {'label':>{label_w}} {'true bpw':>9} {'ppl':>9} {'KL':>8} {'uniform ppl here':>17}"
+          f"{windows}")
     for r in rows:
-        line = (f"{r['kind']:<{kind_w}} {r['label']:>6} {r['true_bpw']:>9.4f} {fmt(r['ppl']):>9} {fmt(r['kl']):>8} "
-                f"{fmt(r['uniform_ppl_at_bpw']):>17}")
-        print(line + (f" {fmt(r['plan_ppl_at_bpw']):>15}" if args.baselines else ""))
+        print(f"{r['kind']:<{kind_w}} {r['label']:>{label_w}} {r['true_bpw']:>9.4f} {fmt(r['ppl']):>9} "
+              f"{fmt(r['kl']):>8} {fmt(r['uniform_ppl_at_bpw']):>17}")
     if tokens is None:
         return
-    plans = [r for r in rows if r["kind"] == "plan"]
+    plans = [r for r in rows if r["kind"] == "plan" and not r["label"].startswith("=")]
     compared = [r for r in plans if r["uniform_ppl_at_bpw"] is not None]
     below = sum(r["ppl"] <= r["uniform_ppl_at_bpw"] for r in compared)
     print(f"{below} of {len(compared)} plans inside the uniform range are at or below the uniform curve"
           + (f" ({len(plans) - len(compared)} outside it)" if len(compared) < len(plans) else ""))
-    for r in rows:
-        if r["kind"] == args.baselines and r["plan_ppl_at_bpw"] is not None:
-            gain = 100 * (1 - r["plan_ppl_at_bpw"] / r["ppl"])
-            print(f"{args.baselines} {r['label']} ({r['true_bpw']:.4f} bpw): ppl {r['ppl']:.4f}; bitalloc plans at "
-                  f"the same true bpw {r['plan_ppl_at_bpw']:.4f} ({gain:+.1f} % lower)")
-        elif r["kind"] == args.baselines:
-            print(f"{args.baselines} {r['label']} ({r['true_bpw']:.4f} bpw) lies outside the swept budgets: "
-                  "widen --budgets to compare")
+    for base, mine in pairs:
+        change = 100 * (1 - mine["ppl"] / base["ppl"])
+        word = "lower" if change >= 0 else "higher"
+        print(f"{base['kind']} {base['label']} at {base['true_bpw']:.4f} true bpw: ppl {base['ppl']:.4f}; bitalloc "
+              f"at {mine['true_bpw']:.4f}: {mine['ppl']:.4f} ({abs(change):.1f} % {word}), KL {base['kl']:.4f} → "
+              f"{mine['kl']:.4f}")
 
 
 def cmd_search(args) -> None:

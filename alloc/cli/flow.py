@@ -54,6 +54,8 @@ def _evaluate_plans(args, prepared, table, plan) -> None:
     print()
     print_scores(rows, prepared.kind, tokens, args.quantizer)
     plan.extra["eval"] = {label: s.as_dict() for label, _, s in rows}
+    plan.extra["eval_text"] = {"file": args.eval, "windows": len(tokens), "seq_len": int(tokens.shape[1]),
+                               "quantizer": args.quantizer}
 
 
 def cmd_probe(args) -> None:
