@@ -170,12 +170,12 @@ class OptunaSolver(Solver):
         except ValueError as e:   # e.g. directions differ from the stored study's
             raise BitallocError(f"study {name!r} exists with different settings ({e}): choose another --study") from None
         stored = study.user_attrs.get("bitalloc_settings")
-        if stored is None:
-            study.set_user_attr("bitalloc_settings", settings)
-            # the dashboard's axis names: what the study minimises, not "Objective 0"
+        if study.metric_names is None:      # the dashboard's axis names: what the study minimises, not "Objective 0"
             with warnings.catch_warnings():          # set_metric_names is "experimental" in optuna
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(["true bits/weight", "KL to fp"] if self.multi_objective else ["KL to fp"])
+        if stored is None:
+            study.set_user_attr("bitalloc_settings", settings)
             if space == "reweight":             # start from the table's optimum
                 study.enqueue_trial({n: 0.0 for n in names})
             elif not self.multi_objective:
