@@ -126,8 +126,9 @@ def measure(prepared: Prepared, probe: str = DEFAULT_PROBE, *, settings: dict | 
             if [u.name for u in table.units] != [u.name for u in prepared.units] or \
                     list(table.options) != list(prepared.options):
                 raise ValueError("units or options differ from the request")
-            table.meta["cached"] = str(path)
-            return table
+            if table.row_cost is not None or not probe_obj.gives_rows:     # else: cached before row costs
+                table.meta["cached"] = str(path)
+                return table
         except Exception as e:        # truncated/garbled cache entry: say so once, then measure again
             import warnings
 
@@ -144,8 +145,22 @@ def measure(prepared: Prepared, probe: str = DEFAULT_PROBE, *, settings: dict | 
     return table
 
 
+ROW_SOLVERS = ("closed_form", "greedy", "ilp")
+
+
 def solve(table, budget_bits: float, solver: str = DEFAULT_SOLVER, *, settings: dict | None = None,
-          count_overhead: bool = True, fuse: bool = False) -> BitPlan:
+          count_overhead: bool = True, fuse: bool = False, granularity: str = "layer") -> BitPlan:
+    """The plan of ``table`` under ``budget_bits``. ``granularity="row"`` gives every output row its own width
+    (solvers/rows.py: closed_form, greedy or ilp over row groups; the table needs row costs)."""
+    checks.one_of(granularity, ("layer", "row"), "granularity")
+    if granularity == "row":
+        from .solvers.base import Problem
+        from .solvers.rows import solve_rows
+        checks.one_of(solver, ROW_SOLVERS, "solver for --granularity row")
+        return solve_rows(Problem(table, budget_bits, count_overhead=count_overhead, fuse=fuse), solver,
+                          **{k: v for k, v in (settings or {}).items() if k in ("rows_per_group", "time_limit")})
+    if solver == "greedy":
+        raise BitallocError("the greedy solver works at row granularity: add --granularity row, or use ilp")
     from .solvers import get_solver
     return get_solver(solver, **(settings or {}))(table, budget_bits, count_overhead=count_overhead, fuse=fuse)
 
@@ -156,7 +171,8 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
              include: tuple[str, ...] = (), fuse: bool = False, count_overhead: bool = True,
              seq_len: int = DEFAULT_SEQ_LEN, n_windows: int = DEFAULT_WINDOWS, cache: bool = True,
              probe_settings: dict | None = None, solver_settings: dict | None = None,
-             experts: str = "per-expert", exclude: tuple[str, ...] = (), dtype: str = "auto") -> BitPlan:
+             experts: str = "per-expert", exclude: tuple[str, ...] = (), dtype: str = "auto",
+             granularity: str = "layer") -> BitPlan:
     """Choose a width per layer so the model fits ``budget_bits`` TRUE bits per weight on average.
 
     ``model``: an ``nn.Module`` (with ``tokenizer=`` or token-id ``calibration``) or a local model folder;
@@ -164,19 +180,23 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
     names from ``bitalloc.sensitivity.PROBES`` / ``bitalloc.solvers.SOLVERS``; ``fuse``: q/k/v and gate/up
     share a width; ``count_overhead=False``: budget in nominal bits (codes only); ``experts``: MoE experts
     get a width each ("per-expert") or one per layer ("per-layer"); ``exclude``: modules kept in full
-    precision; ``dtype``: for a model path, "auto" (the checkpoint's own) or bf16/fp16/fp32.
+    precision; ``dtype``: for a model path, "auto" (the checkpoint's own) or bf16/fp16/fp32;
+    ``granularity``: "layer" (one width per layer) or "row" (one per output row, solvers closed_form, greedy
+    or ilp).
     """
     from .sensitivity.base import PROBES
     from .solvers.base import SOLVERS
     checks.budget(budget_bits)                       # everything cheap is checked before the model loads
     checks.one_of(probe, list(PROBES), "probe")
-    checks.one_of(solver, list(SOLVERS), "solver")
+    checks.one_of(granularity, ("layer", "row"), "granularity")
+    checks.one_of(solver, list(SOLVERS) + (["greedy"] if granularity == "row" else []), "solver")
     parse_dtype(dtype)
     prepared = prepare(model, calibration=calibration, tokenizer=tokenizer, options=options, include=include,
                        seq_len=seq_len, n_windows=n_windows, experts=experts, exclude=tuple(exclude), dtype=dtype)
     table = measure(prepared, probe, settings=probe_settings, cache=cache)
     settings = with_fitness(prepared, solver, solver_settings)
-    return solve(table, budget_bits, solver, settings=settings, count_overhead=count_overhead, fuse=fuse)
+    return solve(table, budget_bits, solver, settings=settings, count_overhead=count_overhead, fuse=fuse,
+                 granularity=granularity)
 
 
 def with_fitness(prepared: Prepared, solver: str, settings: dict | None, max_windows: int = 16) -> dict:

@@ -89,17 +89,22 @@ def measure_distributed(prepared, probe: str, settings: dict | None, cache: bool
     local = probe_obj.measure(mine.workload, prepared.units, prepared.options)
     n = float(local.meta[probe_obj.samples_meta])
     weighted = (local.cost * n).to(torch.float64)
+    rows = (local.row_cost * n).to(torch.float64) if local.row_cost is not None else None
     count = torch.tensor([n], dtype=torch.float64)
     if prepared.model is not None and next(prepared.model.parameters()).is_cuda:       # NCCL reduces on the GPU
         weighted, count = weighted.cuda(), count.cuda()
+        rows = rows.cuda() if rows is not None else None
     dist.all_reduce(weighted)
     dist.all_reduce(count)
+    if rows is not None:
+        dist.all_reduce(rows)
     if rank != 0:
         return None
     meta = {**local.meta, probe_obj.samples_meta: int(count.item()), "ranks": size, "model": prepared.info,
             "data_hash": data_hash(prepared.tokens), "n_windows": len(prepared.tokens),
             "seq_len": prepared.tokens.shape[1]}
-    table = SensitivityTable(prepared.units, prepared.options, (weighted / count).cpu(), meta)
+    table = SensitivityTable(prepared.units, prepared.options, (weighted / count).cpu(), meta,
+                             (rows / count).cpu() if rows is not None else None)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         table.save(path)

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import BitallocError
-from .quantize import fake_quantize
+from .quantize import fake_quantize, fake_quantize_rows
 from .quantize_model import set_unit_weights, unit_weights
 from .units import Unit, set_unit_weight, unit_weight
 
@@ -104,7 +104,8 @@ def _fake_quantized(modules: dict, units: list[Unit], plan, cache: dict | None =
     try:
         for u in units:
             if u.name not in cache:
-                cache[u.name] = fake_quantize(saved[u.name].float(), plan.layers[u.name]).to(saved[u.name].dtype)
+                cache[u.name] = fake_quantize_rows(saved[u.name].float(), plan.layers[u.name],
+                                                   plan.row_bits.get(u.name)).to(saved[u.name].dtype)
             set_unit_weight(modules, u, cache[u.name])
         yield
     finally:

@@ -207,7 +207,30 @@ def to_compressed_tensors(plan: BitPlan) -> dict:
             "ignore": ignore}
 
 
-def export(plan: BitPlan, fmt: str) -> str:
+def per_layer(plan: BitPlan, *, exact: bool = False) -> BitPlan:
+    """A row plan as the per-layer plan other tools can express: each layer at its widest row (warn with the
+    layers and the new true bpw), or refused when ``exact``."""
+    if not plan.row_bits:
+        return plan
+    mixed = list(plan.row_bits)
+    if exact:
+        raise BitallocError(f"the plan gives {len(mixed)} layer(s) rows of several widths ({', '.join(mixed[:3])}"
+                            f"{', …' if len(mixed) > 3 else ''}), which GPTQModel, llama.cpp and compressed-tensors "
+                            "cannot express: drop --exact to round each layer up to its widest row")
+    import dataclasses
+    layer = dataclasses.replace(plan, layers=dict(plan.layers), row_bits={}, costs={})
+    warnings.warn(f"other tools hold one width per layer: {len(mixed)} layer(s) with mixed rows rounded up to their "
+                  f"widest row ({', '.join(mixed[:3])}{', …' if len(mixed) > 3 else ''}): true bpw becomes "
+                  f"{layer.true_bpw:.4f} (plan {plan.true_bpw:.4f}); --exact refuses instead", BitallocWarning,
+                  stacklevel=3)
+    return layer
+
+
+def export(plan: BitPlan, fmt: str, *, exact: bool = False) -> str:
+    """``plan`` as ``fmt``'s config. Row plans are rounded up per layer (``exact``: refused)."""
+    if fmt not in FORMATS:
+        raise BitallocError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    plan = per_layer(plan, exact=exact)
     if fmt == "gptqmodel":
         return json.dumps(to_gptqmodel(plan), indent=2) + "\n"
     if fmt == "llama.cpp":

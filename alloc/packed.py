@@ -94,12 +94,15 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
         raise BitallocError(f"apply packs Linear layers only; the plan quantizes embedding(s) {', '.join(embeddings)}: "
                             "allocate without --include for embeddings, or keep them at 16 bits")
     from .kernels.qlinear import QuantLinear
+    from .kernels.qmixed import MixedQuantLinear
+    from .quantize import RowQuantized
     modules = dict(model.named_modules())
-    packed: dict[str, QuantLinear] = {}
+    packed: dict[str, nn.Module] = {}
 
     def pack(name: str, q) -> None:            # codes -> packed bits as soon as each unit is quantized
         bias = getattr(modules[name], "bias", None) if name in modules else None
-        packed[name] = QuantLinear.from_quantized(q, bias)
+        packed[name] = MixedQuantLinear.from_quantized(q, bias) if isinstance(q, RowQuantized) \
+            else QuantLinear.from_quantized(q, bias)
 
     quantize_model(model, units, plan, quantizer=quantizer, calibration=calibration, progress=progress, sink=pack)
     _pack_experts(model, units, packed)
@@ -165,13 +168,14 @@ def _in_source_dtype(model: nn.Module) -> tuple[nn.Module, torch.dtype]:
     model was loaded in another dtype, e.g. ``--dtype fp32``), and that dtype."""
     from .kernels.qexperts import FloatExpert
     from .kernels.qlinear import QuantLinear
+    from .kernels.qmixed import MixedQuantLinear
     current = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     source = getattr(model, "bitalloc_source_dtype", None) or current
     if source == current:
         return model, current
     copy_ = copy.deepcopy(model)
     for module in copy_.modules():
-        if isinstance(module, (QuantLinear, FloatExpert)):
+        if isinstance(module, (QuantLinear, MixedQuantLinear, FloatExpert)):
             continue
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if t.is_floating_point():
@@ -194,6 +198,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -
     from safetensors.torch import load_model as st_load
 
     from .kernels.qlinear import QuantLinear
+    from .kernels.qmixed import MixedQuantLinear
     folder = Path(path)
     weights = folder / WEIGHTS
     if not weights.is_file() or not (folder / PLAN).is_file():
@@ -223,7 +228,11 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -
             continue
         out_f, in_f = u.shape
         has_bias = getattr(modules[u.name], "bias", None) is not None
-        q = QuantLinear(in_f, out_f, spec.bits, spec.group_size, spec.symmetric, has_bias, dtype)
+        if u.name in plan.row_bits:
+            q = MixedQuantLinear(in_f, out_f, plan.row_bits[u.name], spec.group_size, spec.symmetric, has_bias,
+                                 dtype)
+        else:
+            q = QuantLinear(in_f, out_f, spec.bits, spec.group_size, spec.symmetric, has_bias, dtype)
         for name, t in q.state_dict().items():
             key = f"{u.name}.{name}"
             if shapes.get(key) != tuple(t.shape):
@@ -255,18 +264,19 @@ def checkpoint_report(model: nn.Module, folder: str | os.PathLike) -> dict:
     plan: BitPlan = model.bitalloc_plan
     quantized = {n for n, s in plan.layers.items() if not s.is_float}
     q_params = sum(plan.shapes[n][0] * plan.shapes[n][1] for n in quantized)
-    q_bits = sum(plan.layers[n].size_bits(tuple(plan.shapes[n])) for n in quantized)
+    q_bits = sum(plan.layer_size_bits(n) for n in quantized)
     from .kernels.qexperts import FloatExpert
     from .kernels.qlinear import QuantLinear
+    from .kernels.qmixed import MixedQuantLinear
     source = getattr(model, "bitalloc_source_dtype", None)
     modules = dict(model.named_modules())
     rest, seen = 0, set()
     for name, t in model.state_dict().items():
         owner, _, leaf = name.rpartition(".")
-        if leaf in ("qweight", "scales", "qzeros") or t.data_ptr() in seen:
+        if leaf in ("qweight", "scales", "qzeros", "row_tags") or t.data_ptr() in seen:
             continue                      # a packed unit's storage (counted by the plan), or a tied tensor
         seen.add(t.data_ptr())
-        packed = isinstance(modules.get(owner), (QuantLinear, FloatExpert))
+        packed = isinstance(modules.get(owner), (QuantLinear, MixedQuantLinear, FloatExpert))
         size = source.itemsize if source is not None and t.is_floating_point() and not packed else t.element_size()
         rest += t.numel() * size          # saved in the source dtype (see _in_source_dtype)
     expected = q_bits / 8 + rest

@@ -8,6 +8,10 @@
 ``true_bpw`` counts codes + scales + zeros (kernels/pack.py); ``nominal_bpw`` counts codes only. Both are
 derived from the layers and recomputed on load, so a hand-edited plan always reports what it really costs.
 ``cost`` (optional) is the probe's cost of the chosen width, kept so that ``plan.table()`` can show it.
+
+Version 2 adds per-row plans: a layer may give ``"row_bits": "3343…"`` (one digit per output row, in row
+order) instead of ``"bits"``. Rows of equal width are stored together (kernels/pack.py ``mixed_size_bits``),
+so a row plan's true bits are exact too. Version 1 files still load.
 """
 from __future__ import annotations
 
@@ -18,13 +22,16 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import torch
+
 from .errors import BitallocError, BitallocWarning
 from .files import atomic_write_text
+from .kernels.pack import SUPPORTED_BITS, mixed_size_bits
 from .options import QuantSpec
 from .units import Unit
 
 FORMAT = "bitalloc.plan"
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
@@ -38,10 +45,37 @@ class BitPlan:
     model: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     costs: dict[str, float] = field(default_factory=dict)    # layer -> the probe's cost of its chosen width
+    row_bits: dict[str, torch.Tensor] = field(default_factory=dict)   # layer -> (out,) int8 width of each row
+
+    def __post_init__(self) -> None:
+        for name, rb in list(self.row_bits.items()):
+            rb = torch.as_tensor(rb, dtype=torch.int8).reshape(-1)
+            spec, shape = self.layers[name], self.shapes[name]
+            if rb.numel() != shape[0]:
+                raise BitallocError(f"layer {name!r}: row_bits has {rb.numel()} rows, the layer {shape[0]}")
+            bad = sorted(set(rb.tolist()) - set(SUPPORTED_BITS))
+            if bad:
+                raise BitallocError(f"layer {name!r}: row width(s) {bad} cannot be stored: use {list(SUPPORTED_BITS)}")
+            if int(rb.min()) == int(rb.max()):      # one width after all: an ordinary layer
+                self.layers[name] = QuantSpec(int(rb[0]), spec.group_size, spec.symmetric)
+                del self.row_bits[name]
+            else:
+                self.layers[name] = QuantSpec(int(rb.max()), spec.group_size, spec.symmetric)
+                self.row_bits[name] = rb
 
     # -- derived figures -------------------------------------------------------------------------------
+    def layer_size_bits(self, name: str, *, count_overhead: bool = True) -> int:
+        """Bits layer ``name`` takes: its format's, or for a row plan each width's segment plus the row order."""
+        spec, shape = self.layers[name], self.shapes[name]
+        rb = self.row_bits.get(name)
+        if rb is None:
+            return spec.size_bits(shape, count_overhead=count_overhead)
+        if not count_overhead:
+            return int(rb.long().sum()) * shape[1]
+        return mixed_size_bits(rb, shape[1], spec.group_size, spec.symmetric)
+
     def _bits(self, count_overhead: bool) -> float:
-        return sum(self.layers[n].size_bits(self.shapes[n], count_overhead=count_overhead) for n in self.layers)
+        return sum(self.layer_size_bits(n, count_overhead=count_overhead) for n in self.layers)
 
     @property
     def n_params(self) -> int:
@@ -71,13 +105,31 @@ class BitPlan:
         """bits -> number of parameters stored at that width."""
         hist: dict[int, int] = {}
         for name, spec in self.layers.items():
-            hist[spec.bits] = hist.get(spec.bits, 0) + self.shapes[name][0] * self.shapes[name][1]
+            for bits, rows in self.row_widths(name).items():
+                hist[bits] = hist.get(bits, 0) + rows * self.shapes[name][1]
         return dict(sorted(hist.items()))
+
+    def row_widths(self, name: str) -> dict[int, int]:
+        """width -> number of output rows at that width, for one layer."""
+        rb = self.row_bits.get(name)
+        if rb is None:
+            return {self.layers[name].bits: self.shapes[name][0]}
+        counts = torch.bincount(rb.long(), minlength=17)
+        return {b: int(counts[b]) for b in range(counts.numel()) if counts[b] > 0}
+
+    def format_label(self, name: str) -> str:
+        """W3g128, or for a row plan the widths it mixes: W2/3/4g128."""
+        spec = self.layers[name]
+        if name not in self.row_bits:
+            return spec.label()
+        widths = "/".join(str(b) for b in self.row_widths(name))
+        return spec.label().replace(f"W{spec.bits}", f"W{widths}", 1)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per layer: layer, params, format (e.g. W3g128), bpw (true), cost (None when unknown)."""
-        return [{"layer": n, "params": self.shapes[n][0] * self.shapes[n][1], "format": s.label(),
-                 "bpw": s.bits_per_weight(self.shapes[n]), "cost": self.costs.get(n)} for n, s in self.layers.items()]
+        return [{"layer": n, "params": self.shapes[n][0] * self.shapes[n][1], "format": self.format_label(n),
+                 "bpw": self.layer_size_bits(n) / (self.shapes[n][0] * self.shapes[n][1]), "cost": self.costs.get(n)}
+                for n in self.layers]
 
     def table_lines(self) -> list[str]:
         """``table()`` as aligned text lines, header first (what ``bitalloc allocate`` prints)."""
@@ -107,9 +159,17 @@ class BitPlan:
             "probe": self.probe,
             "objective": self.objective,
             **({"extra": self.extra} if self.extra else {}),
-            "layers": {n: {**s.to_json(), "shape": list(self.shapes[n]),
-                           **({"cost": self.costs[n]} if n in self.costs else {})} for n, s in self.layers.items()},
+            "layers": {n: self._layer_json(n) for n in self.layers},
         }
+
+    def _layer_json(self, name: str) -> dict[str, Any]:
+        entry = {**self.layers[name].to_json(), "shape": list(self.shapes[name])}
+        if name in self.row_bits:
+            del entry["bits"]
+            entry = {"row_bits": "".join(str(b) for b in self.row_bits[name].tolist()), **entry}
+        if name in self.costs:
+            entry["cost"] = self.costs[name]
+        return entry
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
@@ -150,10 +210,17 @@ class BitPlan:
         layers = data.get("layers")
         if not isinstance(layers, dict) or not layers:
             raise bad("'layers' must be a non-empty object mapping layer names to {bits, group_size, symmetric}")
-        specs, shapes, costs = {}, {}, {}
+        specs, shapes, costs, row_bits = {}, {}, {}, {}
         for name, entry in layers.items():
             if not isinstance(entry, dict):
                 raise bad(f"layer {name!r} must be an object with bits, group_size, symmetric; got {entry!r}")
+            if "row_bits" in entry:
+                rb = entry["row_bits"]
+                if "bits" in entry:
+                    raise bad(f"layer {name!r} gives both 'bits' and 'row_bits': keep one")
+                if not (isinstance(rb, str) and rb.isascii() and rb.isdigit()):
+                    raise bad(f"layer {name!r}: 'row_bits' must be a string of digits (one width per output row)")
+                entry = {**entry, "bits": max(int(c) for c in rb)}
             for key, check, kind in (("bits", _is_int, "an integer"), ("group_size", _is_int, "an integer"),
                                      ("symmetric", lambda v: isinstance(v, bool), "true or false")):
                 if key not in entry:
@@ -168,12 +235,22 @@ class BitPlan:
             except BitallocError as e:
                 raise bad(f"layer {name!r}: {e}") from None
             shapes[name] = (shape[0], shape[1])
+            if "row_bits" in entry:
+                if len(entry["row_bits"]) != shape[0]:
+                    raise bad(f"layer {name!r}: 'row_bits' has {len(entry['row_bits'])} digits for {shape[0]} rows: "
+                              "give one width per output row")
+                widths = {int(c) for c in entry["row_bits"]}
+                if not widths <= set(SUPPORTED_BITS):
+                    raise bad(f"layer {name!r}: row width(s) {sorted(widths - set(SUPPORTED_BITS))} cannot be "
+                              f"stored: use {list(SUPPORTED_BITS)}")
+                row_bits[name] = torch.tensor([int(c) for c in entry["row_bits"]], dtype=torch.int8)
             if "cost" in entry:
                 if not _is_number(entry["cost"]):
                     raise bad(f"layer {name!r}: 'cost' must be a number, got {entry['cost']!r}")
                 costs[name] = float(entry["cost"])
         plan = cls(specs, shapes, budget_bits=budget, solver=data.get("solver", "manual"),
-                   probe=data.get("probe", "none"), objective=objective, model=model, extra=extra, costs=costs)
+                   probe=data.get("probe", "none"), objective=objective, model=model, extra=extra, costs=costs,
+                   row_bits=row_bits)
         if budget is not None and plan.true_bpw > budget + 1e-9:
             warnings.warn(f"{source}: its layers take {plan.true_bpw:.4f} true bits per weight, over its budget "
                           f"{budget}", BitallocWarning, stacklevel=2)

@@ -33,8 +33,8 @@ def bits_heatmap(plan, path: str | Path) -> Path:
     for n, spec in plan.layers.items():
         r, c = _split(n)
         i, j = rows.index(r), cols.index(c)
-        grid[i, j] = spec.bits_per_weight(tuple(plan.shapes[n]))
-        cells.append((i, j, spec.label()))
+        grid[i, j] = plan.layer_size_bits(n) / (plan.shapes[n][0] * plan.shapes[n][1])
+        cells.append((i, j, plan.format_label(n)))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     for i, j, label in cells:  # white on the dark (low-bit) end of viridis, black elsewhere
         colour = "white" if im.norm(grid[i, j]) < 0.45 else "black"
@@ -45,6 +45,30 @@ def bits_heatmap(plan, path: str | Path) -> Path:
     budget = f", budget {plan.budget_bits:g}" if plan.budget_bits is not None else ""
     ax.set_title(f"bits per layer ({plan.solver}{budget}, true {plan.true_bpw:.4f} bpw)")
     fig.colorbar(im, ax=ax, label="true bits/weight")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def row_width_bars(plan, path: str | Path) -> Path:
+    """A row plan: one stacked bar per layer, the share of its output rows at each width."""
+    plt = _plt()
+    names = list(plan.layers)
+    widths = sorted({b for n in names for b in plan.row_widths(n)})
+    fig, ax = plt.subplots(figsize=(6, 1 + 0.16 * len(names)))
+    left = [0.0] * len(names)
+    cmap = plt.get_cmap("viridis")
+    for k, b in enumerate(widths):
+        share = [plan.row_widths(n).get(b, 0) / plan.shapes[n][0] for n in names]
+        ax.barh(range(len(names)), share, left=left, color=cmap(k / max(len(widths) - 1, 1)), label=f"{b}-bit rows")
+        left = [a + c for a, c in zip(left, share)]
+    ax.set_yticks(range(len(names)), names, fontsize=5)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of the layer's output rows")
+    ax.set_title(f"widths inside each layer ({plan.solver}, true {plan.true_bpw:.4f} bpw)")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

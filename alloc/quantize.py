@@ -70,6 +70,54 @@ def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     return QuantizedWeight(codes, scale, zero, spec)
 
 
+@dataclass
+class RowQuantized:
+    """A layer whose output rows have their own widths: one QuantizedWeight per width, holding that width's
+    rows in row order (``rows[b]`` their indices), as the packer stores them (one segment per width)."""
+    row_bits: torch.Tensor                  # (out,) int8
+    parts: dict[int, QuantizedWeight]       # width -> the rows of that width
+    spec: QuantSpec                         # the layer's group size and symmetry; bits = its widest row
+
+    def rows(self, bits: int) -> torch.Tensor:
+        return torch.nonzero(self.row_bits == bits)[:, 0]
+
+    def dequantize(self) -> torch.Tensor:
+        first = next(iter(self.parts.values()))
+        out = torch.empty(self.row_bits.numel(), first.codes.shape[1])
+        for b, q in self.parts.items():
+            out[self.rows(b)] = q.dequantize()
+        return out
+
+
+def split_rows(codes, scales, zeros, row_bits: torch.Tensor, spec: QuantSpec) -> RowQuantized:
+    """Per-row codes/scales/zeros of a whole layer -> a RowQuantized (one part per width)."""
+    parts = {}
+    for b in sorted(set(row_bits.tolist())):
+        r = torch.nonzero(row_bits == b)[:, 0]
+        parts[b] = QuantizedWeight(codes[r], scales[r], zeros[r], QuantSpec(b, spec.group_size, spec.symmetric))
+    return RowQuantized(row_bits, parts, spec)
+
+
+def rtn_rows(W: torch.Tensor, spec: QuantSpec, row_bits: torch.Tensor) -> RowQuantized:
+    """Round-to-nearest with each output row at its own width (rows never share a group)."""
+    parts = {}
+    for b in sorted(set(row_bits.tolist())):
+        r = torch.nonzero(row_bits == b)[:, 0]
+        parts[b] = rtn(W[r], QuantSpec(b, spec.group_size, spec.symmetric))
+    return RowQuantized(row_bits, parts, spec)
+
+
+def fake_quantize_rows(W: torch.Tensor, spec: QuantSpec, row_bits: torch.Tensor | None) -> torch.Tensor:
+    """fake_quantize for a layer of a plan: per row when it has ``row_bits``."""
+    if row_bits is None:
+        return fake_quantize(W, spec)
+    out = torch.empty_like(W)
+    for b in sorted(set(row_bits.tolist())):
+        r = torch.nonzero(row_bits == b)[:, 0]
+        out[r] = fake_quantize(W[r], QuantSpec(b, spec.group_size, spec.symmetric))
+    return out
+
+
 def fake_quantize(W: torch.Tensor, spec: QuantSpec, rows: int = 2048) -> torch.Tensor:
     """W -> dequantize(rtn(W)), same dtype as W; fp16 specs only round to fp16. ``rows`` output rows at a
     time (groups never span rows, so the result is the same): float32 temporaries stay small for large W."""
@@ -83,11 +131,24 @@ def fake_quantize(W: torch.Tensor, spec: QuantSpec, rows: int = 2048) -> torch.T
     return out
 
 
+def _row_group_params(W: torch.Tensor, maxq: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """group_params for one group of columns ``W`` (out, g) with a per-row code range ``maxq`` (out,)."""
+    W = W.float()
+    if symmetric:
+        scale = (2 * W.abs().amax(1) / maxq).clamp(min=1e-6).half().float()
+        return scale[:, None], ((maxq + 1) // 2).to(torch.int32)[:, None]
+    xmin, xmax = W.amin(1).clamp(max=0), W.amax(1).clamp(min=0)
+    scale = ((xmax - xmin) / maxq).clamp(min=1e-6).half().float()
+    zero = torch.minimum(torch.round(-xmin / scale).clamp(min=0), maxq).to(torch.int32)
+    return scale[:, None], zero[:, None]
+
+
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
-         damp: float = 0.01) -> QuantizedWeight:
+         damp: float = 0.01, row_bits: torch.Tensor | None = None) -> QuantizedWeight | RowQuantized:
     """GPTQ (Frantar et al. 2022): quantize columns in order, spreading each column's error over the
     columns not yet quantized through the inverse Hessian. ``W`` (out, in), ``H`` = XᵀX (in, in).
-    Group parameters are taken from the error-updated weights when a group starts."""
+    Group parameters are taken from the error-updated weights when a group starts. With ``row_bits`` each
+    output row rounds to its own grid (the column sweep is unchanged) and a RowQuantized comes back."""
     out_f, in_f = W.shape
     W = W.detach().float().clone()
     H = H.detach().float().clone()
@@ -102,12 +163,17 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int =
     if spec.group_size != -1:
         block_size = max(block_size // g, 1) * g                            # groups never straddle blocks
     G = math.ceil(in_f / g)
-    maxq = 2**spec.bits - 1
+    maxq = 2**spec.bits - 1 if row_bits is None else (2.0 ** row_bits.float() - 1)
     codes = torch.zeros(out_f, in_f, dtype=torch.int32)
     scales = torch.zeros(out_f, G)
     zeros = torch.zeros(out_f, G, dtype=torch.int32)
+
+    def params(cols):
+        if row_bits is None:
+            return group_params(cols, QuantSpec(spec.bits, -1, spec.symmetric))
+        return _row_group_params(cols, maxq, spec.symmetric)
     if spec.group_size == -1:
-        scales[:], zeros[:] = group_params(W, spec)
+        scales[:], zeros[:] = params(W)
 
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -118,13 +184,16 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int =
             col = i1 + i
             gi = col // g
             if spec.group_size != -1 and col % g == 0:
-                s, z = group_params(W1[:, i:i + g], QuantSpec(spec.bits, -1, spec.symmetric))
+                s, z = params(W1[:, i:i + g])
                 scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
             w = W1[:, i]
-            q = torch.clamp(torch.round(w / scales[:, gi]) + zeros[:, gi], 0, maxq)
+            q = torch.round(w / scales[:, gi]) + zeros[:, gi]
+            q = torch.clamp(q, 0, maxq) if row_bits is None else torch.minimum(q.clamp(min=0), maxq)
             codes[:, col] = q.to(torch.int32)
             err = (w - (q - zeros[:, gi]) * scales[:, gi]) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if row_bits is not None:
+        return split_rows(codes, scales, zeros, row_bits, spec)
     return QuantizedWeight(codes, scales, zeros, spec)

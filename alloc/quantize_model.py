@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .errors import BitallocError, BitallocWarning
 from .expert_inputs import expert_hessians
 from .plan import BitPlan
-from .quantize import QuantizedWeight, gptq, rtn
+from .quantize import QuantizedWeight, gptq, rtn, rtn_rows
 from .units import EXPERT_KINDS, Unit, find_blocks, set_unit_weight, unit_weight
 
 QUANTIZERS = ("rtn", "gptq")
@@ -69,17 +69,22 @@ class _Sink(dict):
 def _rtn_model(model, units, plan, progress, out) -> None:
     modules = dict(model.named_modules())
     for u in tqdm(units, desc="quantize (rtn)", leave=False, disable=not progress):
-        _quantize_unit(modules, u, plan.layers[u.name], rtn, out)
+        _quantize_unit(modules, u, plan.layers[u.name], rtn, out, plan.row_bits.get(u.name))
 
 
-def _quantize_unit(modules: dict[str, nn.Module], u: Unit, spec, method, out: dict[str, QuantizedWeight]) -> None:
+def _quantize_unit(modules: dict[str, nn.Module], u: Unit, spec, method, out: dict[str, QuantizedWeight],
+                   row_bits=None) -> None:
     """Write ``method(W, spec)``'s dequantized weight in ``u``'s place and record it in ``out``; fp16 units
-    (bits=16) are only rounded to fp16 and not recorded."""
+    (bits=16) are only rounded to fp16 and not recorded. ``row_bits``: each output row at its own width
+    (RTN per width, or GPTQ with a per-row grid), recorded as a RowQuantized."""
     W = unit_weight(modules, u).detach().float()
     if spec.is_float:
         set_unit_weight(modules, u, W.half().float())
         return
-    q = method(W, spec)
+    if row_bits is not None:
+        q = rtn_rows(W, spec, row_bits) if method is rtn else method(W, spec, row_bits=row_bits)
+    else:
+        q = method(W, spec)
     out[u.name] = q
     set_unit_weight(modules, u, q.dequantize())
 
@@ -115,8 +120,8 @@ def _gptq_units(model, units, plan, run, progress_desc, progress, out) -> None:
                       "transposed experts)", BitallocWarning, stacklevel=4)
     for u in units:
         # embeddings and experts no calibration token reached are rounded to nearest
-        method = rtn if u.name not in H else (lambda W, spec, H=H[u.name]: gptq(W, H, spec))
-        _quantize_unit(modules, u, plan.layers[u.name], method, out)
+        method = rtn if u.name not in H else (lambda W, spec, H=H[u.name], **kw: gptq(W, H, spec, **kw))
+        _quantize_unit(modules, u, plan.layers[u.name], method, out, plan.row_bits.get(u.name))
 
 
 def _gptq_model(model, units, plan, calibration, batch_size, progress, out) -> None:

@@ -13,10 +13,13 @@ from .plan import BitPlan
 
 
 def charts(plan: BitPlan, table=None) -> dict[str, bytes]:
-    """PNG bytes by chart name: "bits" (layers × projection heat map) and, given a table, "cost"."""
-    from .plots import bits_heatmap, cost_heatmap
+    """PNG bytes by chart name: "bits" (layers × projection heat map), "rows" for a row plan (each layer's
+    share of rows at each width, stacked bars) and, given a table, "cost"."""
+    from .plots import bits_heatmap, cost_heatmap, row_width_bars
     with tempfile.TemporaryDirectory() as tmp:
         out = {"bits": bits_heatmap(plan, Path(tmp) / "bits.png").read_bytes()}
+        if plan.row_bits:
+            out["rows"] = row_width_bars(plan, Path(tmp) / "rows.png").read_bytes()
         if table is not None:
             out["cost"] = cost_heatmap(table, Path(tmp) / "cost.png").read_bytes()
     return out
@@ -28,8 +31,8 @@ def _model_id(plan: BitPlan) -> str:
 
 def summary(plan: BitPlan) -> list[tuple[str, str]]:
     counts: dict[str, int] = {}
-    for s in plan.layers.values():
-        counts[s.label()] = counts.get(s.label(), 0) + 1
+    for n in plan.layers:
+        counts[plan.format_label(n)] = counts.get(plan.format_label(n), 0) + 1
     rows = [("model", _model_id(plan)), ("solver", plan.solver), ("probe", plan.probe or "-"),
             ("budget (bits/weight)", f"{plan.budget_bits}"), ("true bits/weight", f"{plan.true_bpw:.4f}"),
             ("nominal bits/weight", f"{plan.nominal_bpw:.4f}"), ("layers", str(len(plan.layers))),
@@ -42,8 +45,8 @@ def summary(plan: BitPlan) -> list[tuple[str, str]]:
 
 def layer_rows(plan: BitPlan) -> list[tuple[str, str, str, str]]:
     """(layer, out×in, format, true bpw) per planned layer."""
-    return [(n, f"{plan.shapes[n][0]}×{plan.shapes[n][1]}", s.label(),
-             f"{s.bits_per_weight(tuple(plan.shapes[n])):.3f}") for n, s in plan.layers.items()]
+    return [(r["layer"], f"{plan.shapes[r['layer']][0]}×{plan.shapes[r['layer']][1]}", r["format"], f"{r['bpw']:.3f}")
+            for r in plan.table()]
 
 
 def render(plan: BitPlan, table=None) -> str:

@@ -100,3 +100,18 @@ def pack_weight(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_weight(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """qweight (ceil(K/32) * bits, N) -> (N, K) int32 codes."""
     return unpack_last_dim(qweight.t().contiguous(), bits, in_features)
+
+
+def row_tag_bits(out_features: int) -> int:
+    """Bits of the width tags of a mixed layer: 4 bits per output row, two rows per byte. The rows' order
+    (widths sorted, stable) is recomputed from the tags, so no permutation is stored."""
+    return 8 * math.ceil(out_features / 2)
+
+
+def mixed_size_bits(row_bits, in_features: int, group_size: int, symmetric: bool) -> int:
+    """Exact bits of a layer whose output rows have their own widths (``row_bits``, one per row): the rows
+    of each width form one segment stored as above, plus the width tags when there is more than one width."""
+    counts = torch.bincount(torch.as_tensor(row_bits, dtype=torch.int64).reshape(-1), minlength=9)
+    widths = [b for b in range(counts.numel()) if counts[b] > 0]
+    total = sum(packed_size_bits(int(counts[b]), in_features, b, group_size, symmetric) for b in widths)
+    return total + (row_tag_bits(int(counts.sum())) if len(widths) > 1 else 0)

@@ -57,6 +57,7 @@ class Probe(ABC):
     # Probes whose table is a mean over calibration samples name the meta field counting them: under
     # torchrun each rank measures its share and the tables are summed with these weights (alloc/distributed.py).
     samples_meta: ClassVar[str | None] = None
+    gives_rows: ClassVar[bool] = False      # the table carries per-row costs (for --granularity row)
 
     def __post_init__(self) -> None:
         if hasattr(self, "stream"):
@@ -73,8 +74,10 @@ class Probe(ABC):
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         """cost[u, o] for every unit × option."""
 
-    def table(self, units: list[Unit], options: list[QuantSpec], cost: torch.Tensor, **meta: Any) -> SensitivityTable:
-        return SensitivityTable(units, options, cost, {"probe": self.name, "settings": self.settings(), **meta})
+    def table(self, units: list[Unit], options: list[QuantSpec], cost: torch.Tensor, row_cost=None,
+              **meta: Any) -> SensitivityTable:
+        return SensitivityTable(units, options, cost, {"probe": self.name, "settings": self.settings(), **meta},
+                                row_cost)
 
 
 def modules_by_name(model: nn.Module, units: list[Unit]) -> dict[str, nn.Module]:

@@ -51,16 +51,22 @@ def fisher_cost(F: torch.Tensor, dW: torch.Tensor) -> float:
     return 0.5 * float((F.double() * dW.double() ** 2).sum())
 
 
-def fisher_costs(F: torch.Tensor, W: torch.Tensor, options: list[QuantSpec], rows: int = 1024) -> torch.Tensor:
-    """(O,) float64: ½ Σ F ⊙ (Q(W) − W)² of one unit under each option (W in any float dtype), ``rows``
-    output rows at a time (quantization groups never span rows), so temporaries stay small."""
-    cost = torch.zeros(len(options), dtype=torch.float64)
+def fisher_row_costs(F: torch.Tensor, W: torch.Tensor, options: list[QuantSpec], rows: int = 1024) -> torch.Tensor:
+    """(out, O) float64: ½ Σ_k F[r, k] (Q(W) − W)[r, k]² of each output row r under each option (W in any
+    float dtype), ``rows`` rows at a time (quantization groups never span rows), so temporaries stay small.
+    A row's cost does not depend on the other rows' widths: this is the table of per-row plans."""
+    cost = torch.zeros(W.shape[0], len(options), dtype=torch.float64)
     for r in range(0, W.shape[0], rows):
         Wr = W[r:r + rows].detach().float()
-        Fr = F[r:r + rows]
+        Fr = F[r:r + rows].double()
         for j, spec in enumerate(options):
-            cost[j] += fisher_cost(Fr, fake_quantize(Wr, spec) - Wr)
+            cost[r:r + rows, j] = 0.5 * (Fr * (fake_quantize(Wr, spec) - Wr).double() ** 2).sum(1)
     return cost
+
+
+def fisher_costs(F: torch.Tensor, W: torch.Tensor, options: list[QuantSpec], rows: int = 1024) -> torch.Tensor:
+    """(O,) float64: ½ Σ F ⊙ (Q(W) − W)² of one unit under each option: its rows' costs summed."""
+    return fisher_row_costs(F, W, options, rows).sum(0)
 
 
 def group_costs(F: torch.Tensor, dW: torch.Tensor, columns: int) -> torch.Tensor:
@@ -75,6 +81,7 @@ class FisherProbe(Probe):
     name = "fisher"
     needs_grad = True
     samples_meta = "gradient_samples"
+    gives_rows = True
     micro_batch: int = 1                  # windows per gradient sample
     max_windows: int | None = None        # None: every calibration window
     stream: str = "auto"                  # one decoder block at a time (streamed.py): auto, on, off
@@ -82,10 +89,16 @@ class FisherProbe(Probe):
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         if streams(workload, units, self.stream):
             from .streamed import streamed_fisher_costs
+            rows: dict[int, torch.Tensor] = {}
             cost, steps = streamed_fisher_costs(workload, units, options, micro_batch=self.micro_batch,
-                                                max_windows=self.max_windows, costs_fn=fisher_costs)
-            return self.table(units, options, cost, gradient_samples=steps, streamed=True)
+                                                max_windows=self.max_windows, costs_fn=fisher_row_costs,
+                                                rows_out=rows)
+            row_cost = torch.cat([rows[i] for i in range(len(units))])
+            return self.table(units, options, cost, row_cost, gradient_samples=steps, streamed=True)
         F, steps = empirical_fisher(workload, units, micro_batch=self.micro_batch, max_windows=self.max_windows)
         modules = modules_by_name(workload.model, units)
-        cost = torch.stack([fisher_costs(F[u.name], unit_weight(modules, u), options) for u in units])
-        return self.table(units, options, cost, gradient_samples=steps, streamed=False)
+        row_cost = torch.cat([fisher_row_costs(F[u.name], unit_weight(modules, u), options) for u in units])
+        table = self.table(units, options, torch.zeros(len(units), len(options)), row_cost, gradient_samples=steps,
+                           streamed=False)
+        table.cost = torch.stack([table.rows_of(i).sum(0) for i in range(len(units))])
+        return table

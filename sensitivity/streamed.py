@@ -115,9 +115,10 @@ def streamed_costs(workload: Workload, units: list[Unit], options: list[QuantSpe
 class FisherCollector:
     """fisher: F = Σ (∂loss/∂W)² per micro-batch, squared into float32 as each gradient is ready."""
 
-    def __init__(self, model, options: list[QuantSpec], costs_fn):
+    def __init__(self, model, options: list[QuantSpec], costs_fn, rows_out: dict | None = None):
         self.modules = modules_by_name(model, [])
         self.model, self.options, self.costs_fn = model, options, costs_fn
+        self.rows_out = rows_out          # unit index -> (out, O) row costs, when costs_fn gives rows
         self.F: list[torch.Tensor] = []
         self.index: list[int] = []
 
@@ -134,7 +135,12 @@ class FisherCollector:
 
     def reduce(self, cost, rows, units, steps):
         for j, u, k in zip(rows, units, self.index):
-            cost[j] = self.costs_fn(unit_slice(self.F[k], u), unit_weight(self.modules, u), self.options) / steps
+            c = self.costs_fn(unit_slice(self.F[k], u), unit_weight(self.modules, u), self.options) / steps
+            if c.dim() == 2:                     # per-row costs: keep them, the unit's cost is their sum
+                if self.rows_out is not None:
+                    self.rows_out[j] = c
+                c = c.sum(0)
+            cost[j] = c
         self.F = []
 
     def loss_scale(self, batch):
@@ -143,9 +149,10 @@ class FisherCollector:
 
 def streamed_fisher_costs(workload: Workload, units: list[Unit], options: list[QuantSpec], *,
                           micro_batch: int = 1, max_windows: int | None = None,
-                          costs_fn=None) -> tuple[torch.Tensor, int]:
-    """The fisher table one block at a time; ``costs_fn(F, W, options)`` gives one unit's row."""
-    return streamed_costs(workload, units, options, FisherCollector(workload.model, options, costs_fn),
+                          costs_fn=None, rows_out: dict | None = None) -> tuple[torch.Tensor, int]:
+    """The fisher table one block at a time; ``costs_fn(F, W, options)`` gives one unit's costs, (O,) or per
+    row (out, O) (then kept in ``rows_out[unit index]``)."""
+    return streamed_costs(workload, units, options, FisherCollector(workload.model, options, costs_fn, rows_out),
                           micro_batch=micro_batch, max_windows=max_windows, desc="fisher (streamed)")
 
 

@@ -32,6 +32,9 @@ class SensitivityTable:
     options: list[QuantSpec]
     cost: torch.Tensor                      # (U, O) float64: predicted loss increase
     meta: dict[str, Any] = field(default_factory=dict)
+    # (R, O) float64, R = the units' output rows one after another: the cost of each row under each option,
+    # for probes that can split their cost by row (fisher, output_error); each unit's rows sum to its cost.
+    row_cost: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.cost = torch.as_tensor(self.cost, dtype=torch.float64)
@@ -48,6 +51,29 @@ class SensitivityTable:
         if (self.cost < 0).any():
             bad = [self.units[i].name for i in torch.nonzero(self.cost < 0)[:, 0].unique().tolist()]
             raise BitallocError(f"the table has negative costs for {bad[:3]}: costs are loss increases, clamp them at 0")
+        if self.row_cost is not None:
+            self.row_cost = torch.as_tensor(self.row_cost, dtype=torch.float64)
+            rows = sum(u.shape[0] for u in self.units)
+            if self.row_cost.shape != (rows, len(self.options)):
+                raise BitallocError(f"row costs are {tuple(self.row_cost.shape)}, expected (rows, options) = "
+                                    f"({rows}, {len(self.options)})")
+            if not torch.isfinite(self.row_cost).all() or (self.row_cost < 0).any():
+                raise BitallocError("the table has NaN/Inf or negative row costs: re-run the probe")
+
+    def row_offsets(self) -> list[int]:
+        """Where each unit's rows start in ``row_cost`` (U + 1 entries, the last is R)."""
+        out = [0]
+        for u in self.units:
+            out.append(out[-1] + u.shape[0])
+        return out
+
+    def rows_of(self, i: int) -> torch.Tensor:
+        """(out, O) row costs of unit ``i`` (the table must have row costs)."""
+        if self.row_cost is None:
+            raise BitallocError(f"the {self.probe} table has no row costs: use a probe that gives them (fisher, "
+                                "output_error) or --granularity layer")
+        off = self.row_offsets()
+        return self.row_cost[off[i]:off[i + 1]]
 
     @property
     def probe(self) -> str:
@@ -67,7 +93,10 @@ class SensitivityTable:
         from safetensors.torch import save_file
         path = Path(path)
         with atomic_path(path) as tmp:
-            save_file({"cost": self.cost.contiguous()}, str(tmp))
+            tensors = {"cost": self.cost.contiguous()}
+            if self.row_cost is not None:
+                tensors["row_cost"] = self.row_cost.contiguous()
+            save_file(tensors, str(tmp))
         atomic_write_text(str(path) + ".json", json.dumps({
             "format": "bitalloc.table", "version": 1, "meta": self.meta,
             "units": [u.to_json() for u in self.units],
@@ -77,10 +106,10 @@ class SensitivityTable:
     def load(cls, path: str | os.PathLike) -> "SensitivityTable":
         from safetensors.torch import load_file
         side = json.loads(Path(str(path) + ".json").read_text())
-        cost = load_file(str(path))["cost"]
+        tensors = load_file(str(path))
         units = [Unit.from_json(u) for u in side["units"]]
         options = [QuantSpec(**o) for o in side["options"]]
-        return cls(units, options, cost, side.get("meta", {}))
+        return cls(units, options, tensors["cost"], side.get("meta", {}), tensors.get("row_cost"))
 
     # -- CSV ----------------------------------------------------------------------------------------------
     def to_csv(self) -> str:

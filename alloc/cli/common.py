@@ -77,6 +77,20 @@ def add_search_solver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed of the search solvers (default 0)")
 
 
+def add_solver_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--solver", default=None, help="ilp, closed_form, uniform, evolutionary, optuna; with "
+                   "--granularity row: closed_form, greedy or ilp (default ilp per layer, closed_form per row)")
+    p.add_argument("--granularity", default="layer", choices=["layer", "row"],
+                   help="one width per layer, or per output row (plan JSON v2, needs a probe with row costs: "
+                        "fisher) (default layer)")
+
+
+def resolve_solver(args) -> None:
+    """--solver's default depends on --granularity."""
+    if getattr(args, "granularity", None) is not None and args.solver is None:
+        args.solver = "closed_form" if args.granularity == "row" else "ilp"
+
+
 def split_list(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
@@ -93,9 +107,18 @@ def check_model_args(args) -> None:
         checks.input_file(args.calib, "--calib", "UTF-8 text file")
     if getattr(args, "probe", None) is not None:
         checks.one_of(args.probe, list(PROBES), "probe")
+        from ..sensitivity import get_probe
+        if getattr(args, "granularity", "layer") == "row" and not get_probe(args.probe).gives_rows:
+            raise BitallocError(f"the {args.probe} probe gives no per-row costs: use --probe fisher with "
+                                "--granularity row")
+    resolve_solver(args)
     if getattr(args, "solver", None) is not None:
+        from ..api import ROW_SOLVERS
         from ..solvers.base import SOLVERS
-        checks.one_of(args.solver, list(SOLVERS), "solver")
+        if getattr(args, "granularity", "layer") == "row":
+            checks.one_of(args.solver, ROW_SOLVERS, "solver for --granularity row")
+        else:
+            checks.one_of(args.solver, list(SOLVERS), "solver")
     if hasattr(args, "options"):
         parse_options(args.options, group_size=args.group_size, symmetric=args.symmetric)
     if getattr(args, "device", None) and not args.device.split(":")[0] in ("cpu", "cuda"):

@@ -59,7 +59,8 @@ def cmd_sweep(args) -> None:
     settings = solver_settings(args, prepared)
 
     def plan_at(budget: float):
-        return solve(table, budget, args.solver, settings=settings, count_overhead=not args.nominal, fuse=args.fuse)
+        return solve(table, budget, args.solver, settings=settings, count_overhead=not args.nominal, fuse=args.fuse,
+                     granularity=args.granularity)
     entries = [(_row("plan", f"{b:g}", p, b), p) for b in budgets for p in [plan_at(b)]]
     uniform = [BitPlan.from_choice(table.units, [o] * len(table.units), budget_bits=16.0,
                                    solver="uniform", probe=table.probe, objective=0.0) for o in table.options]

@@ -8,7 +8,7 @@ import time
 from .. import checks
 from ..errors import BitallocError
 from .common import (check_model_args, eval_tokens, prepare_model, print_plan, print_scores, probe_settings,
-                     solver_settings)
+                     resolve_solver, solver_settings)
 
 
 def print_calibration(prepared, args) -> None:
@@ -29,7 +29,7 @@ def cmd_allocate(args) -> None:
     print_calibration(prepared, args)
     table = measure(prepared, args.probe, settings=probe_settings(args), cache=not args.no_cache)
     plan = solve(table, args.budget, args.solver, settings=solver_settings(args, prepared),
-                 count_overhead=not args.nominal, fuse=args.fuse)
+                 count_overhead=not args.nominal, fuse=args.fuse, granularity=args.granularity)
     plan.extra["quantizer"] = args.quantizer
     print_plan(plan)
     print(f"\nbudget {args.budget} {'nominal' if args.nominal else 'true'} bits/weight · "
@@ -89,6 +89,10 @@ def cmd_solve(args) -> None:
     from ..solvers.base import NEEDS_MODEL, SOLVERS
     checks.input_file(args.table, "--table", "table CSV (from bitalloc probe --out)")
     checks.output_file(args.out)
+    resolve_solver(args)
+    if args.granularity == "row":
+        raise BitallocError("a table CSV holds one cost per layer and option, no row costs: use "
+                            "`bitalloc allocate --granularity row` (the probe's cached table keeps them)")
     checks.one_of(args.solver, [s for s in SOLVERS if s not in NEEDS_MODEL], "solver for a table alone")
     table = SensitivityTable.load_csv(args.table)
     plan = solve(table, args.budget, args.solver, count_overhead=not args.nominal, fuse=args.fuse)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import (add_dtype_arg, add_eval_windows, add_model_args, add_search_solver_args, budget_type,
-                     count_type, seconds_type)
+from .common import (add_dtype_arg, add_eval_windows, add_model_args, add_search_solver_args, add_solver_args,
+                     budget_type, count_type, seconds_type)
 from .explore import cmd_dashboard, cmd_search, cmd_sweep
 from .flow import cmd_allocate, cmd_apply, cmd_eval, cmd_probe, cmd_solve
 from .publish import cmd_export, cmd_report
@@ -24,7 +24,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
-    from ..api import DEFAULT_PROBE, DEFAULT_SOLVER
+    from ..api import DEFAULT_PROBE
     from ..solvers.optuna_search import DEFAULT_STORAGE
     parser = OneLineParser(prog="bitalloc", description="Mixed-precision bit allocation under a memory budget.")
     parser.add_argument("--version", action="version", version=f"bitalloc {__version__}")
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--budget", type=budget_type, required=True, help="average TRUE bits per weight (codes+scales+zeros)")
     p.add_argument("--probe", default=DEFAULT_PROBE, help=f"sensitivity probe (default {DEFAULT_PROBE})")
-    p.add_argument("--solver", default=DEFAULT_SOLVER, help=f"solver (default {DEFAULT_SOLVER})")
+    add_solver_args(p)
     p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"], help="quantizer for --eval (default rtn)")
     p.add_argument("--fuse", action="store_true", help="q/k/v and gate/up share one width")
     p.add_argument("--nominal", action="store_true", help="budget counts code bits only (count_overhead=False)")
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("solve", help="solve a budget from a sensitivity table CSV")
     p.add_argument("--table", required=True, help="table CSV from `bitalloc probe --out`")
     p.add_argument("--budget", type=budget_type, required=True)
-    p.add_argument("--solver", default=DEFAULT_SOLVER, help=f"ilp, closed_form or uniform (default {DEFAULT_SOLVER})")
+    add_solver_args(p)
     p.add_argument("--fuse", action="store_true")
     p.add_argument("--nominal", action="store_true")
     p.add_argument("--out", required=True)
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a plan as another tool's config")
     p.add_argument("plan")
     p.add_argument("--to", required=True, help="gptqmodel, llama.cpp or compressed-tensors")
+    p.add_argument("--exact", action="store_true",
+                   help="refuse a row plan (widths inside a layer) instead of rounding each layer up to its widest row")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--budgets", default="2.25:4.25:0.25", help="START:STOP:STEP or a comma list (default 2.25:4.25:0.25)")
     p.add_argument("--probe", default=DEFAULT_PROBE)
-    p.add_argument("--solver", default=DEFAULT_SOLVER)
+    add_solver_args(p)
     p.add_argument("--fuse", action="store_true")
     p.add_argument("--nominal", action="store_true")
     p.add_argument("--eval", help="text file: perplexity of every plan and of the uniform plans (Pareto plot)")

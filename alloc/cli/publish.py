@@ -14,7 +14,7 @@ def cmd_export(args) -> None:
     checks.input_file(args.plan, "plan", "plan JSON")
     checks.output_file(args.out)
     plan = BitPlan.load(args.plan)
-    text = export(plan, args.to)                     # warnings print as one line each (main)
+    text = export(plan, args.to, exact=args.exact)   # warnings print as one line each (main)
     atomic_write_text(args.out, text)
     print(f"{args.to} config for {len(plan.layers)} layers written to {args.out}")
 

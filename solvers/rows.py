@@ -1,0 +1,316 @@
+"""Per-row plans (``--granularity row``): one width per output row of each layer, chosen from the table's
+row costs (``SensitivityTable.row_cost``) under the budget.
+
+Every row (and every layer that must keep one width: fused q/k/v and gate/up groups with ``fuse``, MoE
+experts, embeddings) is an item of a multiple-choice knapsack with the table's options. A row's size
+under width b is what the packer stores for it (kernels/pack.py): its codes, its groups' scales and zero
+points, and its 4-bit width tag. Three methods:
+
+    closed_form   the Lagrangian / convex-hull greedy, vectorised: each item's options on the lower convex
+                  hull of (size, cost), all hull steps sorted by cost saved per bit, the longest prefix that
+                  fits, then one pass filling what is left. Millions of rows in about a second.
+    greedy        the same rule step by step with a heap (marginal gain per bit): the reference twin.
+    ilp           the exact knapsack (PuLP) over row groups: each layer's rows sorted by sensitivity and cut
+                  into ``rows_per_group`` slices that share a width; the gap to the LP bound is reported.
+
+Segment padding of the zero points and the width tags are reserved up front; the plan's exact size is then
+checked, and rows are stepped down (cheapest loss per bit first) in the rare case it does not fit. The result
+is compared with the layer-granularity ILP plan on the table's own objective, and the better one is returned,
+so a row plan is never worse than the layer plan.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BitallocError
+from ..kernels.pack import BLOCK, SCALE_BITS, n_groups
+from ..options import QuantSpec
+from ..plan import BitPlan
+from ..units import EXPERT_KINDS
+from .base import Problem
+
+TAG_BITS = 4
+
+
+def row_size(spec: QuantSpec, in_features: int, count_overhead: bool = True) -> float:
+    """Bits one output row takes under ``spec`` (codes, its scales and zeros, its width tag)."""
+    if not count_overhead:
+        return float(spec.bits * in_features)
+    g = n_groups(in_features, spec.group_size)
+    codes = math.ceil(in_features / BLOCK) * BLOCK * spec.bits
+    return float(codes + g * SCALE_BITS + (0 if spec.symmetric else g * spec.bits) + TAG_BITS)
+
+
+@dataclass
+class Items:
+    """The knapsack: cost (I, O), size (I, O). Items 0..R-1 are rows: ``unit[k]``, ``row[k]``; the items after
+    them are whole layers that keep one width, ``forced[k - R]`` their unit indices."""
+    cost: torch.Tensor
+    size: torch.Tensor
+    unit: torch.Tensor
+    row: torch.Tensor
+    forced: list
+    capacity: float
+
+    @property
+    def n_rows(self) -> int:
+        return self.unit.numel()
+
+
+def build_items(problem: Problem, reserve: bool = True) -> Items:
+    table = problem.table
+    fams = {(o.group_size, o.symmetric) for o in table.options}
+    if len(fams) > 1:
+        raise BitallocError("--granularity row needs options of one group size and symmetry (a layer's rows share "
+                            f"them), the table has {len(fams)}: drop the g64/g32 formats or use --granularity layer")
+    forced = [g for g in problem.groups() if len(g) > 1 or _layer_only(table.units[g[0]])]
+    forced_units = {i for g in forced for i in g}
+    costs, sizes, unit, row = [], [], [], []
+    slack = 0.0
+    for i, u in enumerate(table.units):
+        if i in forced_units:
+            continue
+        rows = table.rows_of(i)
+        costs.append(rows)
+        sizes.append(torch.tensor([row_size(o, u.shape[1], problem.count_overhead) for o in table.options],
+                                  dtype=torch.float64).expand(rows.shape[0], -1))
+        unit.append(torch.full((rows.shape[0],), i, dtype=torch.long))
+        row.append(torch.arange(rows.shape[0]))
+        if problem.count_overhead:       # zero-point padding of each width's segment (up to 31 rows)
+            g = n_groups(u.shape[1], table.options[0].group_size)
+            slack += sum(0 if o.symmetric else (BLOCK - 1) * g * o.bits for o in table.options)
+    for g in forced:
+        costs.append(problem.cost[g].sum(0, keepdim=True))
+        sizes.append(problem.size[g].sum(0, keepdim=True))
+    empty = torch.zeros(0, dtype=torch.long)
+    return Items(torch.cat(costs), torch.cat(sizes), torch.cat(unit) if unit else empty,
+                 torch.cat(row) if row else empty, forced, problem.capacity - (slack if reserve else 0.0))
+
+
+def _layer_only(u) -> bool:
+    """Units that keep one width for all their rows: MoE experts (the packed expert modules and llama.cpp's
+    merged expert tensors hold one width per expert matrix) and embeddings."""
+    return u.kind in EXPERT_KINDS or u.kind == "embedding"
+
+
+def hull_steps(cost: torch.Tensor, size: torch.Tensor):
+    """Each item's walk along the lower convex hull of its options, from its smallest option.
+
+    Returns (start (I,), steps): ``steps`` is a list of (item, from, to, gain per bit, bits) tensors, step k
+    of every item in the k-th entry; gains per bit never increase along one item's walk."""
+    I, O = cost.shape
+    order = torch.argsort(size, dim=1, stable=True)
+    cur = order[:, 0].clone()
+    rows = torch.arange(I)
+    steps = []
+    for _ in range(O - 1):
+        c0, s0 = cost[rows, cur], size[rows, cur]
+        gain = (c0[:, None] - cost) / (size - s0[:, None])                  # cost saved per extra bit
+        gain = torch.where((size > s0[:, None]) & (cost < c0[:, None]), gain, torch.full_like(gain, -math.inf))
+        best_gain, nxt = gain.max(1)
+        live = torch.isfinite(best_gain)
+        if not live.any():
+            break
+        idx = rows[live]
+        steps.append((idx, cur[live].clone(), nxt[live], best_gain[live], size[idx, nxt[live]] - size[idx, cur[live]]))
+        cur[live] = nxt[live]
+    return order[:, 0], steps
+
+
+def closed_form(items: Items) -> torch.Tensor:
+    """(I,) chosen option per item: the longest prefix of hull steps by gain per bit that fits, then a fill."""
+    start, steps = hull_steps(items.cost, items.size)
+    choice = start.clone()
+    used = float(items.size[torch.arange(len(start)), start].sum())
+    if used > items.capacity * (1 + 1e-12):
+        raise BitallocError(f"the budget is infeasible at row granularity: the smallest widths take "
+                            f"{used:.0f} bits of {items.capacity:.0f}")
+    if not steps:
+        return choice
+    item = torch.cat([s[0] for s in steps])
+    frm, to = torch.cat([s[1] for s in steps]), torch.cat([s[2] for s in steps])
+    gain, bits = torch.cat([s[3] for s in steps]), torch.cat([s[4] for s in steps])
+    order = torch.argsort(-gain, stable=True)
+    total = torch.cumsum(bits[order], 0) + used
+    take = int((total <= items.capacity).sum())
+    taken = order[:take]
+    choice[item[taken]] = to[taken]               # steps of one item are taken in order: the last one wins
+    used = float(total[take - 1]) if take else used
+    rest = order[take:]
+    rest = rest[choice[item[rest]] == frm[rest]]          # fill: steps that start where their item stands
+    smallest = float(bits[rest].min()) if rest.numel() else math.inf
+    for k in rest.tolist():                             # in gain order, while anything could still fit
+        if items.capacity - used < smallest:
+            break
+        if int(choice[item[k]]) == int(frm[k]) and used + float(bits[k]) <= items.capacity:
+            choice[item[k]] = to[k]
+            used += float(bits[k])
+    return choice
+
+
+def greedy(items: Items) -> torch.Tensor:
+    """The reference: repeatedly take the hull step with the largest gain per bit that still fits."""
+    start, steps = hull_steps(items.cost, items.size)
+    walk: dict[int, list] = {}
+    for idx, frm, to, gain, bits in steps:
+        for k, f, t, g, b in zip(idx.tolist(), frm.tolist(), to.tolist(), gain.tolist(), bits.tolist()):
+            walk.setdefault(k, []).append((f, t, g, b))
+    choice = start.clone()
+    used = float(items.size[torch.arange(len(start)), start].sum())
+    heap = [(-w[0][2], k, 0) for k, w in walk.items()]
+    heapq.heapify(heap)
+    while heap:
+        _, k, n = heapq.heappop(heap)
+        f, t, g, b = walk[k][n]
+        if used + b > items.capacity:
+            continue                               # this item stops here; others may still fit
+        choice[k] = t
+        used += b
+        if n + 1 < len(walk[k]):
+            heapq.heappush(heap, (-walk[k][n + 1][2], k, n + 1))
+    return choice
+
+
+def lp_bound(items: Items) -> float:
+    """A lower bound on the knapsack's optimum: the LP relaxation (hull greedy with a fractional last step)."""
+    start, steps = hull_steps(items.cost, items.size)
+    obj = float(items.cost[torch.arange(len(start)), start].sum())
+    used = float(items.size[torch.arange(len(start)), start].sum())
+    if not steps:
+        return obj
+    gain, bits = torch.cat([s[3] for s in steps]), torch.cat([s[4] for s in steps])
+    order = torch.argsort(-gain, stable=True)
+    for g, b in zip(gain[order].tolist(), bits[order].tolist()):
+        if used + b <= items.capacity:
+            obj -= g * b
+            used += b
+        else:
+            obj -= g * (items.capacity - used)
+            break
+    return obj
+
+
+def ilp_groups(items: Items, problem: Problem, rows_per_group: int, time_limit: float) -> torch.Tensor:
+    """Exact MCKP (PuLP) over row groups: each unit's rows sorted by their cost at the middle option and cut
+    into slices of ``rows_per_group`` that share one width."""
+    import pulp
+    R = items.n_rows
+    groups: list[list[int]] = [[R + f] for f in range(len(items.forced))]
+    mid = items.cost.shape[1] // 2
+    for i in items.unit.unique().tolist():
+        ks = torch.nonzero(items.unit == i)[:, 0]
+        ks = ks[torch.argsort(items.cost[ks, mid])].tolist()
+        groups += [ks[a:a + rows_per_group] for a in range(0, len(ks), rows_per_group)]
+    g_cost = torch.stack([items.cost[g].sum(0) for g in groups])
+    g_size = torch.stack([items.size[g].sum(0) for g in groups])
+    scale_c = 1.0 / max(float(g_cost.max()), 1e-30)
+    scale_s = 1.0 / max(float(g_size.max()), 1.0)
+    model = pulp.LpProblem("bitalloc_rows", pulp.LpMinimize)
+    O = g_cost.shape[1]
+    x = {(g, j): pulp.LpVariable(f"x_{g}_{j}", cat=pulp.LpBinary) for g in range(len(groups)) for j in range(O)}
+    model.setObjective(pulp.LpAffineExpression([(v, float(g_cost[g, j]) * scale_c) for (g, j), v in x.items()]))
+    for g in range(len(groups)):
+        model.addConstraint(pulp.LpConstraint(pulp.LpAffineExpression([(x[g, j], 1.0) for j in range(O)]),
+                                              pulp.LpConstraintEQ, f"pick_{g}", 1.0))
+    model.addConstraint(pulp.LpConstraint(pulp.LpAffineExpression([(v, float(g_size[g, j]) * scale_s)
+                                                                   for (g, j), v in x.items()]),
+                                          pulp.LpConstraintLE, "budget", items.capacity * scale_s))
+    model.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit))
+    choice = torch.zeros(items.cost.shape[0], dtype=torch.long)
+    for g, members in enumerate(groups):
+        choice[members] = max(range(O), key=lambda j: x[g, j].value() or 0.0)
+    if float(items.size[torch.arange(len(choice)), choice].sum()) > items.capacity * (1 + 1e-9):
+        raise BitallocError("the row-group integer program ended over budget: use --solver closed_form")
+    return choice
+
+
+def to_plan(problem: Problem, items: Items, choice: torch.Tensor, solver: str, **extra) -> BitPlan:
+    """A BitPlan with ``row_bits`` for the layers whose rows got several widths."""
+    table = problem.table
+    opts = table.options
+    bits_of = torch.tensor([o.bits for o in opts], dtype=torch.int8)
+    per_unit: dict[int, torch.Tensor] = {}
+    R = items.n_rows
+    for f, members in enumerate(items.forced):
+        for u in members:
+            per_unit[u] = torch.full((table.units[u].shape[0],), int(choice[R + f]), dtype=torch.long)
+    off = table.row_offsets()
+    flat = torch.zeros(off[-1], dtype=torch.long)
+    flat[torch.tensor(off[:-1])[items.unit] + items.row] = choice[:R]
+    layers, row_bits, costs = {}, {}, {}
+    for i, u in enumerate(table.units):
+        idx = per_unit.get(i, flat[off[i]:off[i + 1]])
+        layers[u.name] = opts[int(idx.max())]
+        row_bits[u.name] = bits_of[idx]
+        costs[u.name] = float(table.rows_of(i).gather(1, idx[:, None]).sum())
+    plan = BitPlan(layers, {u.name: u.shape for u in table.units}, budget_bits=problem.budget_bits, solver=solver,
+                   probe=table.probe, objective=sum(costs.values()), model=table.meta.get("model", {}),
+                   extra={"count_overhead": problem.count_overhead, "fuse": problem.fuse, "granularity": "row",
+                          **extra},
+                   costs=costs, row_bits=row_bits)
+    return plan
+
+
+def plan_bits(plan: BitPlan, count_overhead: bool) -> float:
+    return plan.true_bpw if count_overhead else plan.nominal_bpw
+
+
+def solve_rows(problem: Problem, method: str = "closed_form", *, rows_per_group: int = 64,
+               time_limit: float = 60.0) -> BitPlan:
+    """The row-granularity plan of ``problem`` by ``method`` (closed_form, greedy or ilp), never worse on the
+    table's objective than the layer-granularity ILP plan and never over budget."""
+    from .ilp import ILPSolver
+    items = build_items(problem)
+    if method == "closed_form":
+        choice = closed_form(items)
+    elif method == "greedy":
+        choice = greedy(items)
+    elif method == "ilp":
+        choice = ilp_groups(items, problem, rows_per_group, time_limit)
+    else:
+        raise BitallocError(f"solver {method!r} has no row granularity: use closed_form, greedy or ilp")
+    plan = to_plan(problem, items, choice, method)
+    for _ in range(3):          # the padding reserve was a worst case: give what it did not use back, re-solve
+        spare = (problem.budget_bits - plan_bits(plan, problem.count_overhead)) * problem.numel
+        if method == "ilp" or spare < 1e-3 * problem.capacity / max(len(items.cost), 1):
+            break
+        items.capacity += spare
+        choice = closed_form(items) if method == "closed_form" else greedy(items)
+        plan = to_plan(problem, items, choice, method)
+    for _ in range(20):                           # exact size: step rows down if padding did not fit after all
+        over = (plan_bits(plan, problem.count_overhead) - problem.budget_bits) * problem.numel
+        if over <= 1e-9 * problem.capacity:
+            break
+        choice = _step_down(items, choice, over)
+        plan = to_plan(problem, items, choice, method)
+    else:
+        raise BitallocError("could not fit the row plan into the budget: use --granularity layer")
+    bound = lp_bound(build_items(problem, reserve=False))
+    layer = ILPSolver().solve(problem)
+    if layer.objective is not None and layer.objective < plan.objective:      # never worse than per layer
+        layer.extra.update(granularity="row", fallback="the layer plan was better on the table's objective")
+        plan = layer
+    gap = (plan.objective - bound) / max(abs(bound), 1e-30)
+    plan.extra.update(lp_bound=bound, gap_to_lp_bound=gap)
+    return plan
+
+
+def _step_down(items: Items, choice: torch.Tensor, over: float) -> torch.Tensor:
+    """Free at least ``over`` bits by moving rows to their next smaller option, least cost per bit first."""
+    choice = choice.clone()
+    k = torch.arange(len(choice))
+    cur_c, cur_s = items.cost[k, choice], items.size[k, choice]
+    smaller = items.size < cur_s[:, None]
+    loss = (items.cost - cur_c[:, None]) / (cur_s[:, None] - items.size)
+    loss = torch.where(smaller, loss, torch.full_like(loss, math.inf))
+    best_loss, to = loss.min(1)
+    ok = torch.isfinite(best_loss)
+    cand = k[ok][torch.argsort(best_loss[ok])]
+    freed = (cur_s - items.size[k, to])[cand]
+    need = int((torch.cumsum(freed, 0) < over).sum()) + 1
+    choice[cand[:need]] = to[cand[:need]]
+    return choice
