@@ -75,12 +75,12 @@ def streamed_output_error(workload: Workload, units: list[Unit], options: list[Q
     batches = list(workload.batches())
     n_tokens = sum(b.numel() for b in batches)
     cost = torch.zeros(len(units), len(options), dtype=torch.float64)
+    row_cost: list[torch.Tensor | None] = [None] * len(units)
 
     def reduce(rows, H):
         for j in rows:
-            W = unit_weight(modules, units[j]).detach().float()
-            cost[j] = torch.tensor([output_error(fake_quantize(W, spec) - W, H[units[j].name]) / n_tokens
-                                    for spec in options], dtype=torch.float64)
+            r = unit_row_errors(unit_weight(modules, units[j]), H[units[j].name], options) / n_tokens
+            row_cost[j], cost[j] = r, r.sum(0)
 
     with torch.no_grad(), stream.resident():
         hidden = [stream.inputs(b) for b in batches]
@@ -97,7 +97,21 @@ def streamed_output_error(workload: Workload, units: list[Unit], options: list[Q
                 new_batch()
                 stream.logits(h, b)
         reduce(rows, H)
-    return cost, n_tokens
+    return cost, n_tokens, torch.cat(row_cost)
+
+
+def row_errors(dW: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """(out,) float64: ΔW_r H ΔW_rᵀ of each output row r (their sum is tr(ΔW H ΔWᵀ)); embeddings: H (out,)."""
+    dW = dW.double()
+    if H.dim() == 1:
+        return H.double() * (dW * dW).sum(1)
+    return ((dW @ H.double()) * dW).sum(1)
+
+
+def unit_row_errors(W: torch.Tensor, H: torch.Tensor, options: list[QuantSpec]) -> torch.Tensor:
+    """(out, O) row errors of one unit under each option."""
+    W = W.detach().float()
+    return torch.stack([row_errors(fake_quantize(W, spec) - W, H) for spec in options], dim=1)
 
 
 def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
@@ -112,19 +126,17 @@ def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
 class OutputErrorProbe(Probe):
     name = "output_error"
     samples_meta = "n_tokens"
+    gives_rows = True
     stream: str = "auto"                  # one decoder block at a time: auto, on, off
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         refuse_experts(units, self.name)
         if streams(workload, units, self.stream):
-            cost, n_tokens = streamed_output_error(workload, units, options)
-            return self.table(units, options, cost, n_tokens=n_tokens, streamed=True)
+            cost, n_tokens, row_cost = streamed_output_error(workload, units, options)
+            return self.table(units, options, cost, row_cost, n_tokens=n_tokens, streamed=True)
         H, n_tokens = collect_hessians(workload, units)
         modules = modules_by_name(workload.model, units)
-        cost = torch.zeros(len(units), len(options), dtype=torch.float64)
-        for i, unit in enumerate(tqdm(units, desc="output_error costs", leave=False)):
-            W = unit_weight(modules, unit).detach().float()
-            Hu = H[unit.name]
-            for j, spec in enumerate(options):
-                cost[i, j] = output_error(fake_quantize(W, spec) - W, Hu) / n_tokens
-        return self.table(units, options, cost, n_tokens=n_tokens)
+        rows = [unit_row_errors(unit_weight(modules, u), H[u.name], options) / n_tokens
+                for u in tqdm(units, desc="output_error costs", leave=False)]
+        cost = torch.stack([r.sum(0) for r in rows])
+        return self.table(units, options, cost, torch.cat(rows), n_tokens=n_tokens)

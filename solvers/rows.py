@@ -134,11 +134,15 @@ def closed_form(items: Items) -> torch.Tensor:
     item = torch.cat([s[0] for s in steps])
     frm, to = torch.cat([s[1] for s in steps]), torch.cat([s[2] for s in steps])
     gain, bits = torch.cat([s[3] for s in steps]), torch.cat([s[4] for s in steps])
+    level = torch.cat([torch.full_like(s[0], k) for k, s in enumerate(steps)])
     order = torch.argsort(-gain, stable=True)
     total = torch.cumsum(bits[order], 0) + used
     take = int((total <= items.capacity).sum())
-    taken = order[:take]
-    choice[item[taken]] = to[taken]               # steps of one item are taken in order: the last one wins
+    taken = torch.zeros(len(gain), dtype=torch.bool)
+    taken[order[:take]] = True
+    for k in range(len(steps)):                   # level by level: an item's later step overrides its earlier one
+        sel = taken & (level == k)                # (one step per item per level: no duplicate indices)
+        choice[item[sel]] = to[sel]
     used = float(total[take - 1]) if take else used
     rest = order[take:]
     rest = rest[choice[item[rest]] == frm[rest]]          # fill: steps that start where their item stands
