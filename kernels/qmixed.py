@@ -1,23 +1,30 @@
 """MixedQuantLinear: a Linear layer whose output rows have their own widths (a per-row plan).
 
-The rows of each width form one segment, stored exactly as a QuantLinear of that width (kernels/pack.py
-layout): ``seg3.qweight``, ``seg3.scales``, ``seg3.qzeros`` for the 3-bit rows, in row order. The row order
-is not stored: rows sorted by width (stable) give the segments, so the 4-bit width tags (``row_tags``, two
-rows per byte) are enough to put every output back in its place.
+The rows of each width form one segment, stored exactly as a QuantLinear of that width stores its weight
+(kernels/pack.py layout), segments in increasing width, and the three tensors of all segments concatenated
+into flat buffers:
 
-    y[..., rows of width b] = x @ dequant(segment b).T
+    qweight  int32  [segment 2-bit (ceil(K/32)*2, n2) | segment 3-bit (ceil(K/32)*3, n3) | ...]  flattened
+    scales   fp16   [(G, n2) | (G, n3) | ...]                                                 flattened
+    qzeros   int32  [(G, ceil(n2/32)*2) | (G, ceil(n3/32)*3) | ...]  (asymmetric only)    flattened
+    row_tags uint8  (ceil(N/2),)  the width of each output row, 4 bits each, two rows per byte
 
-On CUDA each segment runs QuantLinear's Triton kernel: one launch per segment, at most one per width (a single
-launch covering every segment is not written yet). Elsewhere the torch twin dequantizes the whole weight and
-does one matmul, so the packed layer computes exactly what the fake-quantized one does.
+The row order is not stored: rows sorted by width (stable) give the segments, so the tags are enough to put
+every output back in its place. On CUDA one Triton launch covers every segment (kernels/triton_mixed.py);
+elsewhere the torch twin dequantizes the whole weight and does one matmul, so the packed layer computes
+exactly what the fake-quantized one does.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-from .pack import check_bits
-from .qlinear import QuantLinear
+from .pack import check_bits, n_groups, pack_last_dim, pack_weight
+from .reference import dequantize_packed
+
+MAX_SEGMENTS = 4
 
 
 def pack_tags(row_bits: torch.Tensor) -> torch.Tensor:
@@ -34,9 +41,23 @@ def unpack_tags(tags: torch.Tensor, n: int) -> torch.Tensor:
     return both[:n].to(torch.int8)
 
 
+def segment_layout(row_bits: torch.Tensor, in_features: int, group_size: int, symmetric: bool) -> list[dict]:
+    """Per segment (increasing width): bits, rows (n), first sorted row, and where its tensors start in the
+    flat buffers (qw/s/qz offsets, element counts)."""
+    G = n_groups(in_features, group_size)
+    words = math.ceil(in_features / 32)
+    out, row, qw, s, qz = [], 0, 0, 0, 0
+    for b in sorted(set(row_bits.tolist())):
+        n = int((row_bits == b).sum())
+        zw = 0 if symmetric else math.ceil(n / 32) * b
+        out.append({"bits": b, "n": n, "row0": row, "qw": qw, "s": s, "qz": qz, "qw_len": words * b * n,
+                    "s_len": G * n, "qz_len": G * zw, "zero_words": zw})
+        row, qw, s, qz = row + n, qw + words * b * n, s + G * n, qz + G * zw
+    return out
+
+
 class MixedQuantLinear(nn.Module):
-    """y = x @ dequant(W).T + b for W whose rows have the widths ``row_bits``. Buffers (all in the state dict):
-    ``row_tags`` uint8 (ceil(N/2),), one QuantLinear per width as ``seg{bits}``, ``bias`` (N,) if any."""
+    """y = x @ dequant(W).T + b for W whose rows have the widths ``row_bits`` (layout in the module doc)."""
 
     def __init__(self, in_features: int, out_features: int, row_bits: torch.Tensor, group_size: int = 128,
                  symmetric: bool = False, bias: bool = False, bias_dtype: torch.dtype = torch.float32,
@@ -45,15 +66,23 @@ class MixedQuantLinear(nn.Module):
         row_bits = torch.as_tensor(row_bits, dtype=torch.int8).reshape(-1).cpu()
         if row_bits.numel() != out_features:
             raise ValueError(f"row_bits has {row_bits.numel()} rows, the layer {out_features}")
+        for b in set(row_bits.tolist()):
+            check_bits(b)
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.symmetric = group_size, symmetric
-        self.widths = sorted(set(row_bits.tolist()))
-        for b in self.widths:
-            check_bits(b)
-            n = int((row_bits == b).sum())
-            self.add_module(f"seg{b}", QuantLinear(in_features, n, b, group_size, symmetric, device=device))
+        self.layout = segment_layout(row_bits, in_features, group_size, symmetric)
+        if len(self.layout) > MAX_SEGMENTS:
+            raise ValueError(f"a layer mixes {len(self.layout)} widths; the kernels take at most {MAX_SEGMENTS}")
+        last = self.layout[-1]
+        self.register_buffer("qweight", torch.zeros(last["qw"] + last["qw_len"], dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(last["s"] + last["s_len"], dtype=torch.float16, device=device))
+        if not symmetric:
+            self.register_buffer("qzeros", torch.zeros(last["qz"] + last["qz_len"], dtype=torch.int32, device=device))
+        else:
+            self.qzeros = None
         self.register_buffer("row_tags", pack_tags(row_bits).to(device))
-        order = torch.argsort(row_bits, stable=True)                   # segment rows -> layer rows
+        order = torch.argsort(row_bits, stable=True)                   # sorted position -> layer row
+        self.register_buffer("order", order.to(torch.int32).to(device), persistent=False)
         self.register_buffer("inverse", torch.argsort(order).to(device), persistent=False)
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
@@ -64,8 +93,13 @@ class MixedQuantLinear(nn.Module):
     def row_bits(self) -> torch.Tensor:
         return unpack_tags(self.row_tags.cpu(), self.out_features)
 
-    def segments(self) -> list[QuantLinear]:
-        return [getattr(self, f"seg{b}") for b in self.widths]
+    def segment(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(qweight (words*bits, n), scales (G, n), qzeros (G, zero words) or None) of segment ``k``: views."""
+        seg, G = self.layout[k], n_groups(self.in_features, self.group_size)
+        qw = self.qweight[seg["qw"]:seg["qw"] + seg["qw_len"]].view(-1, seg["n"])
+        s = self.scales[seg["s"]:seg["s"] + seg["s_len"]].view(G, seg["n"])
+        qz = None if self.symmetric else self.qzeros[seg["qz"]:seg["qz"] + seg["qz_len"]].view(G, seg["zero_words"])
+        return qw, s, qz
 
     @classmethod
     def from_quantized(cls, q, bias: torch.Tensor | None = None) -> "MixedQuantLinear":
@@ -73,9 +107,13 @@ class MixedQuantLinear(nn.Module):
         first = next(iter(q.parts.values()))
         m = cls(first.codes.shape[1], q.row_bits.numel(), q.row_bits, q.spec.group_size, q.spec.symmetric,
                 bias is not None, bias.dtype if bias is not None else torch.float32, device=first.codes.device)
-        for b, part in q.parts.items():
-            seg = getattr(m, f"seg{b}")
-            seg.load_state_dict(QuantLinear.from_quantized(part).state_dict())
+        for k, seg in enumerate(m.layout):
+            part = q.parts[seg["bits"]]
+            qw, s, qz = m.segment(k)
+            qw.copy_(pack_weight(part.codes, seg["bits"]))
+            s.copy_(part.scales.t().half())
+            if qz is not None:
+                qz.copy_(pack_last_dim(part.zeros.t().contiguous(), seg["bits"]))
         if bias is not None:
             m.bias.copy_(bias.detach())
         return m
@@ -83,9 +121,9 @@ class MixedQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .triton_qmm import triton_available
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and triton_available():
-            y = torch.cat([seg(x) for seg in self.segments()], dim=-1)   # one kernel per width, rows by width
-            y = y.index_select(-1, self.inverse.to(y.device))
-        else:        # the torch twin: one matmul with the whole dequantized weight, as the fake-quantized model
+            from .triton_mixed import qmm_mixed_triton
+            y = qmm_mixed_triton(x, self)
+        else:
             y = x @ self.dequantized().to(x.dtype).t()
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -93,17 +131,16 @@ class MixedQuantLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight (out, in) the codes stand for, rows in their own order."""
-        W = torch.cat([seg.dequantized() for seg in self.segments()])
-        return W[self.inverse.to(W.device)]
+        parts = [dequantize_packed(*self.segment(k), seg["bits"], self.group_size, self.in_features)
+                 for k, seg in enumerate(self.layout)]
+        return torch.cat(parts)[self.inverse.to(parts[0].device)]
 
     def packed_bytes(self) -> int:
-        return sum(seg.packed_bytes() for seg in self.segments()) + self.row_tags.numel()
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.qzeros, self.row_tags)
+                   if t is not None)
 
     def extra_repr(self) -> str:
-        counts = {b: int((self.row_bits == b).sum()) for b in self.widths}
+        counts = {seg["bits"]: seg["n"] for seg in self.layout}
         g = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, rows per width={counts}, {g}, "
                 f"{'symmetric' if self.symmetric else 'asymmetric'}, bias={self.bias is not None}")
-
-
-__all__ = ["MixedQuantLinear", "pack_tags", "unpack_tags"]

@@ -1,0 +1,68 @@
+"""The one-launch mixed-width kernel against the torch twin: on this CPU under TRITON_INTERPRET=1 (set by
+.ci/run), on CUDA when present. Odd shapes, every mix of widths, both symmetries, GEMV and GEMM, split K;
+outputs poisoned with NaN so a row never written shows."""
+import itertools
+import os
+
+import pytest
+import torch
+
+from bitalloc.kernels.qmixed import MixedQuantLinear
+from bitalloc.options import QuantSpec
+from bitalloc.quantize import rtn_rows
+
+triton = pytest.importorskip("triton")
+from bitalloc.kernels.triton_mixed import qmm_mixed_triton  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERPRET),
+                                reason="Triton needs CUDA or TRITON_INTERPRET=1 (the CI sets it)")
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+WIDTHS = (2, 3, 4, 5, 6, 8)
+MIXES = [m for r in (2, 3, 4) for m in itertools.combinations(WIDTHS, r)]      # every mix of 2 to 4 widths
+
+
+def layer(mix, N, K, group, symmetric, seed):
+    g = torch.Generator().manual_seed(seed)
+    row_bits = torch.tensor(mix, dtype=torch.int8)[torch.randint(0, len(mix), (N,), generator=g)]
+    row_bits[:len(mix)] = torch.tensor(mix, dtype=torch.int8)            # every width of the mix present
+    row_bits = row_bits[torch.randperm(N, generator=g)]
+    q = rtn_rows(torch.randn(N, K, generator=g), QuantSpec(max(mix), group, symmetric), row_bits)
+    return q, MixedQuantLinear.from_quantized(q).to(DEVICE)
+
+
+@pytest.mark.parametrize("mix", MIXES, ids=lambda m: "w" + "".join(map(str, m)))
+def test_every_mix_of_widths_gemv(mix):
+    seed = hash(mix) % 2**31
+    N, K = 37 + len(mix) * 11, 96
+    symmetric = bool(seed % 2)
+    q, m = layer(mix, N, K, 32, symmetric, seed)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, torch.float16)
+    out = torch.full((1, N), float("nan"), dtype=torch.float16, device=DEVICE)
+    y = qmm_mixed_triton(x, m, out=out)
+    assert not torch.isnan(y).any(), "some outputs were never written"
+    ref = x.float().cpu() @ q.dequantize().t()
+    assert ((y.float().cpu() - ref).norm() / ref.norm()).item() < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("mix,N,K,group,symmetric", [((2, 4), 33, 200, 64, False), ((3, 8), 70, 100, 32, True),
+                                                     ((2, 3, 4, 8), 129, 256, 128, False),
+                                                     ((5, 6), 40, 64, -1, True), ((3, 4, 6), 65, 160, 32, False)],
+                         ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("M,config", [(1, {}), (1, {"SPLIT_K": 2}), (5, {"SPLIT_K": 1}), (17, {"SPLIT_K": 3})],
+                         ids=["gemv", "gemv-split2", "gemm5", "gemm17-split3"])
+def test_odd_shapes_match_the_twin(mix, N, K, group, symmetric, dtype, M, config):
+    seed = hash((mix, N, K, M, str(dtype))) % 2**31
+    q, m = layer(mix, N, K, group, symmetric, seed)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+    y = qmm_mixed_triton(x, m, config=config, out=out)
+    assert y.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
+    ref = x.float().cpu() @ q.dequantize().t()
+    assert ((y.float().cpu() - ref).norm() / ref.norm()).item() < TOL[dtype]
+    twin = m.to("cpu")(x.cpu().float())                       # the torch twin: the fake-quantized matmul
+    assert torch.allclose(twin, ref, rtol=1e-4, atol=1e-4)
