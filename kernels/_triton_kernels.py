@@ -109,15 +109,11 @@ def _decode_tile(qw_ptr, offs_k, offs_n, N, wmask, BITS: tl.constexpr, W0: tl.co
 
 
 @triton.jit
-def _gemv_decode_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, out_ptr, N, K, group_size, n_zero_words,
-                        BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """GEMV variant: decode a code tile, multiply by x, reduce over K (no tensor cores)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    k_start, k_end = _k_range(pid_k, K, SPLIT_K, BLOCK_K)
+def _decode_gemv_acc(x_ptr, qw_ptr, s_ptr, qz_ptr, offs_n, nmask, N, K, k_start, k_end, group_size,
+                     n_zero_words, BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
+                     SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ_k x_k dequant(W)[n, k] over [k_start, k_end) for the outputs ``offs_n``: decode a code tile,
+    multiply by x, reduce over K (no tensor cores). Shared with the mixed-width kernels."""
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -128,7 +124,46 @@ def _gemv_decode_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, out_ptr, N, K, group_size,
                                  BITS, W0, W1, SYMMETRIC)
         dot = tl.sum(x[:, None] * q.to(tl.float32), axis=0)
         acc += s * (dot - z.to(tl.float32) * tl.sum(x, axis=0))
+    return acc
+
+
+@triton.jit
+def _gemv_decode_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, out_ptr, N, K, group_size, n_zero_words,
+                        BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, SYMMETRIC: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """GEMV variant: decode a code tile, multiply by x, reduce over K (no tensor cores)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    k_start, k_end = _k_range(pid_k, K, SPLIT_K, BLOCK_K)
+    acc = _decode_gemv_acc(x_ptr, qw_ptr, s_ptr, qz_ptr, offs_n, nmask, N, K, k_start, k_end, group_size,
+                           n_zero_words, BITS, W0, W1, SYMMETRIC, BLOCK_N, BLOCK_K)
     _write(out_ptr + offs_n, acc, nmask, SPLIT_K)
+
+
+@triton.jit
+def _dot_gemm_acc(x_ptr, qw_ptr, s_ptr, qz_ptr, offs_m, mmask, offs_n, nmask, N, K, k_start, k_end, stride_xm,
+                  group_size, n_zero_words, BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr,
+                  SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) partial product over [k_start, k_end): tensor-core dots of x with decoded
+    (q − zero) tiles, scaled per group. Shared with the mixed-width kernels."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mmask[:, None] & kmask[None, :], other=0.0)
+        q = _decode_tile(qw_ptr, offs_k, offs_n, N, kmask[:, None] & nmask[None, :], BITS, W0, W1)
+        s, z = _group_scale_zero(s_ptr, qz_ptr, k0 // group_size, N, n_zero_words, offs_n, nmask,
+                                 BITS, W0, W1, SYMMETRIC)
+        wq = (q - z[None, :]).to(tl.float32)
+        if DOT_F32:     # Triton's CPU interpreter gets bf16 tl.dot wrong (checked with Triton 3.9): use fp32 there
+            acc += tl.dot(x.to(tl.float32), wq) * s[None, :]
+        else:           # |q - z| <= 255: exact in fp16 and bf16
+            acc += tl.dot(x, wq.to(x.dtype)) * s[None, :]
+    return acc
 
 
 @triton.jit
@@ -144,20 +179,9 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, out_ptr, M, N, K, stride_xm, stri
     mmask = offs_m < M
     nmask = offs_n < N
     k_start, k_end = _k_range(pid_k, K, SPLIT_K, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mmask[:, None] & kmask[None, :], other=0.0)
-        q = _decode_tile(qw_ptr, offs_k, offs_n, N, kmask[:, None] & nmask[None, :], BITS, W0, W1)
-        s, z = _group_scale_zero(s_ptr, qz_ptr, k0 // group_size, N, n_zero_words, offs_n, nmask,
-                                 BITS, W0, W1, SYMMETRIC)
-        wq = (q - z[None, :]).to(tl.float32)
-        if DOT_F32:     # Triton's CPU interpreter gets bf16 tl.dot wrong (checked with Triton 3.9): use fp32 there
-            acc += tl.dot(x.to(tl.float32), wq) * s[None, :]
-        else:           # |q - z| <= 255: exact in fp16 and bf16
-            acc += tl.dot(x, wq.to(x.dtype)) * s[None, :]
+    acc = _dot_gemm_acc(x_ptr, qw_ptr, s_ptr, qz_ptr, offs_m, mmask, offs_n, nmask, N, K, k_start, k_end,
+                        stride_xm, group_size, n_zero_words, BITS, W0, W1, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K,
+                        DOT_F32)
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     omask = mmask[:, None] & nmask[None, :]
     _write(out, acc, omask, SPLIT_K)

@@ -9,7 +9,7 @@ gather follows. Imported only by ``triton_mixed._kernels()``.
 import triton
 import triton.language as tl
 
-from ._triton_kernels import _decode_tile, _group_scale_zero, _k_range, _write
+from ._triton_kernels import _decode_gemv_acc, _dot_gemm_acc, _k_range, _write
 
 
 @triton.jit
@@ -18,16 +18,8 @@ def _segment_gemv(x_ptr, qw_ptr, s_ptr, qz_ptr, out_ptr, order_ptr, tile, n, row
                   SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < n
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < K
-        x = tl.load(x_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)
-        q = _decode_tile(qw_ptr, offs_k, offs_n, n, kmask[:, None] & nmask[None, :], BITS, W0, W1)
-        s, z = _group_scale_zero(s_ptr, qz_ptr, k0 // group_size, n, n_zero_words, offs_n, nmask,
-                                 BITS, W0, W1, SYMMETRIC)
-        dot = tl.sum(x[:, None] * q.to(tl.float32), axis=0)
-        acc += s * (dot - z.to(tl.float32) * tl.sum(x, axis=0))
+    acc = _decode_gemv_acc(x_ptr, qw_ptr, s_ptr, qz_ptr, offs_n, nmask, n, K, k_start, k_end, group_size,
+                           n_zero_words, BITS, W0, W1, SYMMETRIC, BLOCK_N, BLOCK_K)
     rows = tl.load(order_ptr + row0 + offs_n, mask=nmask, other=0)
     _write(out_ptr + rows, acc, nmask, SPLIT_K)
 
@@ -41,20 +33,9 @@ def _segment_gemm(x_ptr, qw_ptr, s_ptr, qz_ptr, out_ptr, order_ptr, tile, n, row
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = offs_m < M
     nmask = offs_n < n
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mmask[:, None] & kmask[None, :], other=0.0)
-        q = _decode_tile(qw_ptr, offs_k, offs_n, n, kmask[:, None] & nmask[None, :], BITS, W0, W1)
-        s, z = _group_scale_zero(s_ptr, qz_ptr, k0 // group_size, n, n_zero_words, offs_n, nmask,
-                                 BITS, W0, W1, SYMMETRIC)
-        wq = (q - z[None, :]).to(tl.float32)
-        if DOT_F32:
-            acc += tl.dot(x.to(tl.float32), wq) * s[None, :]
-        else:
-            acc += tl.dot(x, wq.to(x.dtype)) * s[None, :]
+    acc = _dot_gemm_acc(x_ptr, qw_ptr, s_ptr, qz_ptr, offs_m, mmask, offs_n, nmask, n, K, k_start, k_end,
+                        stride_xm, group_size, n_zero_words, BITS, W0, W1, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K,
+                        DOT_F32)
     rows = tl.load(order_ptr + row0 + offs_n, mask=nmask, other=0)
     _write(out_ptr + offs_m[:, None] * stride_om + rows[None, :], acc, mmask[:, None] & nmask[None, :], SPLIT_K)
 

@@ -12,31 +12,22 @@ EVAL_WINDOWS = 32          # one default for every command that scores plans on 
 
 
 # -- argparse value types: a bad value is one `bitalloc: error:` line (see parser.OneLineParser) ------------
-def budget_type(text: str) -> float:
-    try:
-        return checks.budget(float(text))
-    except BitallocError as e:
-        raise argparse.ArgumentTypeError(str(e).replace("budget_bits", "budget")) from None
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget {text!r} is not a number of bits per weight, e.g. 3.2") from None
+def _argtype(convert, check, not_a: str):
+    """An argparse type: ``convert`` the text (ValueError -> "not_a"), then ``check`` it (BitallocError ->
+    its message); both become argparse errors, printed as one line."""
+    def parse(text: str):
+        try:
+            return check(convert(text))
+        except BitallocError as e:
+            raise argparse.ArgumentTypeError(str(e).replace("budget_bits", "budget")) from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(not_a.format(text=text)) from None
+    return parse
 
 
-def count_type(text: str) -> int:
-    try:
-        return checks.count(int(text), "the value")
-    except BitallocError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 1") from None
-
-
-def seconds_type(text: str) -> float:
-    try:
-        return checks.positive(float(text), "the value")
-    except BitallocError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+budget_type = _argtype(float, checks.budget, "budget {text!r} is not a number of bits per weight, e.g. 3.2")
+count_type = _argtype(int, lambda v: checks.count(v, "the value"), "{text!r} is not a whole number ≥ 1")
+seconds_type = _argtype(float, lambda v: checks.positive(v, "the value"), "{text!r} is not a number of seconds")
 
 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
