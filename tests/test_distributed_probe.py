@@ -18,20 +18,25 @@ def _costs(path):
 
 
 def test_torchrun_two_ranks_equal_one_process(tiny_llama_dir, calib_file, tmp_path):
-    env = {**os.environ, "BITALLOC_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "BITALLOC_CACHE": str(tmp_path / "cache1"), "OMP_NUM_THREADS": "1"}
     common = ["probe", "--model", str(tiny_llama_dir), "--calib", str(calib_file), "--n-windows", "5",
-              "--seq-len", "64", "--device", "cpu", "--no-cache"]
+              "--seq-len", "64", "--device", "cpu"]
     one = subprocess.run([sys.executable, "-m", "bitalloc", *common, "--out", str(tmp_path / "one.csv")],
                          env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "bitalloc", *common, "--out", str(tmp_path / "two.csv")],
-                         env=env, capture_output=True, text=True)
+                         env={**env, "BITALLOC_CACHE": str(tmp_path / "cache2")}, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr
     assert "2 ranks" in two.stdout
     a, b = _costs(tmp_path / "one.csv"), _costs(tmp_path / "two.csv")
     assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 14 * 4
     assert max(abs(x[2] - y[2]) / x[2] for x, y in zip(a, b)) <= 1e-6
+    # the per-row costs (for --granularity row) are all-reduced too; each rank-0 cache holds them
+    from bitalloc.sensitivity.table import SensitivityTable
+    t1, t2 = (SensitivityTable.load(next((tmp_path / c / "tables").glob("*.safetensors"))) for c in ("cache1", "cache2"))
+    assert t1.row_cost is not None and t1.row_cost.shape == t2.row_cost.shape
+    assert torch.allclose(t1.row_cost, t2.row_cost, rtol=1e-6, atol=1e-15)
 
 
 def test_shard_keeps_micro_batches_whole():
