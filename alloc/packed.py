@@ -89,6 +89,10 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
     if not isinstance(plan, BitPlan):
         raise BitallocError(f"plan must be a BitPlan or a plan JSON path, got {type(plan).__name__}")
     units = planned_units(model, plan)
+    rowwise = [u.name for u in units if u.name in plan.row_bits and u.kind != "linear"]
+    if rowwise:
+        raise BitallocError(f"the plan mixes widths inside {len(rowwise)} non-Linear unit(s) ({', '.join(rowwise[:3])}): "
+                            "rows of several widths are packed for Linear layers only; give these one width")
     embeddings = [u.name for u in units if u.kind == "embedding" and not plan.layers[u.name].is_float]
     if embeddings:
         raise BitallocError(f"apply packs Linear layers only; the plan quantizes embedding(s) {', '.join(embeddings)}: "

@@ -150,7 +150,7 @@ class BitPlan:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if self.row_bits else 1,     # layer plans stay readable by older bitalloc
             "model": self.model,
             "budget_bits": self.budget_bits,
             "true_bpw": round(self.true_bpw, 6),

@@ -12,6 +12,11 @@ Two kernels read the planar layout of kernels/pack.py (see its docstring for the
   ``tl.dot`` on the tensor cores with fp32 accumulation, and scales the tile's partial sum by the group's
   scale. A K tile never crosses a group (the autotune pruner keeps BLOCK_K dividing the group size).
 
+The decode-tile kernels (GEMV "decode", GEMM, and the mixed-width kernels of triton_mixed.py) turn codes into
+floats by the exponent trick (``_code_float``: OR the code into the mantissa of 2**23, reinterpret, one add
+removes the offset and the zero point) instead of an int→float conversion per weight; the plane GEMV keeps
+the conversion (its products would lose precision against a 2**23 offset). Not yet timed on a GPU.
+
 Both split K across programs when there are too few output tiles to fill the GPU (fp32 atomics then, into
 a zeroed buffer). Triton is imported lazily and nothing touches the GPU at import time. Under
 ``TRITON_INTERPRET=1`` (CPU, numpy) the kernels run with one small fixed configuration, for tests.

@@ -39,6 +39,8 @@ def ctx(tiny_llama_dir, tmp_path_factory):
     other = json.loads((d / "plan.json").read_text())
     other["layers"] = {k.replace("layers.0", "layers.9"): v for k, v in other["layers"].items()}
     (d / "otherplan.json").write_text(json.dumps(other))
+    assert main(["allocate", "--model", str(tiny_llama_dir), "--calib", str(d / "text.txt"), "--budget", "3.2",
+                 "--granularity", "row", "--out", str(d / "rowplan.json"), *FAST]) == 0
     rows = (d / "table.csv").read_text().splitlines()
     cols = rows[0].split(",")
     k = cols.index("size_bits")
@@ -118,6 +120,14 @@ CLI_CASES = [
                                      "--out", P("work/p.json")], "size_bits"),
     ("solve-out-is-directory", ["solve", "--table", P("table.csv"), "--budget", "3", "--out", P("adir")],
      "is a directory"),
+    ("solve-rows-from-a-csv", ["solve", "--table", P("table.csv"), "--budget", "3", "--granularity", "row",
+                               "--out", P("work/p.json")], "no row costs"),
+    ("row-granularity-probe-without-rows", [*ALLOC, "--granularity", "row", "--probe", "kfac", "--budget", "3",
+                                            "--out", P("work/p.json")], "no per-row costs"),
+    ("row-granularity-unknown-solver", [*ALLOC, "--granularity", "row", "--solver", "uniform", "--budget", "3",
+                                        "--out", P("work/p.json")], "solver for --granularity row"),
+    ("export-exact-row-plan", ["export", P("rowplan.json"), "--to", "llama.cpp", "--exact",
+                               "--out", P("work/t.txt")], "cannot express"),
     ("solve-needs-model-solver", ["solve", "--table", P("table.csv"), "--budget", "3", "--solver", "evolutionary",
                                   "--out", P("work/p.json")], "solver"),
     ("eval-plan-missing", ["eval", "--model", "MODEL", "--plan", P("nothere.json"), "--text", P("text.txt")],

@@ -46,7 +46,7 @@ def test_plan_for_another_model_is_refused():
     (lambda d: d["layers"]["a.q"].update(bits=7), "cannot be stored"),
     (lambda d: d["layers"]["a.q"].update(symmetric=0), "'symmetric' must be true or false"),
     (lambda d: d["layers"]["a.q"].pop("group_size"), "lacks 'group_size'"),
-    (lambda d: d.update(version=2), "newer than this bitalloc"),
+    (lambda d: d.update(version=3), "newer than this bitalloc"),
     (lambda d: d.update(format="other"), "not a bitalloc plan"),
     (lambda d: d.update(budget_bits="3"), "'budget_bits' must be a number"),
     (lambda d: d.update(layers=[]), "'layers' must be a non-empty object"),
