@@ -8,6 +8,12 @@ of every layer moved by less than ``tol`` (relative) in the last iteration, or a
 
     cost(l, spec) = Tr(H_l) / n_l · ‖Q_spec(W_l) − W_l‖²
 
+Streamed (``stream="on"``, or ``auto`` for a model whose whole-model double backprop would not fit): the
+Hessian-vector products need the whole graph, so one block at a time the probe uses a block-local estimate
+instead, the trace of the empirical Fisher, Tr(H_l) ≈ Σ_k E[(∂loss/∂W_l,k)²] (the Gauss-Newton curvature
+at a trained optimum), from the streamed fisher pass (sensitivity/streamed.py). Its table is keyed apart
+from Hutchinson's (``stream`` is part of this probe's settings) and says ``estimator`` in its meta.
+
 Negative estimates: a trained model's loss Hessian is not positive definite everywhere, and a noisy
 Hutchinson mean can come out ≤ 0 for a flat layer. We clamp the trace at 1e-6 × the largest layer's trace
 (a flat layer is cheap to quantize, never free) and report the raw estimates in ``meta["trace"]``.
@@ -23,7 +29,7 @@ from tqdm.auto import tqdm
 from ..options import QuantSpec
 from ..quantize import fake_quantize
 from ..units import Unit, unit_slice, unit_weight
-from .base import (Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name,
+from .base import (Probe, Workload, check_loss, check_trainable, grads_only_for, modules_by_name, streams,
                    unique_params)
 from .table import SensitivityTable
 
@@ -60,6 +66,14 @@ def hutchinson_traces(loss_fn, params: list[torch.Tensor], batches: list[torch.T
     return mean, stderr, len(samples)
 
 
+def fisher_trace_costs(F: torch.Tensor, W: torch.Tensor, options: list[QuantSpec]) -> torch.Tensor:
+    """(O,) block-local hessian_trace costs of one unit: Tr(F) / n · ‖Q(W) − W‖² under each option."""
+    trace = float(F.double().sum()) / F.numel()
+    Wf = W.detach().float()
+    return torch.tensor([trace * float((fake_quantize(Wf, spec) - Wf).double().pow(2).sum()) for spec in options],
+                        dtype=torch.float64)
+
+
 @dataclass(frozen=True)
 class HessianTraceProbe(Probe):
     name = "hessian_trace"
@@ -69,8 +83,19 @@ class HessianTraceProbe(Probe):
     max_iters: int = 64
     micro_batch: int = 1
     seed: int = 0
+    stream: str = "auto"              # on: the block-local Fisher-trace estimate, one decoder block at a time
+
+    def settings(self) -> dict:
+        """Unlike the other probes, streaming changes the estimator: ``stream`` is part of the cache key."""
+        return {**super().settings(), "stream": self.stream}
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
+        if streams(workload, units, self.stream):
+            from .streamed import streamed_fisher_costs
+            cost, steps = streamed_fisher_costs(workload, units, options, micro_batch=self.micro_batch,
+                                                costs_fn=fisher_trace_costs)
+            return self.table(units, options, cost, estimator="fisher trace (block-local)",
+                              gradient_samples=steps, streamed=True)
         model = workload.model
         check_trainable(model, units)
         modules = modules_by_name(model, units)
@@ -92,5 +117,6 @@ class HessianTraceProbe(Probe):
             W = unit_weight(modules, unit).detach().float()
             for j, spec in enumerate(options):
                 cost[i, j] = float(used[i]) / unit.numel * float((fake_quantize(W, spec) - W).double().pow(2).sum())
-        return self.table(units, options, cost, iterations=iters, trace=trace.tolist(), trace_stderr=stderr.tolist(),
+        return self.table(units, options, cost, estimator="hutchinson", iterations=iters, trace=trace.tolist(),
+                          trace_stderr=stderr.tolist(),
                           negative_traces=[u.name for u, t in zip(units, trace) if t <= 0])

@@ -85,11 +85,32 @@ def test_streamed_kfac_equals_whole_model(family):
 
 
 def test_stream_flag_on_other_probes_is_one_line(capsys, tmp_path):
-    assert main(["probe", "--probe", "hessian_trace", "--stream", "on", "--n-windows", "1", "--seq-len", "64",
+    assert main(["probe", "--probe", "measured_kl", "--stream", "on", "--n-windows", "1", "--seq-len", "64",
                  "--out", str(tmp_path / "t.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fisher, kfac and output_error probes only" in err[0]
+    assert len(err) == 1 and "fisher, kfac, output_error and hessian_trace probes only" in err[0]
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_streamed_hessian_trace_is_the_documented_block_local_estimate():
+    """Streamed hessian_trace = Tr(empirical Fisher)/n · ‖Q(W) − W‖², keyed apart from Hutchinson's table."""
+    from bitalloc.quantize import fake_quantize
+    from bitalloc.sensitivity.fisher import empirical_fisher
+    from bitalloc.sensitivity.base import modules_by_name
+    from bitalloc.units import unit_weight
+    tokens = torch.randint(0, 8192, (4, 32), generator=torch.Generator().manual_seed(7))
+    prepared = prepare(zoo.tiny("llama3"), calibration=tokens, include=("lm_head",))
+    streamed = get_probe("hessian_trace", stream="on").measure(prepared.workload, prepared.units, prepared.options)
+    assert streamed.meta["estimator"] == "fisher trace (block-local)" and streamed.meta["streamed"] is True
+    F, _ = empirical_fisher(prepared.workload, prepared.units)
+    modules = modules_by_name(prepared.model, prepared.units)
+    for i, u in enumerate(prepared.units):
+        W = unit_weight(modules, u).float()
+        trace = float(F[u.name].double().sum()) / u.numel
+        expect = [trace * float((fake_quantize(W, o) - W).double().pow(2).sum()) for o in prepared.options]
+        assert torch.allclose(streamed.cost[i], torch.tensor(expect, dtype=torch.float64), rtol=1e-4)
+    on, off = get_probe("hessian_trace", stream="on"), get_probe("hessian_trace", stream="off")
+    assert on.settings() != off.settings()                   # two estimators, two cache entries
 
 
 def test_boundary_activations_that_do_not_fit_say_how_many_windows_do(monkeypatch):

@@ -7,7 +7,7 @@ import argparse
 from .. import checks
 from ..errors import BitallocError
 
-STREAMING_PROBES = ("fisher", "kfac", "output_error")
+STREAMING_PROBES = ("fisher", "kfac", "output_error", "hessian_trace")
 EVAL_WINDOWS = 32          # one default for every command that scores plans on held-out text
 
 
@@ -52,8 +52,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="MoE models: a width per expert, or one per layer for all its experts (default per-expert)")
     add_dtype_arg(p)
     p.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
-                   help="fisher, kfac, output_error: one decoder block at a time (auto: when the whole-model "
-                        "state would pass 1 GiB, or the weights stay on the host for a GPU)")
+                   help="fisher, kfac, output_error, hessian_trace (a block-local estimate): one decoder block at a "
+                        "time (auto: when the whole-model state would pass 1 GiB, or the weights stay on the host "
+                        "for a GPU)")
     p.add_argument("--seq-len", type=count_type, default=512, help="calibration window length in tokens (default 512)")
     p.add_argument("--n-windows", type=count_type, default=128, help="calibration windows (default 128)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the sensitivity-table cache")
@@ -123,8 +124,8 @@ def check_model_args(args) -> None:
 def probe_settings(args) -> dict:
     """--stream for the probes that can run one decoder block at a time (fisher, kfac, output_error)."""
     if args.stream != "auto" and args.probe not in STREAMING_PROBES:
-        raise BitallocError(f"--stream {args.stream} applies to the fisher, kfac and output_error probes only, "
-                            f"not {args.probe}: leave it out")
+        raise BitallocError(f"--stream {args.stream} applies to the fisher, kfac, output_error and hessian_trace "
+                            f"probes only, not {args.probe}: leave it out")
     return {"stream": args.stream} if args.probe in STREAMING_PROBES else {}
 
 
