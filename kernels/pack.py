@@ -16,6 +16,11 @@ Example, 3 bits (planar 2+1), one block of 32 codes c0..c31, each c = lo + 4*hi 
     word 2  | hi31 | hi30 | ... | hi1 | hi0 |     32 x 1 bit
             bit 31                        bit 0
 
+Both halves of a word need the same shift: the plane widths divide 16, so value i and value i + PER/2 of a
+word (PER = 32 // w values per word) sit at bits i*w and 16 + i*w. One shift and the mask (m | m << 16) put
+two codes in the two 16-bit halves, ready for a paired int→half conversion (the kernels use the fp32 form of
+the exponent trick: OR into the mantissa of 2**23, reinterpret, one add; see triton_qmm.py).
+
 A layer's weight (N out, K in) is stored as
     qweight  int32 (ceil(K/32) * bits, N)   codes packed along K, column n = output channel n
     scales   fp16  (G, N)                   G = ceil(K / group_size) groups along K

@@ -34,6 +34,24 @@ def layer(mix, N, K, group, symmetric, seed):
     return q, MixedQuantLinear.from_quantized(q).to(DEVICE)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_both_halves_of_a_word_need_the_same_shift(bits):
+    """In every plane, value i and value i + PER/2 of a word come out of one shift, one in each 16-bit half."""
+    from bitalloc.kernels.pack import PLANES, pack_last_dim
+    codes = torch.randint(0, 2**bits, (5, 32), generator=torch.Generator().manual_seed(bits))
+    words = pack_last_dim(codes, bits).to(torch.int64) & 0xFFFFFFFF             # one block: `bits` words
+    start, shift = 0, 0
+    for w in PLANES[bits]:
+        per, mask = 32 // w, (1 << w) - 1
+        plane = (codes >> shift) & mask
+        for j in range(w):
+            for i in range(per // 2):
+                pair = (words[:, start + j] >> (i * w)) & (mask | mask << 16)
+                assert torch.equal(pair & 0xFFFF, plane[:, j * per + i])
+                assert torch.equal(pair >> 16, plane[:, j * per + i + per // 2])
+        start, shift = start + w, shift + w
+
+
 @pytest.mark.parametrize("mix", MIXES, ids=lambda m: "w" + "".join(map(str, m)))
 def test_every_mix_of_widths_gemv(mix):
     seed = hash(mix) % 2**31
