@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import BitallocError
-from .quantize import fake_quantize, fake_quantize_rows
+from .quantize import fake_quantize_rows
 from .quantize_model import set_unit_weights, unit_weights
 from .units import Unit, set_unit_weight, unit_weight
 
