@@ -105,7 +105,7 @@ def test_streamed_hessian_trace_is_the_documented_block_local_estimate():
     F, _ = empirical_fisher(prepared.workload, prepared.units)
     modules = modules_by_name(prepared.model, prepared.units)
     for i, u in enumerate(prepared.units):
-        W = unit_weight(modules, u).float()
+        W = unit_weight(modules, u).detach().float()
         trace = float(F[u.name].double().sum()) / u.numel
         expect = [trace * float((fake_quantize(W, o) - W).double().pow(2).sum()) for o in prepared.options]
         assert torch.allclose(streamed.cost[i], torch.tensor(expect, dtype=torch.float64), rtol=1e-4)
