@@ -10,7 +10,8 @@ into flat buffers:
     row_tags uint8  (ceil(N/2),)  the width of each output row, 4 bits each, two rows per byte
 
 The row order is not stored: rows sorted by width (stable) give the segments, so the tags are enough to put
-every output back in its place. On CUDA one Triton launch covers every segment (kernels/triton_mixed.py);
+every output back in its place. On CUDA one Triton launch covers every segment (kernels/triton_mixed.py; a
+layer mixing more than four widths falls back to one launch per segment);
 elsewhere the torch twin dequantizes the whole weight and does one matmul, so the packed layer computes
 exactly what the fake-quantized one does.
 """
@@ -71,8 +72,6 @@ class MixedQuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.symmetric = group_size, symmetric
         self.layout = segment_layout(row_bits, in_features, group_size, symmetric)
-        if len(self.layout) > MAX_SEGMENTS:
-            raise ValueError(f"a layer mixes {len(self.layout)} widths; the kernels take at most {MAX_SEGMENTS}")
         last = self.layout[-1]
         self.register_buffer("qweight", torch.zeros(last["qw"] + last["qw_len"], dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(last["s"] + last["s_len"], dtype=torch.float16, device=device))
@@ -121,13 +120,22 @@ class MixedQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .triton_qmm import triton_available
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and triton_available():
-            from .triton_mixed import qmm_mixed_triton
-            y = qmm_mixed_triton(x, self)
+            if len(self.layout) <= MAX_SEGMENTS:
+                from .triton_mixed import qmm_mixed_triton
+                y = qmm_mixed_triton(x, self)
+            else:                       # 5 or 6 widths in one layer: one launch per segment
+                y = self._per_segment(x)
         else:
             y = x @ self.dequantized().to(x.dtype).t()
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+    def _per_segment(self, x: torch.Tensor) -> torch.Tensor:
+        from .triton_qmm import qmm_triton
+        y = torch.cat([qmm_triton(x, *self.segment(k), seg["bits"], self.group_size, self.in_features)
+                       for k, seg in enumerate(self.layout)], dim=-1)
+        return y.index_select(-1, self.inverse.to(y.device))
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight (out, in) the codes stand for, rows in their own order."""

@@ -84,3 +84,14 @@ def test_odd_shapes_match_the_twin(mix, N, K, group, symmetric, dtype, M, config
     assert ((y.float().cpu() - ref).norm() / ref.norm()).item() < TOL[dtype]
     twin = m.to("cpu")(x.cpu().float())                       # the torch twin: the fake-quantized matmul
     assert torch.allclose(twin, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_five_or_six_widths_fall_back_to_one_launch_per_segment():
+    """The one-launch kernels take up to four widths; a layer with more still runs (and matches)."""
+    mix = (2, 3, 4, 5, 6, 8)
+    q, m = layer(mix, 70, 96, 32, False, 1)
+    x = torch.randn(1, 96, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.float16)
+    y = m._per_segment(x)
+    ref = x.float().cpu() @ q.dequantize().t()
+    assert ((y.float().cpu() - ref).norm() / ref.norm()).item() < TOL[torch.float16]
+    assert torch.allclose(m.to("cpu")(x.cpu().float()), ref, rtol=1e-4, atol=1e-4)
