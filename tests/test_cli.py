@@ -179,3 +179,11 @@ def test_solve_rejects_bad_tables(tmp_path, capsys):
         code, _, err = run(["solve", "--table", path, "--budget", "3", "--out", tmp_path / "p.json"], capsys)
         assert code == 2 and match in err, (name, err)
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("command", ["allocate", "probe", "solve", "eval", "apply", "search", "export", "sweep",
+                                     "report", "dashboard"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and f"usage: bitalloc {command}" in capsys.readouterr().out
