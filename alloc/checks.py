@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .errors import BitallocError
+from .files import check_parent
 
 
 def count(value, name: str) -> int:
@@ -44,11 +45,9 @@ def output_file(path, flag: str = "--out") -> Path:
     if path is None or str(path) == "":
         raise BitallocError(f"{flag} is empty: give a file name")
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise BitallocError(f"{flag} {str(path)!r} is a directory: give a file name, e.g. {path / 'plan.json'}")
-    if not parent.is_dir():
-        raise BitallocError(f"output directory {str(parent)!r} does not exist: create it or choose another {flag}")
+    parent = check_parent(path, flag).parent
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BitallocError(f"output directory {str(parent)!r} is not writable: choose another {flag}")
     if path.exists() and not os.access(path, os.W_OK):
@@ -61,9 +60,7 @@ def output_folder(path, flag: str = "--out-dir") -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise BitallocError(f"{flag} {str(path)!r} is a file: give a folder name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise BitallocError(f"output directory {str(parent)!r} does not exist: create it or choose another {flag}")
+    parent = check_parent(path, flag).parent
     if not os.access(path if path.is_dir() else parent, os.W_OK | os.X_OK):
         raise BitallocError(f"{flag} {str(path)!r} is not writable: choose another folder")
     return path

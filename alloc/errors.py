@@ -12,3 +12,9 @@ class BitallocError(ValueError):
 class BitallocWarning(UserWarning):
     """Something the user should know that does not stop the work (a width mapped up, an expert rounded to
     nearest); the CLI prints each as one ``bitalloc: warning: ...`` line."""
+
+
+def few(names, k: int = 3) -> str:
+    """The first ``k`` names for a one-line message, and how many more: "a, b, c, … (+4)"."""
+    names = list(names)
+    return ", ".join(names[:k]) + (f", … (+{len(names) - k})" if len(names) > k else "")

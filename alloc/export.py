@@ -16,7 +16,7 @@ import re
 import warnings
 from collections import Counter
 
-from .errors import BitallocError, BitallocWarning
+from .errors import BitallocError, BitallocWarning, few
 from .options import QuantSpec
 from .plan import BitPlan
 
@@ -64,7 +64,7 @@ def _map_up(plan: BitPlan, supported: tuple[int, ...], target: str) -> dict[str,
     if moved:
         bits = sum(out[n].size_bits(tuple(plan.shapes[n])) for n in out)
         warnings.warn(f"{target} cannot store every width of the plan; mapped up {len(moved)} layer(s) "
-                      f"({', '.join(moved[:6])}{', …' if len(moved) > 6 else ''}): true bpw becomes "
+                      f"({few(moved, 6)}): true bpw becomes "
                       f"{bits / plan.n_params:.4f} (plan {plan.true_bpw:.4f})", BitallocWarning, stacklevel=3)
     return out
 
@@ -90,8 +90,7 @@ def to_gptqmodel(plan: BitPlan) -> dict:
     specs = _map_up(plan, GPTQMODEL_BITS, "gptqmodel")
     split = split_fused_groups(specs)
     if split:
-        warnings.warn(f"{len(split)} q/k/v or gate/up group(s) mix widths ({', '.join(split[:3])}"
-                      f"{', …' if len(split) > 3 else ''}): vLLM fuses these projections and cannot load such a "
+        warnings.warn(f"{len(split)} q/k/v or gate/up group(s) mix widths ({few(split)}): vLLM fuses these projections and cannot load such a "
                       "checkpoint; allocate with --fuse to give each group one width", BitallocWarning, stacklevel=3)
     quantized = [s for s in specs.values() if not s.is_float]
     if not quantized:
@@ -158,7 +157,7 @@ def _merge_experts(plan: BitPlan, specs: dict[str, QuantSpec]) -> dict[str, Quan
         bits = sum(out[n].size_bits(tuple(plan.shapes[n])) for n in out)
         stacks = sorted({g for n in moved for g in gguf_names(n)})
         warnings.warn(f"llama.cpp stores the experts of a layer in one tensor: {len(moved)} expert unit(s) raised to "
-                      f"their stack's widest width ({', '.join(stacks[:4])}{', …' if len(stacks) > 4 else ''}): true "
+                      f"their stack's widest width ({few(stacks, 4)}): true "
                       f"bpw becomes {bits / plan.n_params:.4f} (plan {plan.true_bpw:.4f}); allocate with "
                       "--experts per-layer to plan one width per stack", BitallocWarning, stacklevel=3)
     return out
@@ -214,13 +213,13 @@ def per_layer(plan: BitPlan, *, exact: bool = False) -> BitPlan:
         return plan
     mixed = list(plan.row_bits)
     if exact:
-        raise BitallocError(f"the plan gives {len(mixed)} layer(s) rows of several widths ({', '.join(mixed[:3])}"
-                            f"{', …' if len(mixed) > 3 else ''}), which GPTQModel, llama.cpp and compressed-tensors "
+        raise BitallocError(f"the plan gives {len(mixed)} layer(s) rows of several widths ({few(mixed)}), "
+                            "which GPTQModel, llama.cpp and compressed-tensors "
                             "cannot express: drop --exact to round each layer up to its widest row")
     import dataclasses
     layer = dataclasses.replace(plan, layers=dict(plan.layers), row_bits={}, costs={})
     warnings.warn(f"other tools hold one width per layer: {len(mixed)} layer(s) with mixed rows rounded up to their "
-                  f"widest row ({', '.join(mixed[:3])}{', …' if len(mixed) > 3 else ''}): true bpw becomes "
+                  f"widest row ({few(mixed)}): true bpw becomes "
                   f"{layer.true_bpw:.4f} (plan {plan.true_bpw:.4f}); --exact refuses instead", BitallocWarning,
                   stacklevel=3)
     return layer

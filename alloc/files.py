@@ -10,12 +10,12 @@ from typing import Iterator
 from .errors import BitallocError
 
 
-def check_parent(path: str | os.PathLike) -> Path:
+def check_parent(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Refuse to write into a directory that does not exist (we never create parents silently)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise BitallocError(f"output directory {str(parent)!r} does not exist: create it or choose another --out")
+        raise BitallocError(f"output directory {str(parent)!r} does not exist: create it or choose another {flag}")
     return path
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import BitallocError
+from .errors import BitallocError, few
 from .files import check_parent
 from .plan import BitPlan
 from .quantize_model import quantize_model
@@ -91,7 +91,7 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
     units = planned_units(model, plan)
     rowwise = [u.name for u in units if u.name in plan.row_bits and u.kind != "linear"]
     if rowwise:
-        raise BitallocError(f"the plan mixes widths inside {len(rowwise)} non-Linear unit(s) ({', '.join(rowwise[:3])}): "
+        raise BitallocError(f"the plan mixes widths inside {len(rowwise)} non-Linear unit(s) ({few(rowwise)}): "
                             "rows of several widths are packed for Linear layers only; give these one width")
     embeddings = [u.name for u in units if u.kind == "embedding" and not plan.layers[u.name].is_float]
     if embeddings:

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import BitallocError, BitallocWarning
+from .errors import BitallocError, BitallocWarning, few
 from .files import atomic_write_text
 from .kernels.pack import SUPPORTED_BITS, mixed_size_bits
 from .options import QuantSpec
@@ -279,19 +279,15 @@ class BitPlan:
         by_name = {u.name: u for u in units}
         unknown = [n for n in self.layers if n not in by_name]
         if unknown:
-            raise BitallocError(f"plan names {len(unknown)} layer(s) this model does not have ({_few(unknown)}): "
+            raise BitallocError(f"plan names {len(unknown)} layer(s) this model does not have ({few(unknown)}): "
                                 "it was made for another model")
         missing = [u.name for u in units if u.name not in self.layers]
         if missing:
-            raise BitallocError(f"plan lacks {len(missing)} layer(s) of this model ({_few(missing)}): "
+            raise BitallocError(f"plan lacks {len(missing)} layer(s) of this model ({few(missing)}): "
                                 "it was made for another model or with other --include settings")
         reshaped = [n for n in self.layers if tuple(by_name[n].shape) != tuple(self.shapes[n])]
         if reshaped:
-            raise BitallocError(f"plan shapes differ from the model's for {_few(reshaped)}: it was made for another model")
-
-
-def _few(names: list[str], k: int = 3) -> str:
-    return ", ".join(names[:k]) + (f", … (+{len(names) - k})" if len(names) > k else "")
+            raise BitallocError(f"plan shapes differ from the model's for {few(reshaped)}: it was made for another model")
 
 
 def _is_int(v: Any) -> bool:

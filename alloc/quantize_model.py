@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import BitallocError, BitallocWarning
+from .errors import BitallocError, BitallocWarning, few
 from .expert_inputs import expert_hessians
 from .plan import BitPlan
 from .quantize import QuantizedWeight, gptq, rtn, rtn_rows
@@ -115,7 +115,7 @@ def _gptq_units(model, units, plan, run, progress_desc, progress, out) -> None:
     unreached = [u.name for u in units if u.kind in EXPERT_KINDS and u.name not in H]
     if unreached:
         warnings.warn(f"GPTQ rounds {len(unreached)} MoE expert unit(s) to nearest (RTN): their inputs were not seen "
-                      f"({', '.join(unreached[:3])}{', …' if len(unreached) > 3 else ''}): no calibration token "
+                      f"({few(unreached)}): no calibration token "
                       "reached them, or the experts module does not call F.linear per expert (GPT-OSS's "
                       "transposed experts)", BitallocWarning, stacklevel=4)
     for u in units:

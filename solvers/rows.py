@@ -61,7 +61,7 @@ class Items:
         return self.unit.numel()
 
 
-def build_items(problem: Problem, reserve: bool = True) -> Items:
+def build_items(problem: Problem) -> Items:
     table = problem.table
     fams = {(o.group_size, o.symmetric) for o in table.options}
     if len(fams) > 1:
@@ -88,7 +88,7 @@ def build_items(problem: Problem, reserve: bool = True) -> Items:
         sizes.append(problem.size[g].sum(0, keepdim=True))
     empty = torch.zeros(0, dtype=torch.long)
     return Items(torch.cat(costs), torch.cat(sizes), torch.cat(unit) if unit else empty,
-                 torch.cat(row) if row else empty, forced, problem.capacity - (slack if reserve else 0.0))
+                 torch.cat(row) if row else empty, forced, problem.capacity - slack)
 
 
 def _layer_only(u) -> bool:
@@ -121,6 +121,14 @@ def hull_steps(cost: torch.Tensor, size: torch.Tensor):
     return order[:, 0], steps
 
 
+def _flat_steps(steps):
+    """The hull steps of every item in one list: (item, from, to, gain, bits, level) tensors, and the order
+    of decreasing gain per bit (stable, so one item's steps keep their walk order)."""
+    item, frm, to, gain, bits = (torch.cat([s[j] for s in steps]) for j in range(5))
+    level = torch.cat([torch.full_like(s[0], k) for k, s in enumerate(steps)])
+    return item, frm, to, gain, bits, level, torch.argsort(-gain, stable=True)
+
+
 def closed_form(items: Items) -> torch.Tensor:
     """(I,) chosen option per item: the longest prefix of hull steps by gain per bit that fits, then a fill."""
     start, steps = hull_steps(items.cost, items.size)
@@ -131,11 +139,7 @@ def closed_form(items: Items) -> torch.Tensor:
                             f"{used:.0f} bits of {items.capacity:.0f}")
     if not steps:
         return choice
-    item = torch.cat([s[0] for s in steps])
-    frm, to = torch.cat([s[1] for s in steps]), torch.cat([s[2] for s in steps])
-    gain, bits = torch.cat([s[3] for s in steps]), torch.cat([s[4] for s in steps])
-    level = torch.cat([torch.full_like(s[0], k) for k, s in enumerate(steps)])
-    order = torch.argsort(-gain, stable=True)
+    item, frm, to, gain, bits, level, order = _flat_steps(steps)
     total = torch.cumsum(bits[order], 0) + used
     take = int((total <= items.capacity).sum())
     taken = torch.zeros(len(gain), dtype=torch.bool)
@@ -179,21 +183,21 @@ def greedy(items: Items) -> torch.Tensor:
     return choice
 
 
-def lp_bound(items: Items) -> float:
-    """A lower bound on the knapsack's optimum: the LP relaxation (hull greedy with a fractional last step)."""
+def lp_bound(items: Items, capacity: float) -> float:
+    """A lower bound on the knapsack's optimum within ``capacity`` bits: the LP relaxation (hull greedy with a
+    fractional last step)."""
     start, steps = hull_steps(items.cost, items.size)
     obj = float(items.cost[torch.arange(len(start)), start].sum())
     used = float(items.size[torch.arange(len(start)), start].sum())
     if not steps:
         return obj
-    gain, bits = torch.cat([s[3] for s in steps]), torch.cat([s[4] for s in steps])
-    order = torch.argsort(-gain, stable=True)
+    _, _, _, gain, bits, _, order = _flat_steps(steps)
     for g, b in zip(gain[order].tolist(), bits[order].tolist()):
-        if used + b <= items.capacity:
+        if used + b <= capacity:
             obj -= g * b
             used += b
         else:
-            obj -= g * (items.capacity - used)
+            obj -= g * (capacity - used)
             break
     return obj
 
@@ -293,7 +297,7 @@ def solve_rows(problem: Problem, method: str = "closed_form", *, rows_per_group:
         plan = to_plan(problem, items, choice, method)
     else:
         raise BitallocError("could not fit the row plan into the budget: use --granularity layer")
-    bound = lp_bound(build_items(problem, reserve=False))
+    bound = lp_bound(items, problem.capacity)             # the whole budget, no padding reserve
     layer = ILPSolver().solve(problem)
     if layer.objective is not None and layer.objective < plan.objective:      # never worse than per layer
         layer.extra.update(granularity="row", fallback="the layer plan was better on the table's objective")
