@@ -64,11 +64,6 @@ def fisher_row_costs(F: torch.Tensor, W: torch.Tensor, options: list[QuantSpec],
     return cost
 
 
-def fisher_costs(F: torch.Tensor, W: torch.Tensor, options: list[QuantSpec], rows: int = 1024) -> torch.Tensor:
-    """(O,) float64: ½ Σ F ⊙ (Q(W) − W)² of one unit under each option: its rows' costs summed."""
-    return fisher_row_costs(F, W, options, rows).sum(0)
-
-
 def group_costs(F: torch.Tensor, dW: torch.Tensor, columns: int) -> torch.Tensor:
     """½ Σ F ⊙ ΔW² per group of ``columns`` input columns: (ceil(in / columns),)."""
     e = 0.5 * (F.double() * dW.double() ** 2).sum(0)              # (in,)
@@ -97,8 +92,6 @@ class FisherProbe(Probe):
             return self.table(units, options, cost, row_cost, gradient_samples=steps, streamed=True)
         F, steps = empirical_fisher(workload, units, micro_batch=self.micro_batch, max_windows=self.max_windows)
         modules = modules_by_name(workload.model, units)
-        row_cost = torch.cat([fisher_row_costs(F[u.name], unit_weight(modules, u), options) for u in units])
-        table = self.table(units, options, torch.zeros(len(units), len(options)), row_cost, gradient_samples=steps,
-                           streamed=False)
-        table.cost = torch.stack([table.rows_of(i).sum(0) for i in range(len(units))])
-        return table
+        rows = [fisher_row_costs(F[u.name], unit_weight(modules, u), options) for u in units]
+        return self.table(units, options, torch.stack([r.sum(0) for r in rows]), torch.cat(rows),
+                          gradient_samples=steps, streamed=False)

@@ -114,14 +114,6 @@ def unit_row_errors(W: torch.Tensor, H: torch.Tensor, options: list[QuantSpec]) 
     return torch.stack([row_errors(fake_quantize(W, spec) - W, H) for spec in options], dim=1)
 
 
-def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(ΔW H ΔWᵀ) for ΔW (out, in) and H (in, in); for embeddings H is a (out,) count vector."""
-    dW = dW.double()
-    if H.dim() == 1:
-        return float((H[:, None] * dW * dW).sum())
-    return float(((dW @ H) * dW).sum())
-
-
 @dataclass(frozen=True)
 class OutputErrorProbe(Probe):
     name = "output_error"
