@@ -2,7 +2,7 @@
 row costs (``SensitivityTable.row_cost``) under the budget.
 
 Every row (and every layer that must keep one width: fused q/k/v and gate/up groups with ``fuse``, MoE
-experts, embeddings) is an item of a multiple-choice knapsack with the table's options. A row's size
+experts, embeddings, Conv1D) is an item of a multiple-choice knapsack with the table's options. A row's size
 under width b is what the packer stores for it (kernels/pack.py): its codes, its groups' scales and zero
 points, and its 4-bit width tag. Three methods:
 
@@ -30,7 +30,6 @@ from ..errors import BitallocError
 from ..kernels.pack import BLOCK, SCALE_BITS, n_groups
 from ..options import QuantSpec
 from ..plan import BitPlan
-from ..units import EXPERT_KINDS
 from .base import Problem
 
 TAG_BITS = 4
@@ -92,9 +91,10 @@ def build_items(problem: Problem) -> Items:
 
 
 def _layer_only(u) -> bool:
-    """Units that keep one width for all their rows: MoE experts (the packed expert modules and llama.cpp's
-    merged expert tensors hold one width per expert matrix) and embeddings."""
-    return u.kind in EXPERT_KINDS or u.kind == "embedding"
+    """Units that keep one width for all their rows: everything but nn.Linear — MoE experts (the packed expert
+    modules and llama.cpp's merged expert tensors hold one width per expert matrix), embeddings, GPT-2's
+    Conv1D (MixedQuantLinear packs Linear layers only; packed.apply refuses the rest)."""
+    return u.kind != "linear"
 
 
 def hull_steps(cost: torch.Tensor, size: torch.Tensor):

@@ -139,3 +139,22 @@ def test_gptq_sees_each_experts_inputs(experts):
     assert err["gptq"] < 0.8 * err["rtn"]
     experts_module = gptq_model.model.layers[0].mlp.experts
     assert "forward" not in experts_module.__dict__          # the eager forward was only borrowed
+
+
+@pytest.mark.parametrize("family", list(zoo.FAMILIES))
+def test_row_plans_pack_and_reproduce_the_fake_quantized_logits(family):
+    """--granularity row on every family: within budget, only nn.Linear units get mixed rows (experts,
+    embeddings, GPT-2's Conv1D keep one width), and the packed model equals the fake-quantized one."""
+    from bitalloc.api import measure, prepare, solve
+    from bitalloc.packed import planned_units
+    tokens = torch.randint(0, 8192, (3, 32), generator=torch.Generator().manual_seed(0))
+    prepared = prepare(zoo.tiny(family), calibration=tokens)
+    plan = solve(measure(prepared, "fisher", cache=False), 3.0, "closed_form", granularity="row")
+    assert plan.true_bpw <= 3.0
+    kinds = {u.name: u.kind for u in prepared.units}
+    assert all(kinds[n] == "linear" for n in plan.row_bits)
+    fake = copy.deepcopy(prepared.model)
+    quantize_model(fake, planned_units(fake, plan), plan, sink=lambda n, q: None, progress=False)
+    packed = apply(copy.deepcopy(prepared.model), plan, progress=False)
+    with torch.no_grad():
+        assert torch.equal(packed(tokens).logits, fake(tokens).logits)
