@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 
 class CausalLMWorkload:
+    can_stream = True           # block streaming (alloc/stream.py) needs the LM head after the blocks
     def __init__(self, model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 8,
                  compute_device: str | torch.device | None = None):
         self.model = model
@@ -74,12 +75,16 @@ class CausalLMWorkload:
 
 
 class EncoderWorkload(CausalLMWorkload):
+    can_stream = False
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=batch).last_hidden_state      # (b, seq, dim); windows have no padding
         return hidden.mean(dim=1).float()                            # mean pooling -> (b, dim)
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         raise BitallocError("an encoder has no training loss for gradient probes: use --probe output_error or measured_kl")
+
+    def stream(self, units) -> "BlockStream":
+        raise BitallocError("block streaming runs causal LMs only (it needs their LM head): use --stream off")
 
     @staticmethod
     def divergence(reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

@@ -170,7 +170,7 @@ def streams(workload: Workload, units: list[Unit], mode: str) -> bool:
                             "model on the device; leave --stream out")
     if mode != "auto" or host_weights:
         return mode == "on" or host_weights
-    if not hasattr(workload, "stream") or any(u.kind == "embedding" for u in units):
+    if not getattr(workload, "can_stream", hasattr(workload, "stream")) or any(u.kind == "embedding" for u in units):
         return False
     if tied_to_embeddings(workload.model, units):
         return False                               # an LM head tied to the embeddings: the whole-model path

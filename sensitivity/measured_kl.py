@@ -3,9 +3,19 @@ KL(fp ‖ quantized) of the next-token distribution over calibration windows, re
 
 Slow by nature (units × options forward passes over ``n_windows``); its table is cached like any other.
 For encoders the divergence is 1 − cosine of the sentence embeddings.
+
+Streamed (``stream="on"``, or ``auto`` when the weights stay on the host or the model is large): one decoder
+block at a time (alloc/stream.py). The fp hidden state entering block b is computed once; each unit of block
+b is quantized in turn and block b run on that state, giving one perturbed state per unit × option; those
+states then visit blocks b+1 … L−1 together (each block is put on the compute device once per group, not
+once per unit × option) and end in the LM head, where their KL to the fp logits is taken. Same windows,
+same batches of 4, same operations: the table equals the whole-model one (tests/test_streaming.py). The
+perturbed states of a group are capped at ``STATE_BYTES`` on the host; a block with more units × options
+(MoE experts) is done in several groups.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -14,19 +24,26 @@ from tqdm.auto import tqdm
 from ..options import QuantSpec
 from ..quantize import fake_quantize
 from ..units import Unit, set_unit_weight, unit_weight
-from .base import Probe, Workload, modules_by_name
+from .base import Probe, Workload, modules_by_name, streams, tied_to_embeddings
 from .table import SensitivityTable
+
+WINDOWS_PER_BATCH = 4
+STATE_BYTES = 2 << 30       # host memory for the perturbed hidden states of one group (streamed path)
 
 
 @dataclass(frozen=True)
 class MeasuredKLProbe(Probe):
     name = "measured_kl"
     n_windows: int = 8
+    stream: str = "auto"                  # one decoder block at a time: auto, on, off
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
-        modules = modules_by_name(workload.model, units)
         tokens = torch.cat(list(workload.batches()))[: self.n_windows]
-        batches = [tokens[i:i + 4] for i in range(0, len(tokens), 4)]
+        batches = [tokens[i:i + WINDOWS_PER_BATCH] for i in range(0, len(tokens), WINDOWS_PER_BATCH)]
+        if streams(workload, units, self.stream):
+            cost = streamed_measured_kl(workload, units, options, batches)
+            return self.table(units, options, cost, n_windows=len(tokens), streamed=True)
+        modules = modules_by_name(workload.model, units)
         cost = torch.zeros(len(units), len(options), dtype=torch.float64)
         with torch.no_grad():
             reference = [workload.logits(b) for b in batches]
@@ -44,3 +61,85 @@ class MeasuredKLProbe(Probe):
                     set_unit_weight(modules, unit, W)
             bar.close()
         return self.table(units, options, cost, n_windows=len(tokens))
+
+
+class _Quantized:
+    """While active, ``unit`` holds its ``spec``-quantized weight (on whatever device its data is now)."""
+
+    def __init__(self, modules, unit: Unit, spec: QuantSpec):
+        self.modules, self.unit, self.spec = modules, unit, spec
+
+    def __enter__(self):
+        self.W = unit_weight(self.modules, self.unit).detach().clone()
+        set_unit_weight(self.modules, self.unit, fake_quantize(self.W.float(), self.spec))
+
+    def __exit__(self, *exc):
+        set_unit_weight(self.modules, self.unit, self.W)
+
+
+def streamed_measured_kl(workload: Workload, units: list[Unit], options: list[QuantSpec],
+                         batches: list[torch.Tensor]) -> torch.Tensor:
+    """cost (U, O) float64, one decoder block at a time (see the module docstring)."""
+    stream = workload.stream(units)
+    modules = modules_by_name(workload.model, units)
+    n_blocks, device = len(stream.blocks), stream.device
+    # where each unit acts first: its block, -1 before the blocks (embeddings, and an LM head tied to them),
+    # n_blocks after them (an untied LM head)
+    tied = {u.name for u in tied_to_embeddings(workload.model, units)}
+    where = [b if (b := stream.block_of(u)) is not None else
+             (-1 if u.kind == "embedding" or u.name in tied else n_blocks) for u in units]
+    n_tokens = sum(len(b) for b in batches)
+    cost = torch.zeros(len(units), len(options), dtype=torch.float64)
+    bar = tqdm(total=len(units) * len(options), desc="measured_kl (streamed)", leave=False)
+
+    def run(i, states):
+        """Block i on every state (a list over batches of host hidden states)."""
+        with stream.block_on_device(i):
+            return [[stream.run_block(i, h.to(device), e).cpu() for h, e in zip(s, extras)] for s in states]
+
+    def score(pairs, states):
+        """KL of each pair's final hidden states (None: the fp ones) against the fp logits, batch by batch.
+        Units outside the blocks are quantized again for the logits: an LM head, or an embedding whose
+        weight the head shares (quantizing an untied embedding there changes nothing)."""
+        for k, b in enumerate(batches):
+            ref = stream.logits(final[k].to(device), b)
+            for (j, o), s in zip(pairs, states):
+                outside = where[j] in (-1, n_blocks)
+                with _Quantized(modules, units[j], options[o]) if outside else contextlib.nullcontext():
+                    out = stream.logits((final[k] if s is None else s[k]).to(device), b)
+                cost[j, o] += float(workload.divergence(ref, out)) * len(b) / n_tokens
+
+    with torch.no_grad(), stream.resident():
+        firsts = [stream.inputs(b) for b in batches]
+        extras = [extra for _, extra in firsts]
+        entering = [h.cpu() for h, _ in firsts]
+        final = entering
+        for i in range(n_blocks):
+            final = run(i, [final])[0]
+        boundary = entering                                     # fp hidden state entering block p
+        state_bytes = sum(h.numel() * h.element_size() for h in entering)
+        group = max(1, STATE_BYTES // max(state_bytes, 1))
+        for p in range(-1, n_blocks + 1):
+            pairs = [(j, o) for j in range(len(units)) if where[j] == p for o in range(len(options))]
+            for g in range(0, len(pairs), group):
+                chunk = pairs[g:g + group]
+                if p == n_blocks:
+                    score(chunk, [None] * len(chunk))
+                else:
+                    states = []
+                    with stream.block_on_device(p) if p >= 0 else contextlib.nullcontext():
+                        for j, o in chunk:
+                            with _Quantized(modules, units[j], options[o]):
+                                if p == -1:
+                                    states.append([stream.inputs(b)[0].cpu() for b in batches])
+                                else:
+                                    states.append([stream.run_block(p, h.to(device), e).cpu()
+                                                   for h, e in zip(boundary, extras)])
+                    for i in range(p + 1, n_blocks):
+                        states = run(i, states)
+                    score(chunk, states)
+                bar.update(len(chunk))
+            if 0 <= p < n_blocks:
+                boundary = run(p, [boundary])[0]
+    bar.close()
+    return cost.clamp_(min=0.0)

@@ -104,7 +104,7 @@ CLI_CASES = [
     ("eval-file-missing", [*ALLOC, "--eval", P("nothere.txt"), "--budget", "3", "--out", P("work/p.json")],
      "does not exist"),
     ("dtype-unknown", [*ALLOC, "--dtype", "int8", "--budget", "3", "--out", P("work/p.json")], "invalid choice"),
-    ("stream-for-wrong-probe", [*ALLOC, "--probe", "measured_kl", "--stream", "on", "--budget", "3",
+    ("stream-for-wrong-probe", [*ALLOC, "--probe", "block_similarity", "--stream", "on", "--budget", "3",
                                 "--out", P("work/p.json")], "--stream"),
     ("baselines-without-eval", [*ALLOC, "--baselines", "llama.cpp", "--budget", "3", "--out", P("work/p.json")],
      "--eval"),

@@ -85,10 +85,10 @@ def test_streamed_kfac_equals_whole_model(family):
 
 
 def test_stream_flag_on_other_probes_is_one_line(capsys, tmp_path):
-    assert main(["probe", "--probe", "measured_kl", "--stream", "on", "--n-windows", "1", "--seq-len", "64",
+    assert main(["probe", "--probe", "block_similarity", "--stream", "on", "--n-windows", "1", "--seq-len", "64",
                  "--out", str(tmp_path / "t.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fisher, kfac, output_error and hessian_trace probes only" in err[0]
+    assert len(err) == 1 and "fisher, kfac, output_error, hessian_trace and measured_kl probes only" in err[0]
     assert not (tmp_path / "t.csv").exists()
 
 
@@ -217,3 +217,39 @@ def test_a_tied_lm_head_is_measured_on_the_whole_model_path():
     assert not base.streams(prepared.workload, prepared.units, "auto")
     with pytest.raises(BitallocError, match="tied to the embeddings"):
         get_probe("fisher", stream="on").measure(prepared.workload, prepared.units, prepared.options)
+
+
+def _measured_kl_both(prepared, n_windows):
+    whole = get_probe("measured_kl", n_windows=n_windows, stream="off").measure(prepared.workload, prepared.units,
+                                                                                 prepared.options)
+    streamed = get_probe("measured_kl", n_windows=n_windows, stream="on").measure(prepared.workload, prepared.units,
+                                                                                   prepared.options)
+    assert streamed.meta["streamed"] is True and "streamed" not in whole.meta
+    assert whole.meta["n_windows"] == streamed.meta["n_windows"] == n_windows
+    return whole.cost, streamed.cost
+
+
+def test_streamed_measured_kl_equals_whole_model_on_refllama():
+    prepared = prepare(None, n_windows=5, seq_len=64, include=("lm_head",))
+    whole, streamed = _measured_kl_both(prepared, 5)                 # batches of 4 and 1 windows
+    assert (whole > 0).all()
+    assert ((whole - streamed).abs() / whole).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gemma3"])
+def test_streamed_measured_kl_equals_whole_model_on_the_zoo_in_small_groups(family, monkeypatch):
+    from bitalloc.sensitivity import measured_kl
+    tokens = torch.randint(0, 8192, (3, 32), generator=torch.Generator().manual_seed(11))
+    include = ("model.embed_tokens",) if family == "gemma3" else ()       # an embedding unit: before the blocks
+    prepared = prepare(zoo.tiny(family), calibration=tokens, include=include)
+    monkeypatch.setattr(measured_kl, "STATE_BYTES", 5 * 3 * 32 * 64 * 4)  # groups of 5 perturbed states
+    whole, streamed = _measured_kl_both(prepared, 3)
+    assert (whole > 0).float().mean() > 0.9           # experts no token reaches cost nothing, on both paths
+    assert ((whole - streamed).abs() <= 1e-4 * whole + 1e-10).all()
+
+
+def test_streaming_refuses_encoders_in_one_line():
+    from bitalloc.workload import EncoderWorkload
+    workload = EncoderWorkload(zoo.tiny("llama3"), torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(BitallocError, match="causal LMs only.*--stream off"):
+        workload.stream([])

@@ -7,7 +7,7 @@ import argparse
 from .. import checks
 from ..errors import BitallocError
 
-STREAMING_PROBES = ("fisher", "kfac", "output_error", "hessian_trace")
+STREAMING_PROBES = ("fisher", "kfac", "output_error", "hessian_trace", "measured_kl")
 EVAL_WINDOWS = 32          # one default for every command that scores plans on held-out text
 
 
@@ -52,7 +52,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="MoE models: a width per expert, or one per layer for all its experts (default per-expert)")
     add_dtype_arg(p)
     p.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
-                   help="fisher, kfac, output_error, hessian_trace (a block-local estimate): one decoder block at a "
+                   help="fisher, kfac, output_error, measured_kl, hessian_trace (a block-local estimate): one decoder block at a "
                         "time (auto: when the whole-model state would pass 1 GiB, or the weights stay on the host "
                         "for a GPU)")
     p.add_argument("--seq-len", type=count_type, default=512, help="calibration window length in tokens (default 512)")
@@ -122,9 +122,9 @@ def check_model_args(args) -> None:
 
 
 def probe_settings(args) -> dict:
-    """--stream for the probes that can run one decoder block at a time (fisher, kfac, output_error)."""
+    """--stream for the probes that can run one decoder block at a time (all but block_similarity)."""
     if args.stream != "auto" and args.probe not in STREAMING_PROBES:
-        raise BitallocError(f"--stream {args.stream} applies to the fisher, kfac, output_error and hessian_trace "
+        raise BitallocError(f"--stream {args.stream} applies to the fisher, kfac, output_error, hessian_trace and measured_kl "
                             f"probes only, not {args.probe}: leave it out")
     return {"stream": args.stream} if args.probe in STREAMING_PROBES else {}
 
