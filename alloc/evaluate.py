@@ -68,7 +68,9 @@ class Evaluator:
         set_unit_weights(self.model, self.units, self.fp_weights if first else weights)
         nll, kl, cos, n = 0.0, 0.0, 0.0, 0
         try:
+            device = next(self.model.parameters()).device
             for k, batch in enumerate(tqdm(self._batches(), desc=desc, leave=False, disable=not self.progress)):
+                batch = batch.to(device)
                 if self.kind == "causal_lm":
                     logp, batch_nll = window_nll(self.model(input_ids=batch, use_cache=False).logits, batch)
                     nll += batch_nll
@@ -115,13 +117,13 @@ def _fake_quantized(modules: dict, units: list[Unit], plan, cache: dict | None =
 
 @torch.no_grad()
 def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, plan, *, batch_size: int = 8,
-                    progress: bool = True) -> tuple[Scores, Scores]:
+                    progress: bool = True, compute_device=None) -> tuple[Scores, Scores]:
     """(fp, plan) scores of a causal LM with the plan's RTN weights, one decoder block at a time
     (alloc/stream.py): every window's hidden state is carried through each block twice, with the block's fp
     weights and with its fake-quantized ones; only one block's weights are ever copied and no reference
     logits are stored (they take windows × tokens × vocab floats). Same numbers as the Evaluator."""
     from .stream import BlockStream
-    stream = BlockStream(model, units)
+    stream = BlockStream(model, units, compute_device)
     modules = dict(model.named_modules())
     where = [stream.block_of(u) for u in units]
     batches = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
@@ -160,6 +162,12 @@ def score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -
     model = prepared.model
     can_stream = quantizer == "rtn" and prepared.kind == "causal_lm" and bool(find_blocks(model, prepared.units)) \
         and not any(u.kind == "embedding" for u in prepared.units)
+    host_weights = getattr(prepared, "compute_device", None) is not None
+    if host_weights and not can_stream:
+        raise BitallocError("the weights stay on the host (the model does not fit the GPU), where only RTN plans of "
+                            "causal LMs are scored block by block: use --quantizer rtn")
+    if host_weights:
+        stream = "on"
     if stream == "on" and not can_stream:
         raise BitallocError("--stream on evaluates RTN plans of causal LMs with decoder blocks (and no quantized "
                             "embeddings) only: use --quantizer rtn, or leave --stream out")
@@ -170,7 +178,8 @@ def score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -
     if stream == "on":
         rows = []
         for label, plan in plans:
-            fp, scores = streamed_scores(model, prepared.units, tokens, plan)
+            fp, scores = streamed_scores(model, prepared.units, tokens, plan,
+                                         compute_device=getattr(prepared, "compute_device", None))
             rows += [("fp", None, fp)] if not rows else []
             rows.append((label, plan, scores))
         return rows

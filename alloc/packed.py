@@ -76,9 +76,11 @@ def _pack_experts(model: nn.Module, units, packed: dict) -> None:
 
 
 def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str = "rtn",
-          calibration: torch.Tensor | None = None, progress: bool = True) -> nn.Module:
+          calibration: torch.Tensor | None = None, progress: bool = True,
+          compute_device: str | torch.device | None = None) -> nn.Module:
     """Quantize ``model`` by ``plan`` (a BitPlan or a plan JSON path) and replace each planned layer by a
-    packed QuantLinear, in place.
+    packed QuantLinear, in place. ``compute_device``: the weights stay on the host and the quantization runs
+    there (GPTQ one decoder block at a time, alloc/stream.py); the packed layers stay on the host.
 
     Layers planned at 16 bits stay ordinary layers with fp16-rounded weights. Returns the model, which
     carries the plan as ``model.bitalloc_plan``."""
@@ -108,7 +110,8 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
         packed[name] = MixedQuantLinear.from_quantized(q, bias) if isinstance(q, RowQuantized) \
             else QuantLinear.from_quantized(q, bias)
 
-    quantize_model(model, units, plan, quantizer=quantizer, calibration=calibration, progress=progress, sink=pack)
+    quantize_model(model, units, plan, quantizer=quantizer, calibration=calibration, progress=progress, sink=pack,
+                   compute_device=compute_device)
     _pack_experts(model, units, packed)
     for u in units:
         if u.name not in packed or u.kind in EXPERT_KINDS:

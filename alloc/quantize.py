@@ -27,6 +27,9 @@ class QuantizedWeight:
         zero = self.zeros.repeat_interleave(g, dim=1)[:, : self.codes.shape[1]]
         return (self.codes - zero).float() * scale
 
+    def to(self, device) -> "QuantizedWeight":
+        return QuantizedWeight(self.codes.to(device), self.scales.to(device), self.zeros.to(device), self.spec)
+
 
 def _group_view(W: torch.Tensor, group_size: int, fill: float) -> torch.Tensor:
     """(out, in) -> (out, G, g), padding the last group with ``fill``."""
@@ -78,12 +81,15 @@ class RowQuantized:
     parts: dict[int, QuantizedWeight]       # width -> the rows of that width
     spec: QuantSpec                         # the layer's group size and symmetry; bits = its widest row
 
+    def to(self, device) -> "RowQuantized":
+        return RowQuantized(self.row_bits, {b: q.to(device) for b, q in self.parts.items()}, self.spec)
+
     def rows(self, bits: int) -> torch.Tensor:
         return torch.nonzero(self.row_bits == bits)[:, 0]
 
     def dequantize(self) -> torch.Tensor:
         first = next(iter(self.parts.values()))
-        out = torch.empty(self.row_bits.numel(), first.codes.shape[1])
+        out = torch.empty(self.row_bits.numel(), first.codes.shape[1], device=first.codes.device)
         for b, q in self.parts.items():
             out[self.rows(b)] = q.dequantize()
         return out
@@ -151,11 +157,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int =
     output row rounds to its own grid (the column sweep is unchanged) and a RowQuantized comes back."""
     out_f, in_f = W.shape
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
+    H = H.detach().to(W.device).float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype)
+    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype, device=H.device)
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)      # (in, in), upper
 
@@ -163,10 +169,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int =
     if spec.group_size != -1:
         block_size = max(block_size // g, 1) * g                            # groups never straddle blocks
     G = math.ceil(in_f / g)
-    maxq = 2**spec.bits - 1 if row_bits is None else (2.0 ** row_bits.float() - 1)
-    codes = torch.zeros(out_f, in_f, dtype=torch.int32)
-    scales = torch.zeros(out_f, G)
-    zeros = torch.zeros(out_f, G, dtype=torch.int32)
+    maxq = 2**spec.bits - 1 if row_bits is None else (2.0 ** row_bits.to(W.device).float() - 1)
+    codes = torch.zeros(out_f, in_f, dtype=torch.int32, device=W.device)       # on W's device (a GPU block)
+    scales = torch.zeros(out_f, G, device=W.device)
+    zeros = torch.zeros(out_f, G, dtype=torch.int32, device=W.device)
 
     def params(cols):
         if row_bits is None:

@@ -17,6 +17,7 @@ from .errors import BitallocError, BitallocWarning, few
 from .expert_inputs import expert_hessians
 from .plan import BitPlan
 from .quantize import QuantizedWeight, gptq, rtn, rtn_rows
+from .stream import BlockStream
 from .units import EXPERT_KINDS, Unit, find_blocks, set_unit_weight, unit_weight
 
 QUANTIZERS = ("rtn", "gptq")
@@ -37,8 +38,10 @@ def set_unit_weights(model: nn.Module, units: Iterable[Unit], weights: dict[str,
 
 def quantize_model(model: nn.Module, units: list[Unit], plan: BitPlan, *, quantizer: str = "rtn",
                    calibration: torch.Tensor | None = None, batch_size: int = 8,
-                   progress: bool = True, sink=None) -> dict[str, QuantizedWeight]:
+                   progress: bool = True, sink=None, compute_device=None) -> dict[str, QuantizedWeight]:
     """Quantize every unit of ``plan`` in place; fp16 (bits=16) units are only rounded to fp16.
+    ``compute_device``: the weights stay where they are (the host) and the work runs there (GPTQ: one
+    decoder block at a time, alloc/stream.py).
 
     Returns each unit's QuantizedWeight, or, with ``sink``, hands each to ``sink(unit name, q)`` as soon as it is
     made and keeps none (int32 codes take 4 bytes per weight: a packer turns them into bits at once)."""
@@ -47,11 +50,11 @@ def quantize_model(model: nn.Module, units: list[Unit], plan: BitPlan, *, quanti
     plan.check_units(units)
     out = _Sink(sink) if sink is not None else {}
     if quantizer == "rtn":
-        _rtn_model(model, units, plan, progress, out)
+        _rtn_model(model, units, plan, progress, out, compute_device)
     elif calibration is None:
         raise BitallocError("GPTQ needs calibration text: pass --calib FILE (or calibration tokens)")
     else:
-        _gptq_model(model, units, plan, calibration, batch_size, progress, out)
+        _gptq_model(model, units, plan, calibration, batch_size, progress, out, compute_device)
     return {} if sink is not None else out
 
 
@@ -66,18 +69,19 @@ class _Sink(dict):
         self.fn(name, q)
 
 
-def _rtn_model(model, units, plan, progress, out) -> None:
+def _rtn_model(model, units, plan, progress, out, compute_device=None) -> None:
     modules = dict(model.named_modules())
     for u in tqdm(units, desc="quantize (rtn)", leave=False, disable=not progress):
-        _quantize_unit(modules, u, plan.layers[u.name], rtn, out, plan.row_bits.get(u.name))
+        _quantize_unit(modules, u, plan.layers[u.name], rtn, out, plan.row_bits.get(u.name), compute_device)
 
 
 def _quantize_unit(modules: dict[str, nn.Module], u: Unit, spec, method, out: dict[str, QuantizedWeight],
-                   row_bits=None) -> None:
-    """Write ``method(W, spec)``'s dequantized weight in ``u``'s place and record it in ``out``; fp16 units
-    (bits=16) are only rounded to fp16 and not recorded. ``row_bits``: each output row at its own width
-    (RTN per width, or GPTQ with a per-row grid), recorded as a RowQuantized."""
-    W = unit_weight(modules, u).detach().float()
+                   row_bits=None, device=None) -> None:
+    """Write ``method(W, spec)``'s dequantized weight in ``u``'s place and record it in ``out`` (on the host);
+    fp16 units (bits=16) are only rounded to fp16 and not recorded. ``row_bits``: each output row at its own
+    width (RTN per width, or GPTQ with a per-row grid), recorded as a RowQuantized. ``device``: where to
+    compute (default: where the weight is)."""
+    W = unit_weight(modules, u).detach().to(device).float()
     if spec.is_float:
         set_unit_weight(modules, u, W.half().float())
         return
@@ -85,15 +89,11 @@ def _quantize_unit(modules: dict[str, nn.Module], u: Unit, spec, method, out: di
         q = rtn_rows(W, spec, row_bits) if method is rtn else method(W, spec, row_bits=row_bits)
     else:
         q = method(W, spec)
-    out[u.name] = q
+    out[u.name] = q.to("cpu")
     set_unit_weight(modules, u, q.dequantize())
 
 
-class _StopForward(Exception):
-    pass
-
-
-def _gptq_units(model, units, plan, run, progress_desc, progress, out) -> None:
+def _gptq_units(model, units, plan, run, progress, out) -> None:
     """Collect XᵀX for ``units`` with one pass of ``run()``, then GPTQ each of them in place."""
     modules = dict(model.named_modules())
     H: dict[str, torch.Tensor] = {}
@@ -124,45 +124,38 @@ def _gptq_units(model, units, plan, run, progress_desc, progress, out) -> None:
         _quantize_unit(modules, u, plan.layers[u.name], method, out, plan.row_bits.get(u.name))
 
 
-def _gptq_model(model, units, plan, calibration, batch_size, progress, out) -> None:
-    blocks = find_blocks(model, units)
+def _gptq_model(model, units, plan, calibration, batch_size, progress, out, compute_device=None) -> None:
+    """GPTQ block by block (alloc/stream.py): each block's XᵀX is collected on the hidden states that went
+    through the already-quantized blocks before it, its units are quantized where the block sits (the compute
+    device when the weights stay on the host: the quantized weights then replace the host ones), and its
+    quantized outputs feed the next block. Units after the blocks (an LM head) see the last block's output."""
     batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
-    in_blocks = set()
-    if blocks:
-        # Capture what enters the first block (hidden states and the keyword arguments: masks, rotary).
-        captured: list[tuple[tuple, dict]] = []
-
-        def catch(module, args, kwargs):
-            captured.append((args, kwargs))
-            raise _StopForward
-
-        handle = blocks[0][1].register_forward_pre_hook(catch, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                for b in batches:
-                    try:
-                        model(input_ids=b, use_cache=False)
-                    except _StopForward:
-                        pass
-        finally:
-            handle.remove()
-        for name, block in tqdm(blocks, desc="quantize (gptq)", leave=False, disable=not progress):
-            block_units = [u for u in units if u.module_name.startswith(name + ".")]
-            in_blocks.update(u.name for u in block_units)
-
-            def run_block(block=block):
-                for args, kwargs in captured:
-                    block(*args, **kwargs)
-
-            _gptq_units(model, block_units, plan, run_block, name, progress, out)
-            with torch.no_grad():  # the quantized block's outputs feed the next block
-                for k, (args, kwargs) in enumerate(captured):
-                    y = block(*args, **kwargs)
-                    y = y[0] if isinstance(y, (tuple, list)) else y
-                    captured[k] = ((y, *args[1:]), kwargs)
-    rest = [u for u in units if u.name not in in_blocks]
-    if rest:
+    if not find_blocks(model, units):
         def run_model():
             for b in batches:
-                model(input_ids=b, use_cache=False)
-        _gptq_units(model, rest, plan, run_model, "rest", progress, out)
+                model(input_ids=b.to(next(model.parameters()).device), use_cache=False)
+        _gptq_units(model, units, plan, run_model, progress, out)
+        return
+    stream = BlockStream(model, units, compute_device)
+    device = stream.device
+    with stream.resident(keep=True):
+        with torch.no_grad():
+            firsts = [stream.inputs(b) for b in batches]
+        extras = [extra for _, extra in firsts]
+        hidden = [h.cpu() for h, _ in firsts]              # boundary activations stay on the host
+        del firsts
+        for i, (name, _) in enumerate(tqdm(stream.blocks, desc="quantize (gptq)", leave=False, disable=not progress)):
+            block_units = [u for u in units if stream.block_of(u) == i]
+            with stream.block_on_device(i, keep=True):
+                def run_block():
+                    for h, e in zip(hidden, extras):
+                        stream.run_block(i, h.to(device), e)
+                _gptq_units(model, block_units, plan, run_block, progress, out)
+                with torch.no_grad():       # the quantized block's outputs feed the next block
+                    hidden = [stream.run_block(i, h.to(device), e).cpu() for h, e in zip(hidden, extras)]
+        rest = [u for u in units if stream.block_of(u) is None]
+        if rest:
+            def run_rest():
+                for h, b in zip(hidden, batches):
+                    stream.rest(h.to(device), b)
+            _gptq_units(model, rest, plan, run_rest, progress, out)

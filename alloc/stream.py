@@ -16,7 +16,8 @@ Weights may stay on the host (or memory-mapped from the checkpoint) while the co
 ``resident()`` puts everything outside the blocks (embeddings, final norm, LM head, rotary tables) on the
 compute device for the whole pass and ``block_on_device(i)`` one block at a time. Both swap each tensor's
 ``.data`` and put the host tensor back afterwards, so nothing is copied back and a memory-mapped weight stays
-mapped.
+mapped; GPTQ, which writes its quantized weights on the device, asks to ``keep`` them (the host tensor is then
+replaced by a copy of the device's).
 """
 from __future__ import annotations
 
@@ -55,22 +56,26 @@ class _StandIn(nn.Module):
 
 
 @contextlib.contextmanager
-def on_device(tensors, device: torch.device):
-    """``tensors`` (parameters/buffers) on ``device`` for the duration; their host data is restored after."""
-    saved = [(t, t.data) for t in tensors if t.device != device]
+def on_device(tensors, device: torch.device, *, keep: bool = False, copy: bool = False):
+    """``tensors`` (parameters/buffers) on ``device`` for the duration; their host data is restored after,
+    or, with ``keep``, replaced by what the device copy holds then (GPTQ writes its weights there). ``copy``
+    stages a copy even where the tensor already is on ``device`` (tests check that nothing is lost)."""
+    saved = [(t, t.data) for t in tensors if copy or t.device != device]
     try:
         for t, data in saved:
-            t.data = data.to(device, non_blocking=True)
+            t.data = data.to(device, non_blocking=True, copy=copy)
         yield
     finally:
         for t, data in saved:
-            t.data = data
+            t.data = t.data.to(data.device, copy=copy) if keep else data
 
 
 class BlockStream:
-    def __init__(self, model: nn.Module, units: list[Unit], device: str | torch.device | None = None):
+    def __init__(self, model: nn.Module, units: list[Unit], device: str | torch.device | None = None, *,
+                 copy: bool = False):
         self.model = model
         self._device = torch.device(device) if device is not None else None
+        self.copy = copy               # stage copies even on the host (tests: what the device computes is kept)
         self.blocks = find_blocks(model, units)
         if not self.blocks:
             raise BitallocError("streaming needs a model made of repeated decoder blocks: use --stream off")
@@ -82,16 +87,19 @@ class BlockStream:
         """Where the computation runs (the model's own device unless given)."""
         return self._device or next(self.model.parameters()).device
 
-    def resident(self):
-        """Everything outside the decoder blocks on the compute device, for the whole streamed pass."""
+    def resident(self, keep: bool = False):
+        """Everything outside the decoder blocks on the compute device, for the whole streamed pass (``keep``:
+        what it holds at the end goes back to the host, as ``on_device`` says)."""
         in_blocks = {id(t) for _, b in self.blocks for t in itertools.chain(b.parameters(), b.buffers())}
         rest = [t for t in itertools.chain(self.model.parameters(), self.model.buffers()) if id(t) not in in_blocks]
-        return on_device(rest, self.device)
+        return on_device(rest, self.device, keep=keep, copy=self.copy)
 
-    def block_on_device(self, i: int):
-        """Block ``i``'s weights on the compute device while it runs."""
+    def block_on_device(self, i: int, keep: bool = False):
+        """Block ``i``'s weights on the compute device while it runs (``keep``: its weights as they are at
+        the end go back to the host)."""
         block = self.blocks[i][1]
-        return on_device(list(itertools.chain(block.parameters(), block.buffers())), self.device)
+        return on_device(list(itertools.chain(block.parameters(), block.buffers())), self.device, keep=keep,
+                         copy=self.copy)
 
     def block_of(self, unit: Unit) -> int | None:
         for i, (name, _) in enumerate(self.blocks):
@@ -128,8 +136,12 @@ class BlockStream:
 
     def logits(self, hidden: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         """The model's logits when ``hidden`` leaves the last block (differentiable in ``hidden``)."""
+        return self.rest(hidden, batch).logits
+
+    def rest(self, hidden: torch.Tensor, batch: torch.Tensor):
+        """The model's output (any model: an encoder's too) when ``hidden`` leaves the last block."""
         with self._stand_ins(hidden):
-            return self.model(input_ids=batch.to(self.device), use_cache=False).logits
+            return self.model(input_ids=batch.to(self.device), use_cache=False)
 
     @contextlib.contextmanager
     def _stand_ins(self, hidden: torch.Tensor):

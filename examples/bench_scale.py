@@ -1,5 +1,5 @@
-"""Memory and time at real width: Llama-3.1-8B-shaped models (public config values, random weights, bf16,
-built locally) cut to a few decoder layers. Each depth runs two processes, as a user would:
+"""Memory and time at real width: Llama-3.1-8B- or 70B-shaped models (public config values, random weights,
+bf16, built locally) cut to a few decoder layers. Each depth runs two processes, as a user would:
 
     allocate   load -> fisher probe (block-streamed when large) -> ilp solve   (--n-windows 4 --seq-len 256)
     apply      load -> RTN quantize by the plan -> pack -> save safetensors
@@ -8,6 +8,7 @@ and reports each stage's wall time and the process's peak RSS after it, against 
 the per-added-layer slope (least squares over the depths) and the extrapolation to 32 and 80 layers.
 
     python examples/bench_scale.py --work /tmp/scale --depths 1,2,4
+    python examples/bench_scale.py --work /tmp/scale --shape 70b --depths 1,2
 """
 from __future__ import annotations
 
@@ -25,16 +26,15 @@ TOKENIZER = REPO / "alloc" / "model-data" / "refllama-s"
 GB = 1e9
 
 
-def build(depth: int, folder: Path) -> None:
-    """A random-init bf16 Llama-3.1-8B-shaped model with ``depth`` layers (refllama-s's tokenizer)."""
+def build(config: dict, depth: int, folder: Path) -> None:
+    """A random-init bf16 model of ``config``'s shape with ``depth`` layers (refllama-s's tokenizer)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bitalloc.zoo import LLAMA_3_1_8B
     if (folder / "config.json").is_file():
         return
     torch.set_default_dtype(torch.bfloat16)
-    model = LlamaForCausalLM(LlamaConfig(**{**LLAMA_3_1_8B, "num_hidden_layers": depth}, dtype="bfloat16"))
+    model = LlamaForCausalLM(LlamaConfig(**{**config, "num_hidden_layers": depth}, dtype="bfloat16"))
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER / name, folder / name)
@@ -93,10 +93,25 @@ def run_stage(stage: str, folder: Path, work: Path) -> dict:
     return json.loads(line[0][7:])
 
 
+def print_device_estimate(C: dict, layer_bytes: int, rest_bytes: int) -> None:
+    """GPU memory with the weights on the host (blocks streamed): an estimate from the shapes, not a
+    measurement (this benchmark's figures above are host RSS)."""
+    H, I = C["hidden_size"], C["intermediate_size"]
+    fisher = rest_bytes + layer_bytes + 2 * layer_bytes            # resident + one block + its fp32 F
+    hessians = 4 * (3 * H * H + I * I)                             # fp32 XᵀX: q/k/v share one, o, gate/up, down
+    gptq = rest_bytes + layer_bytes + hessians + 3 * 4 * max(H, I) ** 2   # + Cholesky/inverse of the largest
+    print(f"\nestimated GPU memory with the weights on the host, full depth ({C['num_hidden_layers']} layers; "
+          f"shapes only, not measured): fisher probe {fisher / GB:.1f} GB (embeddings + head resident "
+          f"{rest_bytes / GB:.1f}, one block {layer_bytes / GB:.2f}, its fp32 Fisher {2 * layer_bytes / GB:.2f}); "
+          f"GPTQ {gptq / GB:.1f} GB (+ the block's XᵀX {hessians / GB:.2f} and the largest inverse's temporaries); "
+          "activations of one micro-batch come on top")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/bitalloc-scale", help="folder for the models, plans and checkpoints")
     p.add_argument("--depths", default="1,2,4")
+    p.add_argument("--shape", default="8b", choices=["8b", "70b"], help="Llama-3.1-8B or -70B config values")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
@@ -105,7 +120,9 @@ def main() -> None:
     if args.child:
         args.stage = args.child
         return child(args)
-    from bitalloc.zoo import LLAMA_3_1_8B as C
+    from bitalloc.zoo import LLAMA_3_1_8B, LLAMA_3_1_70B
+    C = LLAMA_3_1_70B if args.shape == "70b" else LLAMA_3_1_8B
+    full_depth = C["num_hidden_layers"]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     H, I, kv = C["hidden_size"], C["intermediate_size"], C["hidden_size"] * C["num_key_value_heads"] // C["num_attention_heads"]
@@ -113,8 +130,8 @@ def main() -> None:
     rest_bytes = 2 * 2 * C["vocab_size"] * H
     rows = []
     for depth in [int(d) for d in args.depths.split(",")]:
-        folder = work / f"llama31-8b-{depth}L"
-        build(depth, folder)
+        folder = work / f"llama31-{args.shape}-{depth}L"
+        build(C, depth, folder)
         a = run_stage("allocate", folder, work)
         b = run_stage("apply", folder, work)
         rows.append((depth, a, b))
@@ -123,6 +140,7 @@ def main() -> None:
         print(f"  {'stage':<14} {'wall s':>8} {'peak RSS GB':>12} {'× weights':>10}")
         for name, (sec, peak) in [*((k, v) for k, v in a.items() if k != "streamed"), *b.items()]:
             print(f"  {name:<14} {sec:>8.1f} {peak:>12.2f} {peak / weights:>10.2f}")
+    print_device_estimate(C, layer_bytes, rest_bytes)
     if len(rows) > 1:
         xs = [d for d, _, _ in rows]
         print(f"\nper added layer (least squares over depths {xs}); one layer is {layer_bytes / GB:.3f} GB in bf16")
@@ -135,8 +153,8 @@ def main() -> None:
                 slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
                 base = my - slope * mx
                 extra = f" = {slope * GB / layer_bytes:.2f} × one layer's bf16 bytes" if unit == "GB" else ""
-                print(f"  {label:<9} {what:<9} slope {slope:.3f} {unit}/layer{extra}; at 32 layers "
-                      f"{base + 32 * slope:.1f} {unit}, at 80 layers {base + 80 * slope:.1f} {unit}")
+                print(f"  {label:<9} {what:<9} slope {slope:.3f} {unit}/layer{extra}; at {full_depth} layers "
+                      f"(the full model) {base + full_depth * slope:.1f} {unit}")
 
 
 if __name__ == "__main__":

@@ -187,3 +187,16 @@ def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0 and f"usage: bitalloc {command}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_apply_and_eval_on_cuda_without_a_gpu_is_one_line(tiny_llama_dir, calib_file, tmp_path, capsys):
+    path = tmp_path / "p.json"
+    assert main(["allocate", "--model", str(tiny_llama_dir), "--calib", str(calib_file), "--budget", "3.5",
+                 "--out", str(path), *FAST]) == 0
+    capsys.readouterr()
+    for argv in (["apply", "--model", tiny_llama_dir, "--plan", path, "--out", tmp_path / "packed", *FAST],
+                 ["eval", "--model", tiny_llama_dir, "--plan", path, "--text", calib_file, *FAST]):
+        code, _, err = run([*argv, "--device", "cuda"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "no CUDA device" in err
+    assert not (tmp_path / "packed").exists()

@@ -154,6 +154,33 @@ def test_blocks_stream_to_the_gpu_with_weights_on_the_host():
     streamed = get_probe("fisher").measure(prepared.workload, prepared.units, prepared.options)
     assert next(prepared.model.parameters()).device.type == "cpu"
     assert ((whole.cost - streamed.cost).abs() / whole.cost).max() <= 1e-3
+    kl_cpu = get_probe("measured_kl", n_windows=3, stream="on")
+    prepared.compute_device = None
+    host = kl_cpu.measure(prepared.workload, prepared.units, prepared.options)
+    prepared.compute_device = "cuda"
+    device = kl_cpu.measure(prepared.workload, prepared.units, prepared.options)
+    assert ((host.cost - device.cost).abs() <= 1e-3 * host.cost + 1e-7).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gptq_on_the_gpu_with_weights_on_the_host():
+    import copy
+
+    from bitalloc.api import measure, solve
+    from bitalloc.quantize_model import quantize_model
+    tokens = torch.randint(0, 8192, (4, 32), generator=torch.Generator().manual_seed(17))
+    prepared = prepare(zoo.tiny("mixtral"), calibration=tokens)
+    plan = solve(measure(prepared, "fisher", cache=False), 3.25, "ilp")
+    on_gpu = copy.deepcopy(prepared.model)
+    host, device = {}, {}
+    quantize_model(prepared.model, prepared.units, plan, quantizer="gptq", calibration=tokens, progress=False,
+                   sink=lambda n, q: host.__setitem__(n, q.codes))
+    quantize_model(on_gpu, prepared.units, plan, quantizer="gptq", calibration=tokens, progress=False,
+                   sink=lambda n, q: device.__setitem__(n, q.codes), compute_device="cuda")
+    assert all(p.device.type == "cpu" for p in on_gpu.parameters())
+    assert host.keys() == device.keys()
+    same = sum(int((host[n] == device[n]).sum()) for n in host) / sum(host[n].numel() for n in host)
+    assert same > 0.99                        # GPU arithmetic may flip a rounding here and there
 
 
 def _whole_scores(prepared, tokens, plan):
@@ -253,3 +280,29 @@ def test_streaming_refuses_encoders_in_one_line():
     workload = EncoderWorkload(zoo.tiny("llama3"), torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(BitallocError, match="causal LMs only.*--stream off"):
         workload.stream([])
+
+
+@pytest.mark.parametrize("family", ["llama3", "mixtral"])
+def test_gptq_with_weights_on_the_host_keeps_what_the_device_computed(family, monkeypatch):
+    """GPTQ with a compute device: blocks are staged as copies (as on a GPU) and the quantized weights must
+    come back to the host; codes and weights equal the in-place run."""
+    import copy
+    import functools
+
+    from bitalloc import quantize_model as qm
+    from bitalloc.api import measure, solve
+    from bitalloc.stream import BlockStream
+    tokens = torch.randint(0, 8192, (4, 32), generator=torch.Generator().manual_seed(13))
+    prepared = prepare(zoo.tiny(family), calibration=tokens, include=("lm_head",) if family == "llama3" else ())
+    plan = solve(measure(prepared, "fisher", cache=False), 3.25, "ilp")
+    staged_model = copy.deepcopy(prepared.model)
+    codes, staged = {}, {}
+    qm.quantize_model(prepared.model, prepared.units, plan, quantizer="gptq", calibration=tokens, progress=False,
+                      sink=lambda n, q: codes.__setitem__(n, q.codes))
+    monkeypatch.setattr(qm, "BlockStream", functools.partial(BlockStream, copy=True))
+    qm.quantize_model(staged_model, prepared.units, plan, quantizer="gptq", calibration=tokens, progress=False,
+                      sink=lambda n, q: staged.__setitem__(n, q.codes), compute_device="cpu")
+    assert codes.keys() == staged.keys() and len(codes) == len(prepared.units)
+    assert all(torch.equal(codes[n], staged[n]) for n in codes)
+    for (name, a), b in zip(prepared.model.state_dict().items(), staged_model.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -132,32 +132,36 @@ def probe_settings(args) -> dict:
 # -- the work ------------------------------------------------------------------------------------------------
 def prepare_model(args, strict: bool = False):
     """Load the model, find its units, tokenize the calibration text; place the model on its device."""
-    import torch
-
     from ..api import prepare
-    from ..distributed import local_device
     from ..options import parse_options
     options = parse_options(args.options, group_size=args.group_size, symmetric=args.symmetric)
     prepared = prepare(args.model, calib_file=args.calib, options=options, include=split_list(args.include),
                        seq_len=args.seq_len, n_windows=args.n_windows, strict_windows=strict, experts=args.experts,
                        exclude=split_list(args.exclude), dtype=args.dtype)
-    device = local_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BitallocError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
-    if device.startswith("cuda") and _weights_stay_on_host(args, prepared.model, device):
-        prepared.compute_device = device        # fisher streams one block at a time to the GPU
-    else:
-        prepared.model.to(device)
+    can_stream = getattr(args, "probe", None) in STREAMING_PROBES and getattr(args, "stream", "auto") != "off"
+    place_model(prepared, args, can_stream)
     return prepared
 
 
-def _weights_stay_on_host(args, model, device: str) -> bool:
-    """On a GPU, the streaming probes keep the weights on the host and stream blocks to the device with
-    --stream on, or (auto) when the model takes more than 80 % of the GPU's free memory."""
+def place_model(prepared, args, can_stream: bool) -> None:
+    """Put the model on --device (default: cuda when available). On a GPU, a stage that can run one decoder
+    block at a time keeps the weights on the host and streams blocks to the GPU (``prepared.compute_device``)
+    with --stream on, or (auto) when the model takes more than 80 % of the GPU's free memory."""
     import torch
-    if getattr(args, "probe", None) not in STREAMING_PROBES or getattr(args, "stream", "auto") == "off":
-        return False
-    if args.stream == "on":
+
+    from ..distributed import local_device
+    device = local_device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BitallocError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
+    if device.startswith("cuda") and can_stream and _too_large(args, prepared.model, device):
+        prepared.compute_device = device
+    else:
+        prepared.model.to(device)
+
+
+def _too_large(args, model, device: str) -> bool:
+    import torch
+    if getattr(args, "stream", "auto") == "on":
         return True
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     return sum(p.numel() * p.element_size() for p in model.parameters()) > 0.8 * free

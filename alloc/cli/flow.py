@@ -7,8 +7,8 @@ import time
 
 from .. import checks
 from ..errors import BitallocError
-from .common import (check_model_args, eval_tokens, prepare_model, print_plan, print_scores, probe_settings,
-                     resolve_solver, solver_settings)
+from .common import (check_model_args, eval_tokens, place_model, prepare_model, print_plan, print_scores,
+                     probe_settings, resolve_solver, solver_settings)
 
 
 def print_calibration(prepared, args) -> None:
@@ -115,6 +115,7 @@ def cmd_eval(args) -> None:
     plan = BitPlan.load(args.plan)
     prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, dtype=args.dtype,
                        experts=plan.extra.get("experts", "per-expert"))
+    place_model(prepared, args, can_stream=args.quantizer == "rtn" and args.stream != "off")
     plan.check_units(prepared.units)
     tokens = eval_tokens(prepared, args.text, args.eval_windows, args.seq_len)
     rows = score_plans(prepared, tokens, [("plan", plan)], args.quantizer, args.stream)
@@ -134,7 +135,12 @@ def cmd_apply(args) -> None:
     plan = BitPlan.load(args.plan)
     prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len,
                        dtype=args.dtype, experts=plan.extra.get("experts", "per-expert"))
-    model = prepared.model
+    place_model(prepared, args, can_stream=True)
+    model, host_weights = prepared.model, prepared.compute_device is not None
+    if args.eval and host_weights:
+        raise BitallocError("the model does not fit the GPU, so apply quantizes it one block at a time and cannot "
+                            "also hold a fake-quantized copy for --eval: score the plan with `bitalloc eval` and "
+                            "apply without --eval")
     if args.eval:
         tokens = eval_tokens(prepared, args.eval, args.eval_windows, args.seq_len)
         fake = copy.deepcopy(model)
@@ -142,13 +148,14 @@ def cmd_apply(args) -> None:
                        sink=_discard)
         ppl_fake = perplexity(fake, tokens, desc="ppl fake-quantized")
         del fake
-    apply(model, plan, quantizer=args.quantizer, calibration=prepared.tokens)
-    save(model, out, tokenizer=prepared.tokenizer)
+        ppl_device = next(model.parameters()).device
+    apply(model, plan, quantizer=args.quantizer, calibration=prepared.tokens, compute_device=prepared.compute_device)
+    save(model.cpu(), out, tokenizer=prepared.tokenizer)
     r = checkpoint_report(model, out)
     print(f"packed {len(plan.layers)} layers ({r['quantized_params']:,} params at {r['true_bpw']:.4f} true bpw) "
           f"-> {args.out}\ncheckpoint {r['actual_bytes']:,} bytes; plan predicts {r['expected_bytes']:,.0f} "
           f"({100 * r['relative_diff']:+.2f} %)")
     if args.eval:
-        ppl_packed = perplexity(model, tokens, desc="ppl packed")
+        ppl_packed = perplexity(model.to(ppl_device), tokens, desc="ppl packed")
         print(f"perplexity ({len(tokens)} windows of {tokens.shape[1]} tokens): packed {ppl_packed:.6f} · "
               f"fake-quantized {ppl_fake:.6f} · relative difference {abs(ppl_packed / ppl_fake - 1):.2e}")

@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_windows(p)
     add_dtype_arg(p)
     p.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
-                   help="score RTN plans one decoder block at a time (auto: when the whole-model copies pass 1 GiB)")
+                   help="score RTN plans one decoder block at a time (auto: when the whole-model copies pass 1 GiB, "
+                        "or the model does not fit the GPU: its weights then stay on the host)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("apply", help="quantize and pack a model by a plan; write safetensors + plan JSON")
@@ -86,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="text file: perplexity of the packed model and of the fake-quantized one")
     add_eval_windows(p)
     add_dtype_arg(p)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; a model that does "
+                   "not fit the GPU stays on the host and is quantized one decoder block at a time on the GPU)")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("search", help="run one worker of an Optuna study over plans (start several to scale out)")
