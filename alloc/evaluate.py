@@ -115,13 +115,64 @@ def _fake_quantized(modules: dict, units: list[Unit], plan, cache: dict | None =
             set_unit_weight(modules, u, saved[u.name])
 
 
+class _Restored:
+    """While active, changes to ``units``' weights are allowed; their weights on entry come back on exit."""
+
+    def __init__(self, modules: dict, units: list[Unit]):
+        self.modules, self.units = modules, units
+
+    def __enter__(self):
+        self.saved = {u.name: unit_weight(self.modules, u).detach().clone() for u in self.units}
+
+    def __exit__(self, *exc):
+        for u in self.units:
+            set_unit_weight(self.modules, u, self.saved[u.name])
+
+
+class _GPTQChain:
+    """GPTQ one decoder block at a time, as quantize_model does it: the calibration windows' hidden states
+    go through the already-quantized blocks, each block's XᵀX is collected on them."""
+
+    def __init__(self, stream, model, plan, calibration: torch.Tensor, batch_size: int):
+        self.stream, self.model, self.plan = stream, model, plan
+        self.batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
+        firsts = [stream.inputs(b) for b in self.batches]
+        self.extras = [extra for _, extra in firsts]
+        self.hidden = [h.cpu() for h, _ in firsts]
+
+    def quantize(self, i: int, units: list[Unit]) -> None:
+        """GPTQ block ``i``'s ``units`` in place (the block is on the device), then carry the calibration
+        states through the quantized block."""
+        from .quantize_model import gptq_units
+        device = self.stream.device
+
+        def run():
+            for h, e in zip(self.hidden, self.extras):
+                self.stream.run_block(i, h.to(device), e)
+        gptq_units(self.model, units, self.plan, run, False, {})
+        self.hidden = [self.stream.run_block(i, h.to(device), e).cpu() for h, e in zip(self.hidden, self.extras)]
+
+    def quantize_head(self, modules: dict, units: list[Unit]) -> dict[str, torch.Tensor]:
+        """GPTQ of the units after the blocks on the last calibration states -> their weights (then restored)."""
+        from .quantize_model import gptq_units
+        device = self.stream.device
+        with _Restored(modules, units):
+            def run():
+                for h, b in zip(self.hidden, self.batches):
+                    self.stream.rest(h.to(device), b)
+            gptq_units(self.model, units, self.plan, run, False, {})
+            return {u.name: unit_weight(modules, u).detach().clone() for u in units}
+
+
 @torch.no_grad()
 def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, plan, *, batch_size: int = 8,
-                    progress: bool = True, compute_device=None) -> tuple[Scores, Scores]:
-    """(fp, plan) scores of a causal LM with the plan's RTN weights, one decoder block at a time
+                    progress: bool = True, compute_device=None, quantizer: str = "rtn",
+                    calibration: torch.Tensor | None = None) -> tuple[Scores, Scores]:
+    """(fp, plan) scores of a causal LM with the plan's weights, one decoder block at a time
     (alloc/stream.py): every window's hidden state is carried through each block twice, with the block's fp
-    weights and with its fake-quantized ones; only one block's weights are ever copied and no reference
-    logits are stored (they take windows × tokens × vocab floats). Same numbers as the Evaluator."""
+    weights and with its quantized ones (RTN, or GPTQ on ``calibration`` windows carried along as
+    quantize_model does); only one block's weights are ever copied and no reference logits are stored (they
+    take windows × tokens × vocab floats). Same numbers as the Evaluator."""
     from .stream import BlockStream
     stream = BlockStream(model, units, compute_device)
     modules = dict(model.named_modules())
@@ -130,15 +181,24 @@ def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, p
     nll_fp = nll_q = kl = 0.0
     head, head_cache = [u for u, b in zip(units, where) if b is None], {}
     with stream.resident():
+        gptq = _GPTQChain(stream, model, plan, calibration, batch_size) if quantizer == "gptq" else None
         fp = [stream.inputs(b) for b in batches]                       # (hidden, block arguments)
-        with _fake_quantized(modules, head, plan, head_cache):         # an LM head tied to the embeddings
-            q = [stream.inputs(b)[0] for b in batches]
+        with _fake_quantized(modules, head if gptq is None else [], plan, head_cache):    # a head tied to the
+            q = [stream.inputs(b)[0] for b in batches]                                     # embeddings (RTN)
         for i in tqdm(range(len(stream.blocks)), desc="eval (streamed)", leave=False, disable=not progress):
+            block_units = [u for u, b in zip(units, where) if b == i]
             with stream.block_on_device(i):
                 fp_next = [stream.run_block(i, h, extra) for h, extra in fp]
-                with _fake_quantized(modules, [u for u, b in zip(units, where) if b == i], plan):
-                    q = [stream.run_block(i, h, extra) for h, (_, extra) in zip(q, fp)]
+                if gptq is None:
+                    with _fake_quantized(modules, block_units, plan):
+                        q = [stream.run_block(i, h, extra) for h, (_, extra) in zip(q, fp)]
+                else:
+                    with _Restored(modules, block_units):
+                        gptq.quantize(i, block_units)
+                        q = [stream.run_block(i, h, extra) for h, (_, extra) in zip(q, fp)]
             fp = [(h, extra) for h, (_, extra) in zip(fp_next, fp)]
+        if gptq is not None and head:
+            head_cache = gptq.quantize_head(modules, head)
         for (h, _), hq, batch in zip(fp, q, batches):
             for w in range(len(batch)):           # one window at a time: logits are seq × vocab floats each
                 one = batch[w:w + 1].to(h.device)
@@ -153,32 +213,32 @@ def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, p
 
 
 def score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -> list:
-    """[("fp", None, Scores), (label, plan, Scores), ...] on ``tokens``. RTN on a causal LM with decoder
-    blocks is scored one block at a time (evaluate.streamed_scores) with --stream on, or auto when the whole
-    path's copies (unit weights, reference log-probabilities) would pass 1 GiB."""
+    """[("fp", None, Scores), (label, plan, Scores), ...] on ``tokens``. A causal LM with decoder blocks is
+    scored one block at a time (evaluate.streamed_scores; RTN, or GPTQ unless the LM head is tied to the
+    embeddings) with --stream on, when its weights stay on the host, or auto when the whole path's copies
+    (unit weights, reference log-probabilities) would pass 1 GiB."""
     from .quantize_model import quantize_model
-    from .sensitivity.base import STREAM_ABOVE_BYTES
+    from .sensitivity.base import STREAM_ABOVE_BYTES, tied_to_embeddings
     from .units import find_blocks
-    model = prepared.model
-    can_stream = quantizer == "rtn" and prepared.kind == "causal_lm" and bool(find_blocks(model, prepared.units)) \
-        and not any(u.kind == "embedding" for u in prepared.units)
+    model, units = prepared.model, prepared.units
+    can_stream = prepared.kind == "causal_lm" and bool(find_blocks(model, units)) \
+        and not any(u.kind == "embedding" for u in units) and (quantizer == "rtn" or not tied_to_embeddings(model, units))
     host_weights = getattr(prepared, "compute_device", None) is not None
-    if host_weights and not can_stream:
-        raise BitallocError("the weights stay on the host (the model does not fit the GPU), where only RTN plans of "
-                            "causal LMs are scored block by block: use --quantizer rtn")
+    if (stream == "on" or host_weights) and not can_stream:
+        why = "the weights stay on the host (the model does not fit the GPU), and " if host_weights else "--stream on: "
+        raise BitallocError(f"{why}only causal LMs with decoder blocks, no quantized embeddings and (for GPTQ) an "
+                            "LM head not tied to the embeddings are scored block by block: leave --stream out, or "
+                            "drop the embedding units from --include")
     if host_weights:
         stream = "on"
-    if stream == "on" and not can_stream:
-        raise BitallocError("--stream on evaluates RTN plans of causal LMs with decoder blocks (and no quantized "
-                            "embeddings) only: use --quantizer rtn, or leave --stream out")
     if stream == "auto" and can_stream:
-        copies = sum(u.numel for u in prepared.units) * next(model.parameters()).element_size()
+        copies = sum(u.numel for u in units) * next(model.parameters()).element_size()
         vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
         stream = "on" if max(copies, tokens.numel() * vocab * 4) > STREAM_ABOVE_BYTES else "off"
     if stream == "on":
         rows = []
         for label, plan in plans:
-            fp, scores = streamed_scores(model, prepared.units, tokens, plan,
+            fp, scores = streamed_scores(model, units, tokens, plan, quantizer=quantizer, calibration=prepared.tokens,
                                          compute_device=getattr(prepared, "compute_device", None))
             rows += [("fp", None, fp)] if not rows else []
             rows.append((label, plan, scores))

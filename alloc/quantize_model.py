@@ -93,8 +93,9 @@ def _quantize_unit(modules: dict[str, nn.Module], u: Unit, spec, method, out: di
     set_unit_weight(modules, u, q.dequantize())
 
 
-def _gptq_units(model, units, plan, run, progress, out) -> None:
-    """Collect XᵀX for ``units`` with one pass of ``run()``, then GPTQ each of them in place."""
+def gptq_units(model, units, plan, run, progress, out) -> None:
+    """Collect XᵀX for ``units`` with one pass of ``run()``, then GPTQ each of them in place (where its weight
+    is: a block on the compute device), recording each QuantizedWeight in ``out``."""
     modules = dict(model.named_modules())
     H: dict[str, torch.Tensor] = {}
 
@@ -134,7 +135,7 @@ def _gptq_model(model, units, plan, calibration, batch_size, progress, out, comp
         def run_model():
             for b in batches:
                 model(input_ids=b.to(next(model.parameters()).device), use_cache=False)
-        _gptq_units(model, units, plan, run_model, progress, out)
+        gptq_units(model, units, plan, run_model, progress, out)
         return
     stream = BlockStream(model, units, compute_device)
     device = stream.device
@@ -150,7 +151,7 @@ def _gptq_model(model, units, plan, calibration, batch_size, progress, out, comp
                 def run_block():
                     for h, e in zip(hidden, extras):
                         stream.run_block(i, h.to(device), e)
-                _gptq_units(model, block_units, plan, run_block, progress, out)
+                gptq_units(model, block_units, plan, run_block, progress, out)
                 with torch.no_grad():       # the quantized block's outputs feed the next block
                     hidden = [stream.run_block(i, h.to(device), e).cpu() for h, e in zip(hidden, extras)]
         rest = [u for u in units if stream.block_of(u) is None]
@@ -158,4 +159,4 @@ def _gptq_model(model, units, plan, calibration, batch_size, progress, out, comp
             def run_rest():
                 for h, b in zip(hidden, batches):
                     stream.rest(h.to(device), b)
-            _gptq_units(model, rest, plan, run_rest, progress, out)
+            gptq_units(model, rest, plan, run_rest, progress, out)

@@ -183,18 +183,20 @@ def test_gptq_on_the_gpu_with_weights_on_the_host():
     assert same > 0.99                        # GPU arithmetic may flip a rounding here and there
 
 
-def _whole_scores(prepared, tokens, plan):
+def _whole_scores(prepared, tokens, plan, quantizer="rtn"):
     from bitalloc.evaluate import Evaluator
     from bitalloc.quantize_model import quantize_model, set_unit_weights, unit_weights
     evaluator = Evaluator(prepared.model, prepared.kind, prepared.units, tokens, progress=False)
-    quantize_model(prepared.model, prepared.units, plan, progress=False, sink=lambda name, q: None)
+    quantize_model(prepared.model, prepared.units, plan, progress=False, sink=lambda name, q: None,
+                   quantizer=quantizer, calibration=prepared.tokens)
     weights = unit_weights(prepared.model, prepared.units)
     set_unit_weights(prepared.model, prepared.units, evaluator.fp_weights)
     return evaluator.fp, evaluator.score(weights)
 
 
-@pytest.mark.parametrize("model", ["refllama-s", "qwen3_moe", "gpt2"])
-def test_streamed_evaluation_equals_whole_model(model):
+@pytest.mark.parametrize("model,quantizer", [("refllama-s", "rtn"), ("qwen3_moe", "rtn"), ("gpt2", "rtn"),
+                                             ("refllama-s", "gptq"), ("qwen3_moe", "gptq")])
+def test_streamed_evaluation_equals_whole_model(model, quantizer):
     import random
 
     from bitalloc.evaluate import streamed_scores
@@ -210,14 +212,16 @@ def test_streamed_evaluation_equals_whole_model(model):
     plan = BitPlan(layers={u.name: QuantSpec(rng.choice([2, 3, 4, 8, 16])) for u in prepared.units},
                    shapes={u.name: u.shape for u in prepared.units})
     before = {n: p.clone() for n, p in prepared.model.state_dict().items()}
-    fp_s, plan_s = streamed_scores(prepared.model, prepared.units, tokens, plan, progress=False)
+    fp_s, plan_s = streamed_scores(prepared.model, prepared.units, tokens, plan, progress=False,
+                                   quantizer=quantizer, calibration=prepared.tokens)
     assert all(torch.equal(before[n], p) for n, p in prepared.model.state_dict().items())     # weights restored
-    fp_w, plan_w = _whole_scores(prepared, tokens, plan)
+    fp_w, plan_w = _whole_scores(prepared, tokens, plan, quantizer)
     assert abs(fp_s.ppl / fp_w.ppl - 1) <= 1e-5 and abs(plan_s.ppl / plan_w.ppl - 1) <= 1e-5
     assert plan_s.kl == pytest.approx(plan_w.kl, rel=1e-4) and plan_s.kl > 0
 
 
-def test_cli_eval_streamed_prints_the_same_scores(tmp_path, capsys):
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_cli_eval_streamed_prints_the_same_scores(quantizer, tmp_path, capsys):
     from bitalloc.options import QuantSpec
     from bitalloc.plan import BitPlan
     from bitalloc.units import find_units
@@ -232,7 +236,7 @@ def test_cli_eval_streamed_prints_the_same_scores(tmp_path, capsys):
     outputs = []
     for mode in ("off", "on"):
         assert main(["eval", "--plan", str(tmp_path / "plan.json"), "--text", str(text), "--eval-windows", "2",
-                     "--seq-len", "128", "--n-windows", "1", "--stream", mode]) == 0
+                     "--seq-len", "128", "--n-windows", "1", "--stream", mode, "--quantizer", quantizer]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and "plan" in outputs[0]
 

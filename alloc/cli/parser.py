@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_windows(p)
     add_dtype_arg(p)
     p.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
-                   help="score RTN plans one decoder block at a time (auto: when the whole-model copies pass 1 GiB, "
+                   help="score plans one decoder block at a time (RTN, or GPTQ on calibration windows carried along) (auto: when the whole-model copies pass 1 GiB, "
                         "or the model does not fit the GPU: its weights then stay on the host)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=cmd_eval)
