@@ -2,9 +2,11 @@
 
 Experts kept in 3-D parameters are not modules, so forward hooks cannot see their inputs. While
 ``expert_hessians`` is active, each experts module runs its eager forward (the per-expert loop that
-transformers' other implementations (grouped_mm, …) must match), and every ``F.linear(x, W)`` whose
-weight ``W`` is one expert's slice of a tracked parameter adds xᵀx to that expert's H (per-layer units:
-to the stack's H, the sum over its experts). Experts that no calibration token reached get no H.
+transformers' other implementations (grouped_mm, …) must match), and every product of an input with one
+expert's slice of a tracked parameter adds xᵀx to that expert's H (per-layer units: to the stack's H, the
+sum over its experts). Two forms are caught: ``F.linear(x, W)`` with W (out, in) (Mixtral, Qwen3-MoE, OLMoE,
+…) and ``x @ W`` with W (in, out), GPT-OSS's transposed experts. Experts that no calibration token reached
+get no H.
 """
 from __future__ import annotations
 
@@ -27,33 +29,43 @@ def expert_hessians(modules: dict, units: list[Unit], H: dict[str, torch.Tensor]
     for u in units:
         p = getattr(modules[u.module_name], u.param)
         by_param.setdefault(id(p), (p, {}))[1][u.expert] = u.name
-    original = F.linear
 
-    def linear(x, weight, bias=None):
+    def record(x, weight) -> None:
+        """Add xᵀx to the H of the expert whose slice ``weight`` is, if it is one."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not isinstance(x, torch.Tensor):
+            return
         for p, names in by_param.values():
             base, size = p.data_ptr(), p[0].numel() * p.element_size()
-            if weight.dim() == 2 and base <= weight.data_ptr() < base + p.shape[0] * size:
-                e = (weight.data_ptr() - base) // size
-                name = names.get(e, names.get(None))
+            if base <= weight.data_ptr() < base + p.shape[0] * size:
+                name = names.get((weight.data_ptr() - base) // size, names.get(None))
                 if name is not None:
                     x2 = x.detach().reshape(-1, x.shape[-1]).float()
                     H[name] = H.get(name, 0) + x2.T @ x2
-                break
-        return original(x, weight, bias)
+                return
+
+    original_linear, original_matmul = F.linear, torch.Tensor.__matmul__
+
+    def linear(x, weight, bias=None):
+        record(x, weight)
+        return original_linear(x, weight, bias)
+
+    def matmul(x, other):
+        record(x, other)
+        return original_matmul(x, other)
 
     owners = {u.module_name for u in units}
     saved = {}
-    for name in owners:            # the eager loop: one F.linear per expert slice
+    for name in owners:            # the eager loop: one product per expert slice
         module = modules[name]
         eager = getattr(type(module).forward, "__wrapped__", None)
         if eager is not None:
             saved[name] = module.__dict__.get("forward")
             module.forward = types.MethodType(eager, module)
-    F.linear = linear
+    F.linear, torch.Tensor.__matmul__ = linear, matmul
     try:
         yield
     finally:
-        F.linear = original
+        F.linear, torch.Tensor.__matmul__ = original_linear, original_matmul
         for name, previous in saved.items():
             if previous is None:
                 del modules[name].forward

@@ -117,8 +117,8 @@ def gptq_units(model, units, plan, run, progress, out) -> None:
     if unreached:
         warnings.warn(f"GPTQ rounds {len(unreached)} MoE expert unit(s) to nearest (RTN): their inputs were not seen "
                       f"({few(unreached)}): no calibration token "
-                      "reached them, or the experts module does not call F.linear per expert (GPT-OSS's "
-                      "transposed experts)", BitallocWarning, stacklevel=4)
+                      "reached them, or the experts module multiplies by its expert slices in a way "
+                      "alloc/expert_inputs.py does not catch (F.linear or x @ W per expert)", BitallocWarning, stacklevel=4)
     for u in units:
         # embeddings and experts no calibration token reached are rounded to nearest
         method = rtn if u.name not in H else (lambda W, spec, H=H[u.name], **kw: gptq(W, H, spec, **kw))

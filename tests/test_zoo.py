@@ -158,3 +158,39 @@ def test_row_plans_pack_and_reproduce_the_fake_quantized_logits(family):
     packed = apply(copy.deepcopy(prepared.model), plan, progress=False)
     with torch.no_grad():
         assert torch.equal(packed(tokens).logits, fake(tokens).logits)
+
+
+def test_gptq_sees_what_each_transposed_gpt_oss_expert_reads():
+    """GPT-OSS multiplies x @ W by (in, out) expert slices: each expert's XᵀX is caught, so GPTQ (not its RTN
+    fallback) quantizes them; gate_up's XᵀX equals the routed tokens' own."""
+    import warnings
+
+    from bitalloc.api import prepare
+    from bitalloc.expert_inputs import expert_hessians
+    from bitalloc.quantize import rtn
+    from bitalloc.units import EXPERT_KINDS, unit_weight
+    tokens = torch.randint(0, 8192, (4, 32), generator=torch.Generator().manual_seed(0))
+    prepared = prepare(zoo.tiny("gpt_oss"), calibration=tokens)
+    model, modules = prepared.model, dict(prepared.model.named_modules())
+    experts = [u for u in prepared.units if u.kind in EXPERT_KINDS]
+    mlp = modules["model.layers.0.mlp"]
+    seen = {}
+    hook = mlp.experts.register_forward_hook(lambda m, args, out: seen.update(x=args[0], idx=args[1]))
+    H = {}
+    with torch.no_grad(), expert_hessians(modules, experts, H):
+        model(input_ids=tokens)
+    hook.remove()
+    assert set(H) == {u.name for u in experts}
+    for e in range(model.config.num_local_experts):
+        x = seen["x"][(seen["idx"] == e).any(-1)].float()
+        assert torch.allclose(H[f"model.layers.0.mlp.experts.{e}.gate_up_proj"], x.T @ x, rtol=1e-4, atol=1e-4)
+    fake = copy.deepcopy(model)
+    plan = BitPlan(layers={u.name: QuantSpec(3) for u in prepared.units},
+                   shapes={u.name: u.shape for u in prepared.units})
+    codes = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # no "rounds … MoE expert unit(s) to nearest"
+        quantize_model(fake, prepared.units, plan, quantizer="gptq", calibration=tokens, progress=False,
+                       sink=lambda n, q: codes.__setitem__(n, q.codes))
+    W = unit_weight(modules, experts[0]).detach().float()
+    assert not torch.equal(codes[experts[0].name], rtn(W, QuantSpec(3)).codes)     # GPTQ, not RTN
