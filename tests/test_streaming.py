@@ -84,12 +84,18 @@ def test_streamed_kfac_equals_whole_model(family):
     assert ((whole.cost - streamed.cost).abs() / whole.cost).max() <= 1e-4
 
 
-def test_stream_flag_on_other_probes_is_one_line(capsys, tmp_path):
-    assert main(["probe", "--probe", "block_similarity", "--stream", "on", "--n-windows", "1", "--seq-len", "64",
-                 "--out", str(tmp_path / "t.csv")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fisher, kfac, output_error, hessian_trace and measured_kl probes only" in err[0]
-    assert not (tmp_path / "t.csv").exists()
+@pytest.mark.parametrize("family", ["llama3", "gpt2"])
+def test_streamed_block_similarity_equals_whole_model(family):
+    tokens = torch.randint(0, 8192, (3, 32), generator=torch.Generator().manual_seed(19))
+    prepared = prepare(zoo.tiny(family), calibration=tokens)
+    whole = get_probe("block_similarity", stream="off").measure(prepared.workload, prepared.units, prepared.options)
+    streamed = get_probe("block_similarity", stream="on").measure(prepared.workload, prepared.units,
+                                                                  prepared.options)
+    assert streamed.meta["streamed"] is True and "streamed" not in whole.meta
+    assert whole.meta["importance"].keys() == streamed.meta["importance"].keys()
+    for name, value in whole.meta["importance"].items():
+        assert value > 0 and streamed.meta["importance"][name] == pytest.approx(value, rel=1e-5)
+    assert ((whole.cost - streamed.cost).abs() / whole.cost).max() <= 1e-5
 
 
 def test_streamed_hessian_trace_is_the_documented_block_local_estimate():

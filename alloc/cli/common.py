@@ -7,7 +7,6 @@ import argparse
 from .. import checks
 from ..errors import BitallocError
 
-STREAMING_PROBES = ("fisher", "kfac", "output_error", "hessian_trace", "measured_kl")
 EVAL_WINDOWS = 32          # one default for every command that scores plans on held-out text
 
 
@@ -52,9 +51,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="MoE models: a width per expert, or one per layer for all its experts (default per-expert)")
     add_dtype_arg(p)
     p.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
-                   help="fisher, kfac, output_error, measured_kl, hessian_trace (a block-local estimate): one decoder block at a "
-                        "time (auto: when the whole-model state would pass 1 GiB, or the weights stay on the host "
-                        "for a GPU)")
+                   help="run the probe one decoder block at a time (hessian_trace: a block-local estimate) (auto: "
+                        "when the whole-model state would pass 1 GiB, or the weights stay on the host for a GPU)")
     p.add_argument("--seq-len", type=count_type, default=512, help="calibration window length in tokens (default 512)")
     p.add_argument("--n-windows", type=count_type, default=128, help="calibration windows (default 128)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the sensitivity-table cache")
@@ -117,16 +115,11 @@ def check_model_args(args) -> None:
         raise BitallocError(f"--device {args.device!r} is not understood: use cpu or cuda")
     if getattr(args, "eval", None):
         checks.input_file(args.eval, "--eval", "UTF-8 text file")
-    if hasattr(args, "stream") and hasattr(args, "probe"):
-        probe_settings(args)
 
 
 def probe_settings(args) -> dict:
-    """--stream for the probes that can run one decoder block at a time (all but block_similarity)."""
-    if args.stream != "auto" and args.probe not in STREAMING_PROBES:
-        raise BitallocError(f"--stream {args.stream} applies to the fisher, kfac, output_error, hessian_trace and measured_kl "
-                            f"probes only, not {args.probe}: leave it out")
-    return {"stream": args.stream} if args.probe in STREAMING_PROBES else {}
+    """--stream: every probe can run one decoder block at a time."""
+    return {"stream": args.stream}
 
 
 # -- the work ------------------------------------------------------------------------------------------------
@@ -138,7 +131,7 @@ def prepare_model(args, strict: bool = False):
     prepared = prepare(args.model, calib_file=args.calib, options=options, include=split_list(args.include),
                        seq_len=args.seq_len, n_windows=args.n_windows, strict_windows=strict, experts=args.experts,
                        exclude=split_list(args.exclude), dtype=args.dtype)
-    can_stream = getattr(args, "probe", None) in STREAMING_PROBES and getattr(args, "stream", "auto") != "off"
+    can_stream = getattr(args, "probe", None) is not None and getattr(args, "stream", "auto") != "off"
     place_model(prepared, args, can_stream)
     return prepared
 
