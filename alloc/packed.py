@@ -110,8 +110,10 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
         packed[name] = MixedQuantLinear.from_quantized(q, bias) if isinstance(q, RowQuantized) \
             else QuantLinear.from_quantized(q, bias)
 
+    # RTN: the packed layers replace the fp ones, so their dequantized weights are never written back (that
+    # would turn a memory-mapped checkpoint's pages into private copies: one more model's worth of memory)
     quantize_model(model, units, plan, quantizer=quantizer, calibration=calibration, progress=progress, sink=pack,
-                   compute_device=compute_device)
+                   compute_device=compute_device, write_back=quantizer != "rtn")
     _pack_experts(model, units, packed)
     for u in units:
         if u.name not in packed or u.kind in EXPERT_KINDS:

@@ -65,12 +65,22 @@ def _expand(t: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:
     return t.repeat_interleave(g, dim=1)[:, :in_features]
 
 
+RTN_ROWS = 1024          # rows rounded at a time: float32 temporaries of a few rows, not of the whole matrix
+
+
 def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """Round-to-nearest, group-wise. ``W`` (out, in)."""
-    scale, zero = group_params(W, spec)
-    s, z = _expand(scale, spec, W.shape[1]), _expand(zero, spec, W.shape[1])
-    codes = torch.clamp(torch.round(W.float() / s) + z, 0, 2**spec.bits - 1).to(torch.int32)
-    return QuantizedWeight(codes, scale, zero, spec)
+    """Round-to-nearest, group-wise. ``W`` (out, in), any float dtype; rounded ``RTN_ROWS`` rows at a time
+    (groups never span rows), so a 70B-size matrix needs its int32 codes and little more."""
+    codes = torch.empty(W.shape, dtype=torch.int32, device=W.device)
+    scales, zeros = [], []
+    for r in range(0, W.shape[0], RTN_ROWS):
+        Wr = W[r:r + RTN_ROWS].float()
+        scale, zero = group_params(Wr, spec)
+        s, z = _expand(scale, spec, W.shape[1]), _expand(zero, spec, W.shape[1])
+        codes[r:r + RTN_ROWS] = torch.clamp(torch.round(Wr / s) + z, 0, 2**spec.bits - 1)
+        scales.append(scale)
+        zeros.append(zero)
+    return QuantizedWeight(codes, torch.cat(scales), torch.cat(zeros), spec)
 
 
 @dataclass

@@ -38,10 +38,12 @@ def set_unit_weights(model: nn.Module, units: Iterable[Unit], weights: dict[str,
 
 def quantize_model(model: nn.Module, units: list[Unit], plan: BitPlan, *, quantizer: str = "rtn",
                    calibration: torch.Tensor | None = None, batch_size: int = 8,
-                   progress: bool = True, sink=None, compute_device=None) -> dict[str, QuantizedWeight]:
+                   progress: bool = True, sink=None, compute_device=None,
+                   write_back: bool = True) -> dict[str, QuantizedWeight]:
     """Quantize every unit of ``plan`` in place; fp16 (bits=16) units are only rounded to fp16.
     ``compute_device``: the weights stay where they are (the host) and the work runs there (GPTQ: one
-    decoder block at a time, alloc/stream.py).
+    decoder block at a time, alloc/stream.py). ``write_back=False`` (RTN, for a packer that replaces the
+    layers anyway): the quantized weights are only handed out, the model's own are left as they are.
 
     Returns each unit's QuantizedWeight, or, with ``sink``, hands each to ``sink(unit name, q)`` as soon as it is
     made and keeps none (int32 codes take 4 bytes per weight: a packer turns them into bits at once)."""
@@ -50,7 +52,7 @@ def quantize_model(model: nn.Module, units: list[Unit], plan: BitPlan, *, quanti
     plan.check_units(units)
     out = _Sink(sink) if sink is not None else {}
     if quantizer == "rtn":
-        _rtn_model(model, units, plan, progress, out, compute_device)
+        _rtn_model(model, units, plan, progress, out, compute_device, write_back)
     elif calibration is None:
         raise BitallocError("GPTQ needs calibration text: pass --calib FILE (or calibration tokens)")
     else:
@@ -69,19 +71,20 @@ class _Sink(dict):
         self.fn(name, q)
 
 
-def _rtn_model(model, units, plan, progress, out, compute_device=None) -> None:
+def _rtn_model(model, units, plan, progress, out, compute_device=None, write_back=True) -> None:
     modules = dict(model.named_modules())
     for u in tqdm(units, desc="quantize (rtn)", leave=False, disable=not progress):
-        _quantize_unit(modules, u, plan.layers[u.name], rtn, out, plan.row_bits.get(u.name), compute_device)
+        _quantize_unit(modules, u, plan.layers[u.name], rtn, out, plan.row_bits.get(u.name), compute_device,
+                       write_back)
 
 
 def _quantize_unit(modules: dict[str, nn.Module], u: Unit, spec, method, out: dict[str, QuantizedWeight],
-                   row_bits=None, device=None) -> None:
-    """Write ``method(W, spec)``'s dequantized weight in ``u``'s place and record it in ``out`` (on the host);
-    fp16 units (bits=16) are only rounded to fp16 and not recorded. ``row_bits``: each output row at its own
-    width (RTN per width, or GPTQ with a per-row grid), recorded as a RowQuantized. ``device``: where to
-    compute (default: where the weight is)."""
-    W = unit_weight(modules, u).detach().to(device).float()
+                   row_bits=None, device=None, write_back=True) -> None:
+    """Write ``method(W, spec)``'s dequantized weight in ``u``'s place (unless ``write_back`` is off) and
+    record it in ``out`` (on the host); fp16 units (bits=16) are only rounded to fp16 and not recorded.
+    ``row_bits``: each output row at its own width (RTN per width, or GPTQ with a per-row grid), recorded as
+    a RowQuantized. ``device``: where to compute (default: where the weight is)."""
+    W = unit_weight(modules, u).detach().to(device)          # the quantizers take any float dtype
     if spec.is_float:
         set_unit_weight(modules, u, W.half().float())
         return
@@ -90,7 +93,8 @@ def _quantize_unit(modules: dict[str, nn.Module], u: Unit, spec, method, out: di
     else:
         q = method(W, spec)
     out[u.name] = q.to("cpu")
-    set_unit_weight(modules, u, q.dequantize())
+    if write_back:
+        set_unit_weight(modules, u, q.dequantize())
 
 
 def gptq_units(model, units, plan, run, progress, out) -> None:
