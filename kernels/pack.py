@@ -58,25 +58,39 @@ def packed_size_bits(out_features: int, in_features: int, bits: int, group_size:
     return codes + scales + zeros
 
 
+PACK_ROWS = 1024    # rows packed at a time: the int64 temporaries of a few rows, not of a 70B-size matrix
+
+
 def pack_last_dim(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., L) integer codes in [0, 2**bits) -> (..., ceil(L/32) * bits) int32 words. Pure torch."""
+    """(..., L) integer codes in [0, 2**bits) -> (..., ceil(L/32) * bits) int32 words. Pure torch, ``PACK_ROWS``
+    rows (of the flattened leading dimensions) at a time."""
     check_bits(bits)
     *lead, length = codes.shape
     blocks = math.ceil(length / BLOCK)
-    c = torch.zeros(*lead, blocks * BLOCK, dtype=torch.int64, device=codes.device)
-    c[..., :length] = codes.to(torch.int64)
-    c = c.view(*lead, blocks, BLOCK)
+    flat = codes.reshape(-1, length)
+    out = torch.empty(flat.shape[0], blocks * bits, dtype=torch.int32, device=codes.device)
+    for r in range(0, flat.shape[0], PACK_ROWS):
+        out[r:r + PACK_ROWS] = _pack_rows(flat[r:r + PACK_ROWS], bits, blocks)
+    return out.reshape(*lead, blocks * bits)
+
+
+def _pack_rows(codes: torch.Tensor, bits: int, blocks: int) -> torch.Tensor:
+    """(R, L) codes -> (R, blocks * bits) int32 words."""
+    rows, length = codes.shape
+    c = torch.zeros(rows, blocks * BLOCK, dtype=torch.int64, device=codes.device)
+    c[:, :length] = codes.to(torch.int64)
+    c = c.view(rows, blocks, BLOCK)
     words, shift = [], 0
     for w in PLANES[bits]:
-        plane = (c >> shift) & ((1 << w) - 1)                       # (..., blocks, 32)
+        plane = (c >> shift) & ((1 << w) - 1)                       # (R, blocks, 32)
         per_word = BLOCK // w
-        plane = plane.view(*lead, blocks, w, per_word)              # value i of word j = plane[j*per_word + i]
+        plane = plane.view(rows, blocks, w, per_word)               # value i of word j = plane[j*per_word + i]
         offsets = torch.arange(per_word, device=codes.device, dtype=torch.int64) * w
-        words.append((plane << offsets).sum(-1))                    # (..., blocks, w); disjoint bits: sum == or
+        words.append((plane << offsets).sum(-1))                    # (R, blocks, w); disjoint bits: sum == or
         shift += w
-    packed = torch.cat(words, dim=-1)                               # (..., blocks, bits)
+    packed = torch.cat(words, dim=-1)                               # (R, blocks, bits)
     packed = torch.where(packed >= 2**31, packed - 2**32, packed)   # reinterpret as signed int32
-    return packed.reshape(*lead, blocks * bits).to(torch.int32)
+    return packed.reshape(rows, blocks * bits).to(torch.int32)
 
 
 def unpack_last_dim(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:

@@ -36,3 +36,20 @@ def test_three_bit_layout_is_planar():
 def test_unsupported_width():
     with pytest.raises(ValueError, match="cannot store 7-bit"):
         pack_last_dim(torch.zeros(1, 32, dtype=torch.int32), 7)
+
+
+@pytest.mark.parametrize("bits", sorted(PLANES))
+def test_packing_and_rounding_in_row_chunks_change_nothing(bits, monkeypatch):
+    from bitalloc.kernels import pack
+    from bitalloc import quantize
+    from bitalloc.options import QuantSpec
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (10, 70), generator=gen, dtype=torch.int32)
+    W = torch.randn(10, 300, generator=gen, dtype=torch.bfloat16)
+    whole, q = pack.pack_last_dim(codes, bits), quantize.rtn(W, QuantSpec(bits, 128))
+    monkeypatch.setattr(pack, "PACK_ROWS", 3)
+    monkeypatch.setattr(quantize, "RTN_ROWS", 3)
+    chunked = pack.pack_last_dim(codes, bits)
+    assert torch.equal(chunked, whole) and torch.equal(pack.unpack_last_dim(chunked, bits, 70), codes)
+    q3 = quantize.rtn(W, QuantSpec(bits, 128))
+    assert torch.equal(q3.codes, q.codes) and torch.equal(q3.scales, q.scales) and torch.equal(q3.zeros, q.zeros)
