@@ -204,6 +204,6 @@ def with_fitness(prepared: Prepared, solver: str, settings: dict | None, max_win
     from .solvers.base import NEEDS_MODEL
     settings = dict(settings or {})
     if solver in NEEDS_MODEL and settings.get("fitness") is None:
-        from .fitness import KLFitness
-        settings["fitness"] = KLFitness(prepared, max_windows=max_windows)
+        from .fitness import make_fitness
+        settings["fitness"] = make_fitness(prepared, max_windows=max_windows)
     return settings

@@ -316,3 +316,34 @@ def test_gptq_with_weights_on_the_host_keeps_what_the_device_computed(family, mo
     assert all(torch.equal(codes[n], staged[n]) for n in codes)
     for (name, a), b in zip(prepared.model.state_dict().items(), staged_model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("family", ["llama3", "mixtral"])
+def test_streamed_kl_fitness_equals_the_whole_model_one(family):
+    from bitalloc.fitness import KLFitness, StreamedKLFitness
+    tokens = torch.randint(0, 8192, (5, 32), generator=torch.Generator().manual_seed(23))
+    prepared = prepare(zoo.tiny(family), calibration=tokens, include=("lm_head",) if family == "llama3" else ())
+    prepared.workload.batch_size = 2
+    before = {n: p.clone() for n, p in prepared.model.state_dict().items()}
+    streamed = StreamedKLFitness(prepared, max_windows=4)
+    whole = KLFitness(prepared, max_windows=4)
+    gen = torch.Generator().manual_seed(0)
+    for n_windows in (None, 3, 1):
+        choice = torch.randint(0, len(prepared.options), (len(prepared.units),), generator=gen)
+        b = streamed(choice, n_windows)
+        a = whole(choice, n_windows)
+        whole.restore()                  # the whole-model fitness leaves its plan loaded until restored
+        assert a > 0 and b == pytest.approx(a, rel=1e-6)
+    assert all(torch.equal(before[n], p) for n, p in prepared.model.state_dict().items())   # weights restored
+    assert streamed.evaluations == 3
+
+
+def test_the_search_solvers_stream_their_fitness_for_large_models(monkeypatch):
+    from bitalloc import fitness
+    from bitalloc.api import with_fitness
+    from bitalloc.sensitivity import base
+    tokens = torch.randint(0, 8192, (2, 16))
+    prepared = prepare(zoo.tiny("llama3"), calibration=tokens)
+    assert type(with_fitness(prepared, "evolutionary", {})["fitness"]) is fitness.KLFitness
+    monkeypatch.setattr(base, "STREAM_ABOVE_BYTES", 1000)
+    assert type(with_fitness(prepared, "evolutionary", {})["fitness"]) is fitness.StreamedKLFitness
