@@ -152,7 +152,7 @@ def _gptq_model(model, units, plan, calibration, batch_size, progress, out, comp
         for i, (name, _) in enumerate(tqdm(stream.blocks, desc="quantize (gptq)", leave=False, disable=not progress)):
             block_units = [u for u in units if stream.block_of(u) == i]
             with stream.block_on_device(i, keep=True):
-                def run_block():
+                def run_block(i=i, hidden=hidden):
                     for h, e in zip(hidden, extras):
                         stream.run_block(i, h.to(device), e)
                 gptq_units(model, block_units, plan, run_block, progress, out)
