@@ -19,11 +19,11 @@ from torch import nn
 from . import checks
 from .calibration import data_hash, read_text, windows
 from .errors import BitallocError
-from .model import load_model, model_info, parse_dtype
+from .models.loading import load_model, model_info, parse_dtype
+from .models.workload import make_workload
 from .options import QuantSpec, parse_options
 from .plan import BitPlan
 from .units import Unit, check_finite, find_units
-from .workload import make_workload
 
 DEFAULT_PROBE = "fisher"
 DEFAULT_SOLVER = "ilp"

@@ -149,7 +149,7 @@ class _GPTQChain:
         def run():
             for h, e in zip(self.hidden, self.extras):
                 self.stream.run_block(i, h.to(device), e)
-        gptq_units(self.model, units, self.plan, run, False, {})
+        gptq_units(self.model, units, self.plan, run, {})
         self.hidden = [self.stream.run_block(i, h.to(device), e).cpu() for h, e in zip(self.hidden, self.extras)]
 
     def quantize_head(self, modules: dict, units: list[Unit]) -> dict[str, torch.Tensor]:
@@ -160,7 +160,7 @@ class _GPTQChain:
             def run():
                 for h, b in zip(self.hidden, self.batches):
                     self.stream.rest(h.to(device), b)
-            gptq_units(self.model, units, self.plan, run, False, {})
+            gptq_units(self.model, units, self.plan, run, {})
             return {u.name: unit_weight(modules, u).detach().clone() for u in units}
 
 
@@ -169,11 +169,11 @@ def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, p
                     progress: bool = True, compute_device=None, quantizer: str = "rtn",
                     calibration: torch.Tensor | None = None) -> tuple[Scores, Scores]:
     """(fp, plan) scores of a causal LM with the plan's weights, one decoder block at a time
-    (alloc/stream.py): every window's hidden state is carried through each block twice, with the block's fp
+    (alloc/models/stream.py): every window's hidden state is carried through each block twice, with the block's fp
     weights and with its quantized ones (RTN, or GPTQ on ``calibration`` windows carried along as
     quantize_model does); only one block's weights are ever copied and no reference logits are stored (they
     take windows × tokens × vocab floats). Same numbers as the Evaluator."""
-    from .stream import BlockStream
+    from .models.stream import BlockStream
     stream = BlockStream(model, units, compute_device)
     modules = dict(model.named_modules())
     where = [stream.block_of(u) for u in units]

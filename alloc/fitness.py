@@ -76,14 +76,14 @@ class _Choice:
 
 
 class StreamedKLFitness:
-    """``KLFitness`` one decoder block at a time (alloc/stream.py), for models whose weights stay on the host
+    """``KLFitness`` one decoder block at a time (alloc/models/stream.py), for models whose weights stay on the host
     or whose fp copy would be large: each evaluation carries the windows' hidden states through every block
     with that block's units RTN-quantized by the plan (on the compute device when there is one; restored
     after), then takes the KL at the LM head against fp logits computed once. No copy of the model's weights
     is kept; each evaluation quantizes every unit again (no loaded-option cache)."""
 
     def __init__(self, prepared, *, max_windows: int | None = None):
-        from .stream import BlockStream
+        from .models.stream import BlockStream
         self.workload = prepared.workload
         if max_windows is not None:
             self.workload = self.workload.subset(max_windows)

@@ -80,7 +80,7 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
           compute_device: str | torch.device | None = None) -> nn.Module:
     """Quantize ``model`` by ``plan`` (a BitPlan or a plan JSON path) and replace each planned layer by a
     packed QuantLinear, in place. ``compute_device``: the weights stay on the host and the quantization runs
-    there (GPTQ one decoder block at a time, alloc/stream.py); the packed layers stay on the host.
+    there (GPTQ one decoder block at a time, alloc/models/stream.py); the packed layers stay on the host.
 
     Layers planned at 16 bits stay ordinary layers with fp16-rounded weights. Returns the model, which
     carries the plan as ``model.bitalloc_plan``."""

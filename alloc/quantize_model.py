@@ -14,10 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import BitallocError, BitallocWarning, few
-from .expert_inputs import expert_hessians
+from .models.expert_inputs import expert_hessians
+from .models.stream import BlockStream
 from .plan import BitPlan
 from .quantize import QuantizedWeight, gptq, rtn, rtn_rows
-from .stream import BlockStream
 from .units import EXPERT_KINDS, Unit, find_blocks, set_unit_weight, unit_weight
 
 QUANTIZERS = ("rtn", "gptq")
@@ -42,7 +42,7 @@ def quantize_model(model: nn.Module, units: list[Unit], plan: BitPlan, *, quanti
                    write_back: bool = True) -> dict[str, QuantizedWeight]:
     """Quantize every unit of ``plan`` in place; fp16 (bits=16) units are only rounded to fp16.
     ``compute_device``: the weights stay where they are (the host) and the work runs there (GPTQ: one
-    decoder block at a time, alloc/stream.py). ``write_back=False`` (RTN, for a packer that replaces the
+    decoder block at a time, alloc/models/stream.py). ``write_back=False`` (RTN, for a packer that replaces the
     layers anyway): the quantized weights are only handed out, the model's own are left as they are.
 
     Returns each unit's QuantizedWeight, or, with ``sink``, hands each to ``sink(unit name, q)`` as soon as it is
@@ -97,7 +97,7 @@ def _quantize_unit(modules: dict[str, nn.Module], u: Unit, spec, method, out: di
         set_unit_weight(modules, u, q.dequantize())
 
 
-def gptq_units(model, units, plan, run, progress, out) -> None:
+def gptq_units(model, units, plan, run, out) -> None:
     """Collect XᵀX for ``units`` with one pass of ``run()``, then GPTQ each of them in place (where its weight
     is: a block on the compute device), recording each QuantizedWeight in ``out``."""
     modules = dict(model.named_modules())
@@ -122,7 +122,7 @@ def gptq_units(model, units, plan, run, progress, out) -> None:
         warnings.warn(f"GPTQ rounds {len(unreached)} MoE expert unit(s) to nearest (RTN): their inputs were not seen "
                       f"({few(unreached)}): no calibration token "
                       "reached them, or the experts module multiplies by its expert slices in a way "
-                      "alloc/expert_inputs.py does not catch (F.linear or x @ W per expert)", BitallocWarning, stacklevel=4)
+                      "alloc/models/expert_inputs.py does not catch (F.linear or x @ W per expert)", BitallocWarning, stacklevel=4)
     for u in units:
         # embeddings and experts no calibration token reached are rounded to nearest
         method = rtn if u.name not in H else (lambda W, spec, H=H[u.name], **kw: gptq(W, H, spec, **kw))
@@ -130,7 +130,7 @@ def gptq_units(model, units, plan, run, progress, out) -> None:
 
 
 def _gptq_model(model, units, plan, calibration, batch_size, progress, out, compute_device=None) -> None:
-    """GPTQ block by block (alloc/stream.py): each block's XᵀX is collected on the hidden states that went
+    """GPTQ block by block (alloc/models/stream.py): each block's XᵀX is collected on the hidden states that went
     through the already-quantized blocks before it, its units are quantized where the block sits (the compute
     device when the weights stay on the host: the quantized weights then replace the host ones), and its
     quantized outputs feed the next block. Units after the blocks (an LM head) see the last block's output."""
@@ -139,7 +139,7 @@ def _gptq_model(model, units, plan, calibration, batch_size, progress, out, comp
         def run_model():
             for b in batches:
                 model(input_ids=b.to(next(model.parameters()).device), use_cache=False)
-        gptq_units(model, units, plan, run_model, progress, out)
+        gptq_units(model, units, plan, run_model, out)
         return
     stream = BlockStream(model, units, compute_device)
     device = stream.device
@@ -155,7 +155,7 @@ def _gptq_model(model, units, plan, calibration, batch_size, progress, out, comp
                 def run_block(i=i, hidden=hidden):
                     for h, e in zip(hidden, extras):
                         stream.run_block(i, h.to(device), e)
-                gptq_units(model, block_units, plan, run_block, progress, out)
+                gptq_units(model, block_units, plan, run_block, out)
                 with torch.no_grad():       # the quantized block's outputs feed the next block
                     hidden = [stream.run_block(i, h.to(device), e).cpu() for h, e in zip(hidden, extras)]
         rest = [u for u in units if stream.block_of(u) is None]
@@ -163,4 +163,4 @@ def _gptq_model(model, units, plan, calibration, batch_size, progress, out, comp
             def run_rest():
                 for h, b in zip(hidden, batches):
                     stream.rest(h.to(device), b)
-            gptq_units(model, rest, plan, run_rest, progress, out)
+            gptq_units(model, rest, plan, run_rest, out)

@@ -120,7 +120,7 @@ def main() -> None:
     if args.child:
         args.stage = args.child
         return child(args)
-    from bitalloc.zoo import LLAMA_3_1_8B, LLAMA_3_1_70B
+    from bitalloc.models.zoo import LLAMA_3_1_8B, LLAMA_3_1_70B
     C = LLAMA_3_1_70B if args.shape == "70b" else LLAMA_3_1_8B
     full_depth = C["num_hidden_layers"]
     work = Path(args.work)

@@ -1,6 +1,6 @@
 """The Probe interface and the Workload it runs against.
 
-A probe never sees Hugging Face: it gets a Workload (alloc/workload.py builds one for causal LMs and
+A probe never sees Hugging Face: it gets a Workload (alloc/models/workload.py builds one for causal LMs and
 encoders) that can run calibration batches and give a loss, and returns a SensitivityTable whose cost[u, o]
 approximates the loss increase when unit u alone is stored as option o.
 """
@@ -44,7 +44,7 @@ class Workload(Protocol):
         """Mean divergence of ``output`` from the full-precision ``reference`` (KL for LMs)."""
 
     # Optional, for block-streamed probes (streamed.py, output_error.py):
-    #   stream(units)                  the model as decoder blocks (alloc/stream.py: inputs, run_block, logits)
+    #   stream(units)                  the model as decoder blocks (alloc/models/stream.py: inputs, run_block, logits)
     #   loss_from_logits(logits, b)    the loss of given logits
     #   compute_device                 set when the weights stay on the host and blocks visit this device
 
@@ -55,7 +55,7 @@ class Probe(ABC):
     name: ClassVar[str]
     needs_grad: ClassVar[bool] = False
     # Probes whose table is a mean over calibration samples name the meta field counting them: under
-    # torchrun each rank measures its share and the tables are summed with these weights (alloc/distributed.py).
+    # torchrun each rank measures its share and the tables are summed with these weights (alloc/models/distributed.py).
     samples_meta: ClassVar[str | None] = None
     gives_rows: ClassVar[bool] = False      # the table carries per-row costs (for --granularity row)
 
@@ -160,7 +160,7 @@ def check_stream_mode(mode: str) -> None:
 
 
 def streams(workload: Workload, units: list[Unit], mode: str) -> bool:
-    """Whether a probe runs one decoder block at a time (alloc/stream.py): ``on``/``off`` as asked; ``auto``
+    """Whether a probe runs one decoder block at a time (alloc/models/stream.py): ``on``/``off`` as asked; ``auto``
     when the weights stay on the host (a compute device is set) or when the whole-model path's per-unit
     state (fp32 Fisher + gradients, or XᵀX) would pass 1 GiB and the model has decoder blocks."""
     from ..units import find_blocks

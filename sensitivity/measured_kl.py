@@ -5,7 +5,7 @@ Slow by nature (units × options forward passes over ``n_windows``); its table i
 For encoders the divergence is 1 − cosine of the sentence embeddings.
 
 Streamed (``stream="on"``, or ``auto`` when the weights stay on the host or the model is large): one decoder
-block at a time (alloc/stream.py). The fp hidden state entering block b is computed once; each unit of block
+block at a time (alloc/models/stream.py). The fp hidden state entering block b is computed once; each unit of block
 b is quantized in turn and block b run on that state, giving one perturbed state per unit × option; those
 states then visit blocks b+1 … L−1 together (each block is put on the compute device once per group, not
 once per unit × option) and end in the LM head, where their KL to the fp logits is taken. Same windows,

@@ -65,7 +65,7 @@ def collect_hessians(workload: Workload, units: list[Unit], *, desc: str = "coll
 
 def streamed_output_error(workload: Workload, units: list[Unit], options: list[QuantSpec],
                           desc: str = "output_error (streamed)") -> tuple[torch.Tensor, int]:
-    """The output_error table one decoder block at a time (alloc/stream.py): H of one block's units at a
+    """The output_error table one decoder block at a time (alloc/models/stream.py): H of one block's units at a
     time, reduced to their cost rows before the next block; only the current boundary activations are kept."""
     stream = workload.stream(units)
     modules = modules_by_name(workload.model, units)

@@ -48,7 +48,7 @@ def block_importance(workload: Workload, units: list[Unit]) -> dict[str, float]:
 
 @torch.no_grad()
 def streamed_block_importance(workload: Workload, units: list[Unit]) -> dict[str, float]:
-    """``block_importance`` one decoder block at a time (alloc/stream.py): the same cosines, taken between
+    """``block_importance`` one decoder block at a time (alloc/models/stream.py): the same cosines, taken between
     the hidden state entering each block and the one leaving it."""
     stream = workload.stream(units)
     importance = {}

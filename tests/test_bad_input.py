@@ -205,7 +205,7 @@ def test_cli_bad_input(argv, mentions, ctx, capsys, monkeypatch):
 
 def _api_cases():
     import bitalloc
-    from bitalloc.model import load_model
+    from bitalloc.models.loading import load_model
     from bitalloc.plan import BitPlan
 
     def with_model(ctx, fn):

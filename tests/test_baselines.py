@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from bitalloc.baselines import PRESETS, ggml_type, llama_cpp_plan, more_bits
+from bitalloc.reporting.baselines import PRESETS, ggml_type, llama_cpp_plan, more_bits
 from bitalloc.cli import main
 from bitalloc.errors import BitallocWarning
 from bitalloc.options import QuantSpec

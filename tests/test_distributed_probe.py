@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bitalloc.distributed import check_agreement, shard
+from bitalloc.models.distributed import check_agreement, shard
 from bitalloc.errors import BitallocError
 
 

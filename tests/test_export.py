@@ -69,7 +69,7 @@ def test_compressed_tensors_validates_with_its_own_model():
 
 
 def test_llama_cpp_maps_every_layer_of_refllama():
-    from bitalloc.model import DEFAULT_MODEL, load_model
+    from bitalloc.models.loading import DEFAULT_MODEL, load_model
     from bitalloc.units import find_units
     model, _, _ = load_model(DEFAULT_MODEL)
     units = find_units(model, include=("lm_head",))
@@ -145,7 +145,7 @@ def test_sweep_and_report(tiny_llama_dir, calib_file, tmp_path, capsys):
 def _moe_plan(experts: str, seed: int = 0):
     import random
 
-    from bitalloc import zoo
+    from bitalloc.models import zoo
     from bitalloc.units import find_units
     rng = random.Random(seed)
     units = find_units(zoo.tiny("qwen2_moe"), experts=experts)

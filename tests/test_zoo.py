@@ -1,4 +1,4 @@
-"""Every family of the local model zoo (alloc/zoo.py): units cover every matrix weight of the decoder,
+"""Every family of the local model zoo (alloc/models/zoo.py): units cover every matrix weight of the decoder,
 MoE experts are units (per expert or per layer), and apply -> save -> load reproduces the fake-quantized
 logits exactly."""
 import copy
@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from bitalloc import BitallocError, zoo
+from bitalloc import BitallocError
+from bitalloc.models import zoo
 from bitalloc.options import QuantSpec
 from bitalloc.packed import apply, checkpoint_report, load, save
 from bitalloc.plan import BitPlan
@@ -166,7 +167,7 @@ def test_gptq_sees_what_each_transposed_gpt_oss_expert_reads():
     import warnings
 
     from bitalloc.api import prepare
-    from bitalloc.expert_inputs import expert_hessians
+    from bitalloc.models.expert_inputs import expert_hessians
     from bitalloc.quantize import rtn
     from bitalloc.units import EXPERT_KINDS, unit_weight
     tokens = torch.randint(0, 8192, (4, 32), generator=torch.Generator().manual_seed(0))

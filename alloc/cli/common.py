@@ -91,7 +91,7 @@ def check_model_args(args) -> None:
     from ..options import parse_options
     from ..sensitivity.base import PROBES
     if getattr(args, "model", None):
-        from ..model import check_model_folder
+        from ..models.loading import check_model_folder
         check_model_folder(args.model)
     if getattr(args, "calib", None):
         checks.input_file(args.calib, "--calib", "UTF-8 text file")
@@ -142,7 +142,7 @@ def place_model(prepared, args, can_stream: bool) -> None:
     with --stream on, or (auto) when the model takes more than 80 % of the GPU's free memory."""
     import torch
 
-    from ..distributed import local_device
+    from ..models.distributed import local_device
     device = local_device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BitallocError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")

@@ -67,7 +67,7 @@ def cmd_sweep(args) -> None:
     entries += [(_row("uniform", o.label(), p), p) for o, p in zip(table.options, uniform)]
     pairs = []                 # (baseline row, the plan solved at the baseline's own true bpw)
     if args.baselines:
-        from ..baselines import baseline_plans
+        from ..reporting.baselines import baseline_plans
         for name, base in baseline_plans(args.baselines, table, getattr(prepared.model, "config", None)):
             mine = plan_at(base.true_bpw if not args.nominal else base.nominal_bpw)
             pairs.append(((_row(args.baselines, name, base), base), (_row("plan", f"={name}", mine), mine)))
@@ -94,7 +94,7 @@ def cmd_sweep(args) -> None:
         w.writerows(rows)
     _print_sweep(rows, tokens, [(b, m) for (b, _), (m, _) in pairs])
     if args.eval:
-        from ..plots import pareto_plot
+        from ..reporting.plots import pareto_plot
         pareto_plot([r for r in rows if r["kind"] == "plan"], [r for r in rows if r["kind"] == "uniform"],
                     out / "pareto.png", fp=fp, baselines=[r for r in rows if r["kind"] == args.baselines],
                     title=f"{prepared.info['id']}: {len(tokens)} windows × {tokens.shape[1]} tokens, RTN")

@@ -48,7 +48,7 @@ def _evaluate_plans(args, prepared, table, plan) -> None:
     uniform = solve(table, args.budget, "uniform", count_overhead=not args.nominal)
     plans = [("plan", plan), (f"uniform {next(iter(uniform.layers.values())).label()}", uniform)]
     if args.baselines:
-        from ..baselines import baseline_plans
+        from ..reporting.baselines import baseline_plans
         plans += [(f"llama.cpp {name}", p) for name, p in baseline_plans(args.baselines, table, getattr(prepared.model, "config", None))]
     rows = score_plans(prepared, tokens, plans, args.quantizer, getattr(args, "stream", "auto"))
     print()
@@ -60,7 +60,7 @@ def _evaluate_plans(args, prepared, table, plan) -> None:
 
 def cmd_probe(args) -> None:
     from ..api import measure
-    from ..distributed import world
+    from ..models.distributed import world
     checks.output_file(args.out)
     check_model_args(args)
     rank, size = world()
@@ -69,7 +69,7 @@ def cmd_probe(args) -> None:
         print_calibration(prepared, args)
     t0 = time.time()
     if size > 1:                 # under torchrun: every rank measures its share, rank 0 writes
-        from ..distributed import init, measure_distributed
+        from ..models.distributed import init, measure_distributed
         init(str(next(prepared.model.parameters()).device))
         table = measure_distributed(prepared, args.probe, probe_settings(args), cache=not args.no_cache)
         if rank != 0:

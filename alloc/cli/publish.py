@@ -24,7 +24,7 @@ def cmd_report(args) -> None:
 
     from ..files import atomic_path, atomic_write_text
     from ..plan import BitPlan
-    from ..report import charts, render, render_markdown
+    from ..reporting.report import charts, render, render_markdown
     from ..sensitivity.table import SensitivityTable
     checks.require("matplotlib", "plots", "bitalloc report")
     checks.input_file(args.plan, "plan", "plan JSON")

@@ -16,7 +16,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .units import EXPERT_KINDS, Unit
+from ..units import EXPERT_KINDS, Unit
 
 
 @contextlib.contextmanager

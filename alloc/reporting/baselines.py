@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import re
 
-from .errors import BitallocError
-from .export import gguf_names
-from .plan import BitPlan
-from .units import EXPERT_KINDS
+from ..errors import BitallocError
+from ..export import gguf_names
+from ..plan import BitPlan
+from ..units import EXPERT_KINDS
 
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M")
 GGML_WIDTH = {"q2_K": 2, "q3_K": 3, "q4_K": 4, "q5_K": 5, "q6_K": 6, "q8_0": 8}

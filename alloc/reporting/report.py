@@ -9,7 +9,7 @@ import html
 import tempfile
 from pathlib import Path
 
-from .plan import BitPlan
+from ..plan import BitPlan
 
 
 def charts(plan: BitPlan, table=None) -> dict[str, bytes]:

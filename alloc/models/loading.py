@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import BitallocError
+from ..errors import BitallocError
 
 # The default model ships inside the package (package data), so a plain `pip install` finds it.
-DEFAULT_MODEL = Path(__file__).resolve().parent / "model-data" / "refllama-s"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "model-data" / "refllama-s"
 
 
 def default_model_path() -> Path:

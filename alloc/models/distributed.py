@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import torch
 
-from .errors import BitallocError
+from ..errors import BitallocError
 
 
 def world() -> tuple[int, int]:
@@ -59,9 +59,9 @@ def measure_distributed(prepared, probe: str, settings: dict | None, cache: bool
     """The probe's table over all ranks' windows: the table on rank 0, None elsewhere."""
     import torch.distributed as dist
 
-    from .api import cache_dir, table_key
-    from .calibration import data_hash
-    from .sensitivity import SensitivityTable, get_probe
+    from ..api import cache_dir, table_key
+    from ..calibration import data_hash
+    from ..sensitivity import SensitivityTable, get_probe
     rank, size = dist.get_rank(), dist.get_world_size()
     probe_obj = get_probe(probe, **(settings or {}))
     if probe_obj.samples_meta is None:

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import BitallocError
+from ..errors import BitallocError
 
 if TYPE_CHECKING:
     from .stream import BlockStream
 
 
 class CausalLMWorkload:
-    can_stream = True           # block streaming (alloc/stream.py) needs the LM head after the blocks
+    can_stream = True           # block streaming (alloc/models/stream.py) needs the LM head after the blocks
     def __init__(self, model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 8,
                  compute_device: str | torch.device | None = None):
         self.model = model
@@ -57,7 +57,7 @@ class CausalLMWorkload:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
     def stream(self, units) -> "BlockStream":
-        """The model as a sequence of decoder blocks (alloc/stream.py), for block-streamed probes."""
+        """The model as a sequence of decoder blocks (alloc/models/stream.py), for block-streamed probes."""
         from .stream import BlockStream
         return BlockStream(self.model, units, self.compute_device)
 

@@ -12,6 +12,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def _split(name: str) -> tuple[str, str]:
     """("layer index", "projection") of a module name, e.g. model.layers.3.mlp.up_proj -> ("3", "mlp.up_proj")."""
     m = re.search(r"\.(\d+)\.(.+)$", name)
@@ -45,10 +52,7 @@ def bits_heatmap(plan, path: str | Path) -> Path:
     budget = f", budget {plan.budget_bits:g}" if plan.budget_bits is not None else ""
     ax.set_title(f"bits per layer ({plan.solver}{budget}, true {plan.true_bpw:.4f} bpw)")
     fig.colorbar(im, ax=ax, label="true bits/weight")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def row_width_bars(plan, path: str | Path) -> Path:
@@ -69,10 +73,7 @@ def row_width_bars(plan, path: str | Path) -> Path:
     ax.set_xlabel("share of the layer's output rows")
     ax.set_title(f"widths inside each layer ({plan.solver}, true {plan.true_bpw:.4f} bpw)")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def cost_heatmap(table, path: str | Path) -> Path:
@@ -89,10 +90,7 @@ def cost_heatmap(table, path: str | Path) -> Path:
     ax.set_title(f"{what} per unit and format")
     ax.set_xlabel("format")
     fig.colorbar(im, ax=ax, label="log10 cost (estimated loss increase)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def pareto_plot(points: list[dict], uniform: list[dict], path: str | Path, fp: float | None = None,
@@ -125,7 +123,4 @@ def pareto_plot(points: list[dict], uniform: list[dict], path: str | Path, fp: f
     ax.set_ylabel("perplexity (log scale)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)

@@ -27,8 +27,8 @@ import itertools
 import torch
 from torch import nn
 
-from .errors import BitallocError
-from .units import Unit, find_blocks
+from ..errors import BitallocError
+from ..units import Unit, find_blocks
 
 
 class _Stop(Exception):
