@@ -67,7 +67,7 @@ class Unit:
         return {k: (list(v) if k == "shape" else v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Unit":
+    def from_json(cls, d: dict) -> Unit:
         return cls(**{**d, "shape": tuple(d["shape"])})
 
 
@@ -275,8 +275,17 @@ def find_blocks(model: nn.Module, units: list[Unit]) -> list[tuple[str, nn.Modul
     return best
 
 
+SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
 def check_finite(model: nn.Module, units: list[Unit]) -> None:
+    """Every unit's weight is a float the quantizers and kernels take (bf16, fp16, fp32, fp64) with no NaN/Inf."""
     modules = dict(model.named_modules())
     for unit in units:
-        if not torch.isfinite(unit_weight(modules, unit)).all():
+        W = unit_weight(modules, unit)
+        if W.dtype not in SOURCE_DTYPES:
+            raise BitallocError(f"layer {unit.name!r} holds {str(W.dtype).removeprefix('torch.')} weights: bitalloc "
+                                "quantizes from bf16, fp16 or fp32 weights; convert the model first "
+                                "(model.to(torch.bfloat16), or a bf16 checkpoint)")
+        if not torch.isfinite(W).all():
             raise BitallocError(f"layer {unit.name!r} has NaN or Inf weights: fix or re-export the checkpoint first")

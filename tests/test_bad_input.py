@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
 
@@ -203,6 +202,15 @@ def test_cli_bad_input(argv, mentions, ctx, capsys, monkeypatch):
     assert _files(ctx["d"]) == before, "a file was left behind"
 
 
+def _float8_model():
+    """A tiny Llama whose first MLP holds float8 weights: no quantizer or kernel takes them."""
+    from bitalloc.models import zoo
+    model = zoo.tiny("llama3")
+    up = model.model.layers[0].mlp.up_proj
+    up.weight = torch.nn.Parameter(up.weight.data.to(torch.float8_e4m3fn), requires_grad=False)
+    return model
+
+
 def _api_cases():
     import bitalloc
     from bitalloc.models.loading import load_model
@@ -225,6 +233,9 @@ def _api_cases():
         ("solver-unknown", lambda c: bitalloc.allocate(c["model"], 3.2, solver="magic"), "unknown solver"),
         ("dtype-unknown", lambda c: bitalloc.allocate(c["model"], 3.2, dtype="int8"), "unknown dtype"),
         ("experts-unknown", lambda c: bitalloc.allocate(c["model"], 3.2, experts="some", **small), "experts"),
+        ("dtype-float8", lambda c: bitalloc.allocate(c["model"], 3.2, dtype=torch.float8_e4m3fn), "unknown dtype"),
+        ("weights-float8", lambda c: bitalloc.allocate(_float8_model(), 3.2, calibration=torch.zeros(2, 16).long()),
+         "float8_e4m3fn weights"),
         ("model-missing", lambda c: bitalloc.allocate(str(c["d"] / "nothere"), 3.2), "does not exist"),
         ("model-wrong-type", lambda c: bitalloc.allocate(42, 3.2), "nn.Module"),
         ("options-garbled", lambda c: bitalloc.allocate(c["model"], 3.2, options="2,x", **small), "not understood"),
