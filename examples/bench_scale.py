@@ -1,14 +1,15 @@
-"""Memory and time at real width: Llama-3.1-8B- or 70B-shaped models (public config values, random weights,
-bf16, built locally) cut to a few decoder layers. Each depth runs two processes, as a user would:
+"""Memory and time at real width: Llama-3.1-8B-, 70B- or Mixtral-8x7B-shaped models (public config values, random
+weights, bf16, built locally) cut to a few decoder layers. Each depth runs two processes, as a user would:
 
     allocate   load -> fisher probe (block-streamed when large) -> ilp solve   (--n-windows 4 --seq-len 256)
     apply      load -> RTN quantize by the plan -> pack -> save safetensors
 
 and reports each stage's wall time and the process's peak RSS after it, against the bf16 weight bytes; then
-the per-added-layer slope (least squares over the depths) and the extrapolation to 32 and 80 layers.
+the per-added-layer slope (least squares over the depths) and the extrapolation to the model's full depth.
 
     python examples/bench_scale.py --work /tmp/scale --depths 1,2,4
-    python examples/bench_scale.py --work /tmp/scale --shape 70b --depths 1,2
+    python examples/bench_scale.py --work /tmp/scale70 --shape 70b --depths 1,2
+    python examples/bench_scale.py --work /tmp/scalemoe --shape mixtral --depths 1,2
 """
 from __future__ import annotations
 
@@ -26,18 +27,47 @@ TOKENIZER = REPO / "alloc" / "model-data" / "refllama-s"
 GB = 1e9
 
 
-def build(config: dict, depth: int, folder: Path) -> None:
-    """A random-init bf16 model of ``config``'s shape with ``depth`` layers (refllama-s's tokenizer)."""
+def build(shape: str, depth: int, folder: Path) -> None:
+    """A random-init bf16 model of ``shape`` with ``depth`` layers (refllama-s's tokenizer)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     if (folder / "config.json").is_file():
         return
+    _, config_class, model_class, config = SHAPES[shape]
     torch.set_default_dtype(torch.bfloat16)
-    model = LlamaForCausalLM(LlamaConfig(**{**config, "num_hidden_layers": depth}, dtype="bfloat16"))
+    cfg = getattr(transformers, config_class)(**{**config(), "num_hidden_layers": depth}, dtype="bfloat16")
+    model = getattr(transformers, model_class)(cfg)
+    with torch.no_grad():
+        for p in model.parameters():          # expert tensors may be left uninitialised: make them random
+            if p.dim() == 3:
+                p.normal_(0, 0.02)
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER / name, folder / name)
+
+
+def _zoo(name: str):
+    from bitalloc.models import zoo
+    return lambda: getattr(zoo, name)
+
+
+# --shape -> (folder prefix, transformers config class, model class, config values from the zoo)
+SHAPES = {"8b": ("llama31-8b", "LlamaConfig", "LlamaForCausalLM", _zoo("LLAMA_3_1_8B")),
+          "70b": ("llama31-70b", "LlamaConfig", "LlamaForCausalLM", _zoo("LLAMA_3_1_70B")),
+          "mixtral": ("mixtral-8x7b", "MixtralConfig", "MixtralForCausalLM", _zoo("MIXTRAL_8X7B"))}
+
+
+def layer_sizes(C: dict) -> tuple[int, int]:
+    """(bf16 bytes of one decoder layer's matrices, fp32 bytes of the XᵀX GPTQ keeps for them): attention plus
+    the dense MLP, or every expert's MLP and the router."""
+    H, I = C["hidden_size"], C["intermediate_size"]
+    kv = H * C["num_key_value_heads"] // C["num_attention_heads"]
+    E = C.get("num_local_experts", 0)
+    attention = 2 * H * H + 2 * H * kv
+    if E:
+        return 2 * (attention + E * 3 * H * I + H * E), 4 * (2 * H * H + E * (H * H + I * I))
+    return 2 * (attention + 3 * H * I), 4 * (3 * H * H + I * I)   # XᵀX: q/k/v share one, o, gate/up, down
 
 
 def _peak() -> float:
@@ -93,12 +123,11 @@ def run_stage(stage: str, folder: Path, work: Path) -> dict:
     return json.loads(line[0][7:])
 
 
-def print_device_estimate(C: dict, layer_bytes: int, rest_bytes: int) -> None:
+def print_device_estimate(C: dict, layer_bytes: int, hessians: int, rest_bytes: int) -> None:
     """GPU memory with the weights on the host (blocks streamed): an estimate from the shapes, not a
     measurement (this benchmark's figures above are host RSS)."""
     H, I = C["hidden_size"], C["intermediate_size"]
     fisher = rest_bytes + layer_bytes + 2 * layer_bytes            # resident + one block + its fp32 F
-    hessians = 4 * (3 * H * H + I * I)                             # fp32 XᵀX: q/k/v share one, o, gate/up, down
     gptq = rest_bytes + layer_bytes + hessians + 3 * 4 * max(H, I) ** 2   # + Cholesky/inverse of the largest
     print(f"\nestimated GPU memory with the weights on the host, full depth ({C['num_hidden_layers']} layers; "
           f"shapes only, not measured): fisher probe {fisher / GB:.1f} GB (embeddings + head resident "
@@ -111,7 +140,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/bitalloc-scale", help="folder for the models, plans and checkpoints")
     p.add_argument("--depths", default="1,2,4")
-    p.add_argument("--shape", default="8b", choices=["8b", "70b"], help="Llama-3.1-8B or -70B config values")
+    p.add_argument("--shape", default="8b", choices=list(SHAPES),
+                   help="Llama-3.1-8B, Llama-3.1-70B or Mixtral-8x7B config values")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
@@ -120,18 +150,16 @@ def main() -> None:
     if args.child:
         args.stage = args.child
         return child(args)
-    from bitalloc.models.zoo import LLAMA_3_1_8B, LLAMA_3_1_70B
-    C = LLAMA_3_1_70B if args.shape == "70b" else LLAMA_3_1_8B
+    C = SHAPES[args.shape][3]()
     full_depth = C["num_hidden_layers"]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    H, I, kv = C["hidden_size"], C["intermediate_size"], C["hidden_size"] * C["num_key_value_heads"] // C["num_attention_heads"]
-    layer_bytes = 2 * (2 * H * H + 2 * H * kv + 3 * H * I)
-    rest_bytes = 2 * 2 * C["vocab_size"] * H
+    layer_bytes, hessians = layer_sizes(C)
+    rest_bytes = 2 * 2 * C["vocab_size"] * C["hidden_size"]
     rows = []
     for depth in [int(d) for d in args.depths.split(",")]:
-        folder = work / f"llama31-{args.shape}-{depth}L"
-        build(C, depth, folder)
+        folder = work / f"{SHAPES[args.shape][0]}-{depth}L"
+        build(args.shape, depth, folder)
         a = run_stage("allocate", folder, work)
         b = run_stage("apply", folder, work)
         rows.append((depth, a, b))
@@ -140,7 +168,7 @@ def main() -> None:
         print(f"  {'stage':<14} {'wall s':>8} {'peak RSS GB':>12} {'× weights':>10}")
         for name, (sec, peak) in [*((k, v) for k, v in a.items() if k != "streamed"), *b.items()]:
             print(f"  {name:<14} {sec:>8.1f} {peak:>12.2f} {peak / weights:>10.2f}")
-    print_device_estimate(C, layer_bytes, rest_bytes)
+    print_device_estimate(C, layer_bytes, hessians, rest_bytes)
     if len(rows) > 1:
         xs = [d for d, _, _ in rows]
         print(f"\nper added layer (least squares over depths {xs}); one layer is {layer_bytes / GB:.3f} GB in bf16")

@@ -1,8 +1,8 @@
 """A zoo of model families built locally from transformers config classes, random weights, no downloads.
 
 ``tiny(family)`` gives a few-million-parameter model of that family's architecture (what the tests run);
-``LLAMA_3_1_8B`` and ``LLAMA_3_1_70B`` hold the public config values of Llama-3.1-8B/70B for memory and time benchmarks at real
-width (examples/bench_scale.py cuts it to a few layers). Random weights: right for memory, time and
+``LLAMA_3_1_8B``, ``LLAMA_3_1_70B`` and ``MIXTRAL_8X7B`` hold the public config values of Llama-3.1-8B/70B and
+Mixtral-8x7B for memory and time benchmarks at real width (examples/bench_scale.py cuts it to a few layers). Random weights: right for memory, time and
 coverage, not for quality.
 """
 from __future__ import annotations
@@ -17,6 +17,13 @@ LLAMA_3_1_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336
 # Public Llama-3.1-70B config values (hidden 8192, MLP 28672, 80 layers, 64 heads / 8 KV heads, vocab 128256).
 LLAMA_3_1_70B = dict(LLAMA_3_1_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                      num_attention_heads=64, num_key_value_heads=8)
+
+# Public Mixtral-8x7B config values (hidden 4096, expert MLP 14336, 8 experts / 2 per token, 32 heads / 8 KV heads,
+# vocab 32000).
+MIXTRAL_8X7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                    num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5,
+                    tie_word_embeddings=False)
 
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256)
