@@ -12,9 +12,8 @@ import copy
 import tempfile
 from pathlib import Path
 
-import torch
-
 import bitalloc
+import torch
 from bitalloc.models import zoo
 from bitalloc.packed import load, save
 from bitalloc.quantize_model import quantize_model
