@@ -9,7 +9,7 @@ block at a time (alloc/models/stream.py). The fp hidden state entering block b i
 b is quantized in turn and block b run on that state, giving one perturbed state per unit × option; those
 states then visit blocks b+1 … L−1 together (each block is put on the compute device once per group, not
 once per unit × option) and end in the LM head, where their KL to the fp logits is taken. Same windows,
-same batches of 4, same operations: the table equals the whole-model one (tests/test_streaming.py). The
+same batches of 4, same operations: the table equals the whole-model one (tests/scale/test_streaming.py). The
 perturbed states of a group are capped at ``STATE_BYTES`` on the host; a block with more units × options
 (MoE experts) is done in several groups.
 """

@@ -10,7 +10,7 @@ gradients and statistics in memory instead of the whole model's.
        rows of the cost table before moving on
 
 Chain rule, same micro-batches, same order of additions per parameter: the table equals the whole-model
-one up to floating-point reassociation (tests/test_streaming.py holds it to 1e-4 relative).
+one up to floating-point reassociation (tests/scale/test_streaming.py holds it to 1e-4 relative).
 """
 from __future__ import annotations
 

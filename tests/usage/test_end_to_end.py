@@ -6,7 +6,7 @@ from bitalloc import allocate, api
 from bitalloc.evaluate import Evaluator
 from bitalloc.quantize_model import quantize_model, set_unit_weights, unit_weights
 
-from .conftest import REFLLAMA
+from ..conftest import REFLLAMA
 
 
 @pytest.fixture(scope="module")
