@@ -285,7 +285,7 @@ def check_finite(model: nn.Module, units: list[Unit]) -> None:
         W = unit_weight(modules, unit)
         if W.dtype not in SOURCE_DTYPES:
             raise BitallocError(f"layer {unit.name!r} holds {str(W.dtype).removeprefix('torch.')} weights: bitalloc "
-                                "quantizes from bf16, fp16 or fp32 weights; convert the model first "
+                                "quantizes from bf16, fp16, fp32 or fp64 weights; convert the model first "
                                 "(model.to(torch.bfloat16), or a bf16 checkpoint)")
         if not torch.isfinite(W).all():
             raise BitallocError(f"layer {unit.name!r} has NaN or Inf weights: fix or re-export the checkpoint first")

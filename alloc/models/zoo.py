@@ -2,8 +2,8 @@
 
 ``tiny(family)`` gives a few-million-parameter model of that family's architecture (what the tests run);
 ``LLAMA_3_1_8B``, ``LLAMA_3_1_70B`` and ``MIXTRAL_8X7B`` hold the public config values of Llama-3.1-8B/70B and
-Mixtral-8x7B for memory and time benchmarks at real width (examples/bench_scale.py cuts it to a few layers). Random weights: right for memory, time and
-coverage, not for quality.
+Mixtral-8x7B for memory and time benchmarks at real width (examples/bench_scale.py cuts them to a few layers).
+Random weights: right for memory, time and coverage, not for quality.
 """
 from __future__ import annotations
 
