@@ -103,6 +103,8 @@ CLI_CASES = [
     ("eval-file-missing", [*ALLOC, "--eval", P("nothere.txt"), "--budget", "3", "--out", P("work/p.json")],
      "does not exist"),
     ("dtype-unknown", [*ALLOC, "--dtype", "int8", "--budget", "3", "--out", P("work/p.json")], "invalid choice"),
+    ("experts-on-dense", [*ALLOC, "--experts", "per-layer", "--budget", "3", "--out", P("work/p.json")],
+     "no MoE experts"),
     ("stream-garbled", [*ALLOC, "--probe", "block_similarity", "--stream", "sometimes", "--budget", "3",
                         "--out", P("work/p.json")], "invalid choice"),
     ("baselines-without-eval", [*ALLOC, "--baselines", "llama.cpp", "--budget", "3", "--out", P("work/p.json")],
