@@ -234,22 +234,29 @@ def _without_excluded(units: list[Unit], exclude, param_names: list[str]) -> lis
     return [u for u in units if not _matches(u.name, exclude)]
 
 
+def decoder_matrices(model: nn.Module, units: list[Unit]) -> dict[str, torch.Tensor]:
+    """Every matrix weight inside the decoder blocks (floating parameters of ≥ 2 dims, biases aside):
+    full parameter name -> parameter."""
+    out = {}
+    for block_name, block in find_blocks(model, units):
+        for pname, p in block.named_parameters():
+            if p.dim() >= 2 and torch.is_floating_point(p) and not pname.endswith("bias"):
+                out[f"{block_name}.{pname}"] = p
+    return out
+
+
 def uncovered_weights(model: nn.Module, units: list[Unit], exclude=()) -> list[tuple[str, tuple]]:
-    """Matrix weights (floating parameters of ≥ 2 dims, biases aside) inside the decoder blocks that no
-    unit covers and that are neither routers nor excluded: (parameter name, shape)."""
+    """Matrix weights inside the decoder blocks that no unit covers and that are neither routers nor
+    excluded: (parameter name, shape)."""
     modules = dict(model.named_modules())
-    blocks = find_blocks(model, units)
     covered = {(u.module_name, u.param) for u in units}
     out = []
-    for block_name, block in blocks:
-        for pname, p in block.named_parameters():
-            full = f"{block_name}.{pname}"
-            owner, _, leaf = full.rpartition(".")
-            if p.dim() < 2 or not torch.is_floating_point(p) or leaf.endswith("bias") or (owner, leaf) in covered:
-                continue
-            if _is_router(owner, modules) or _matches(owner, exclude) or _matches(full, exclude):
-                continue
-            out.append((full, tuple(p.shape)))
+    for full, p in decoder_matrices(model, units).items():
+        owner, _, leaf = full.rpartition(".")
+        if (owner, leaf) in covered or _is_router(owner, modules) or _matches(owner, exclude) \
+                or _matches(full, exclude):
+            continue
+        out.append((full, tuple(p.shape)))
     return out
 
 

@@ -17,23 +17,13 @@ import torch
 from bitalloc.models import zoo
 from bitalloc.packed import load, save
 from bitalloc.quantize_model import quantize_model
-from bitalloc.units import EXPERT_KINDS, find_blocks, find_units
-
-
-def decoder_matrices(model, units) -> dict[str, int]:
-    """Every ≥2-D weight (not a bias) inside the decoder blocks: name -> numel."""
-    out = {}
-    for block_name, block in find_blocks(model, units):
-        for name, p in block.named_parameters():
-            if p.dim() >= 2 and not name.endswith("bias"):
-                out[f"{block_name}.{name}"] = p.numel()
-    return out
+from bitalloc.units import EXPERT_KINDS, decoder_matrices, find_units
 
 
 def report(family: str, experts: str, work: Path) -> str:
     model = zoo.tiny(family)
     units = find_units(model, experts=experts)
-    matrices = decoder_matrices(model, units)
+    matrices = {name: p.numel() for name, p in decoder_matrices(model, units).items()}
     covered = {f"{u.module_name}.{u.param}" for u in units}
     routers = sum(v for n, v in matrices.items() if n not in covered)
     in_blocks = sum(v for n, v in matrices.items() if n in covered)
