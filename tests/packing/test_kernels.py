@@ -1,24 +1,19 @@
 """Triton kernels against the torch twin: on this CPU under TRITON_INTERPRET=1 (set by .ci/run), on CUDA when
 present. Fresh random inputs for every case; outputs are poisoned with NaN before each run."""
-import os
 
 import pytest
 import torch
-
 from bitalloc.kernels.pack import pack_last_dim, pack_weight
 from bitalloc.kernels.reference import dequantize_packed, qmm_reference
 from bitalloc.options import QuantSpec
 from bitalloc.quantize import rtn
 
 triton = pytest.importorskip("triton")
-from bitalloc.kernels.triton_qmm import qmm_triton  # noqa: E402
+from bitalloc.kernels.triton_qmm import qmm_triton
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERPRET),
-                                reason="Triton needs CUDA or TRITON_INTERPRET=1 (the CI sets it)")
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}     # relative Frobenius error vs the fp32 twin
+from .triton_setup import DEVICE, HAS_CUDA, TOL, needs_triton
+
+pytestmark = needs_triton
 
 
 def packed(N, K, bits, group, symmetric, seed):

@@ -2,24 +2,19 @@
 .ci/run), on CUDA when present. Odd shapes, every mix of widths, both symmetries, GEMV and GEMM, split K;
 outputs poisoned with NaN so a row never written shows."""
 import itertools
-import os
 
 import pytest
 import torch
-
 from bitalloc.kernels.qmixed import MixedQuantLinear
 from bitalloc.options import QuantSpec
 from bitalloc.quantize import rtn_rows
 
 triton = pytest.importorskip("triton")
-from bitalloc.kernels.triton_mixed import qmm_mixed_triton  # noqa: E402
+from bitalloc.kernels.triton_mixed import qmm_mixed_triton
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERPRET),
-                                reason="Triton needs CUDA or TRITON_INTERPRET=1 (the CI sets it)")
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+from .triton_setup import DEVICE, TOL, needs_triton
+
+pytestmark = needs_triton
 
 WIDTHS = (2, 3, 4, 5, 6, 8)
 MIXES = [m for r in (2, 3, 4) for m in itertools.combinations(WIDTHS, r)]      # every mix of 2 to 4 widths
