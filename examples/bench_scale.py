@@ -4,7 +4,8 @@ weights, bf16, built locally) cut to a few decoder layers. Each depth runs two p
     allocate   load -> fisher probe (block-streamed when large) -> ilp solve   (--n-windows 4 --seq-len 256)
     apply      load -> RTN quantize by the plan -> pack -> save safetensors
 
-and reports each stage's wall time and the process's peak RSS after it, against the bf16 weight bytes; then
+and reports each stage's wall time, the process's peak RSS after it (against the bf16 weight bytes) and its peak
+anonymous memory (RSS less the pages of the memory-mapped weight files, which the kernel can drop); then
 the per-added-layer slope (least squares over the depths) and the extrapolation to the model's full depth.
 
     python examples/bench_scale.py --work /tmp/scale --depths 1,2,4
@@ -19,6 +20,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,8 +72,29 @@ def layer_sizes(C: dict) -> tuple[int, int]:
     return 2 * (attention + 3 * H * I), 4 * (3 * H * H + I * I)   # XᵀX: q/k/v share one, o, gate/up, down
 
 
-def _peak() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+class AnonPeak:
+    """The process's peak anonymous memory (RssAnon), sampled every 20 ms on a thread: RSS also counts the
+    pages of memory-mapped weight files, clean pages the kernel drops when memory runs short; the anonymous
+    part is what the host must really hold."""
+
+    def __init__(self):
+        self.peak = 0.0
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            with open("/proc/self/status") as f:
+                kb = next((int(line.split()[1]) for line in f if line.startswith("RssAnon:")), 0)
+            self.peak = max(self.peak, kb * 1024 / GB)
+            time.sleep(0.02)
+
+
+ANON: AnonPeak | None = None
+
+
+def _peak() -> tuple[float, float]:
+    """(peak RSS, peak anonymous memory) so far, GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, ANON.peak if ANON else float("nan")
 
 
 def stage_allocate(folder: str, plan: str) -> dict:
@@ -79,13 +102,13 @@ def stage_allocate(folder: str, plan: str) -> dict:
     from bitalloc.api import measure, prepare, solve
     out, t = {}, time.time()
     prepared = prepare(folder, n_windows=4, seq_len=256)
-    out["load"] = (time.time() - t, _peak())
+    out["load"] = (time.time() - t, *_peak())
     t = time.time()
     table = measure(prepared, "fisher", cache=False)
-    out["probe"] = (time.time() - t, _peak())
+    out["probe"] = (time.time() - t, *_peak())
     t = time.time()
     solve(table, 3.2, "ilp").save(plan)
-    out["solve"] = (time.time() - t, _peak())
+    out["solve"] = (time.time() - t, *_peak())
     out["streamed"] = table.meta.get("streamed")
     return out
 
@@ -96,15 +119,17 @@ def stage_apply(folder: str, plan: str, packed: str) -> dict:
     from bitalloc.plan import BitPlan
     out, t = {}, time.time()
     prepared = prepare(folder, n_windows=1, seq_len=256)
-    out["load "] = (time.time() - t, _peak())
+    out["load "] = (time.time() - t, *_peak())
     t = time.time()
     apply(prepared.model, BitPlan.load(plan))
     save(prepared.model, packed, prepared.tokenizer)
-    out["quantize+pack"] = (time.time() - t, _peak())
+    out["quantize+pack"] = (time.time() - t, *_peak())
     return out
 
 
 def child(args) -> None:
+    global ANON
+    ANON = AnonPeak()
     result = stage_allocate(args.folder, args.plan) if args.stage == "allocate" else \
         stage_apply(args.folder, args.plan, args.packed)
     print("RESULT " + json.dumps(result))
@@ -165,9 +190,9 @@ def main() -> None:
         rows.append((depth, a, b))
         weights = (rest_bytes + depth * layer_bytes) / GB
         print(f"\n{depth} layer(s), {weights:.2f} GB of bf16 weights (fisher streamed: {a['streamed']})")
-        print(f"  {'stage':<14} {'wall s':>8} {'peak RSS GB':>12} {'× weights':>10}")
-        for name, (sec, peak) in [*((k, v) for k, v in a.items() if k != "streamed"), *b.items()]:
-            print(f"  {name:<14} {sec:>8.1f} {peak:>12.2f} {peak / weights:>10.2f}")
+        print(f"  {'stage':<14} {'wall s':>8} {'peak RSS GB':>12} {'× weights':>10} {'peak anon GB':>13}")
+        for name, (sec, peak, anon) in [*((k, v) for k, v in a.items() if k != "streamed"), *b.items()]:
+            print(f"  {name:<14} {sec:>8.1f} {peak:>12.2f} {peak / weights:>10.2f} {anon:>13.2f}")
     print_device_estimate(C, layer_bytes, hessians, rest_bytes)
     if len(rows) > 1:
         xs = [d for d, _, _ in rows]
@@ -175,8 +200,9 @@ def main() -> None:
         stages = [("allocate", 0, "solve"), ("apply", 1, "quantize+pack")]
         for label, which, last in stages:
             peaks = [r[1 + which][last][1] for r in rows]
+            anons = [r[1 + which][last][2] for r in rows]
             secs = [sum(v[0] for k, v in r[1 + which].items() if k != "streamed") for r in rows]
-            for what, ys, unit in (("peak RSS", peaks, "GB"), ("wall", secs, "s")):
+            for what, ys, unit in (("peak RSS", peaks, "GB"), ("peak anon", anons, "GB"), ("wall", secs, "s")):
                 mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
                 slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
                 base = my - slope * mx
