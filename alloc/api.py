@@ -23,7 +23,7 @@ from .models.loading import load_model, model_info, parse_dtype
 from .models.workload import make_workload
 from .options import QuantSpec, parse_options
 from .plan import BitPlan
-from .units import Unit, check_finite, find_units
+from .units import Unit, check_weights, find_units
 
 DEFAULT_PROBE = "fisher"
 DEFAULT_SOLVER = "ilp"
@@ -82,7 +82,7 @@ def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: 
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.eval()
     units = find_units(model, include=include, experts=experts, exclude=exclude)
-    check_finite(model, units)
+    check_weights(model, units)
     if isinstance(options, str) or options is None:
         options = parse_options(options)
     max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)

@@ -285,7 +285,7 @@ def find_blocks(model: nn.Module, units: list[Unit]) -> list[tuple[str, nn.Modul
 SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
-def check_finite(model: nn.Module, units: list[Unit]) -> None:
+def check_weights(model: nn.Module, units: list[Unit]) -> None:
     """Every unit's weight is a float the quantizers and kernels take (bf16, fp16, fp32, fp64) with no NaN/Inf."""
     modules = dict(model.named_modules())
     for unit in units:

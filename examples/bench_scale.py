@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from bitalloc.models import zoo
+
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER = REPO / "alloc" / "model-data" / "refllama-s"
 GB = 1e9
@@ -36,28 +38,20 @@ def build(shape: str, depth: int, folder: Path) -> None:
 
     if (folder / "config.json").is_file():
         return
-    _, config_class, model_class, config = SHAPES[shape]
+    _, family, config = SHAPES[shape]
+    config_class, model_class, _ = zoo.FAMILIES[family]
     torch.set_default_dtype(torch.bfloat16)
-    cfg = getattr(transformers, config_class)(**{**config(), "num_hidden_layers": depth}, dtype="bfloat16")
-    model = getattr(transformers, model_class)(cfg)
-    with torch.no_grad():
-        for p in model.parameters():          # expert tensors may be left uninitialised: make them random
-            if p.dim() == 3:
-                p.normal_(0, 0.02)
+    cfg = getattr(transformers, config_class)(**{**config, "num_hidden_layers": depth}, dtype="bfloat16")
+    model = zoo.randomize_experts(getattr(transformers, model_class)(cfg))
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER / name, folder / name)
 
 
-def _zoo(name: str):
-    from bitalloc.models import zoo
-    return lambda: getattr(zoo, name)
-
-
-# --shape -> (folder prefix, transformers config class, model class, config values from the zoo)
-SHAPES = {"8b": ("llama31-8b", "LlamaConfig", "LlamaForCausalLM", _zoo("LLAMA_3_1_8B")),
-          "70b": ("llama31-70b", "LlamaConfig", "LlamaForCausalLM", _zoo("LLAMA_3_1_70B")),
-          "mixtral": ("mixtral-8x7b", "MixtralConfig", "MixtralForCausalLM", _zoo("MIXTRAL_8X7B"))}
+# --shape -> (folder prefix, zoo family (its transformers classes), public config values)
+SHAPES = {"8b": ("llama31-8b", "llama3", zoo.LLAMA_3_1_8B),
+          "70b": ("llama31-70b", "llama3", zoo.LLAMA_3_1_70B),
+          "mixtral": ("mixtral-8x7b", "mixtral", zoo.MIXTRAL_8X7B)}
 
 
 def layer_sizes(C: dict) -> tuple[int, int]:
@@ -175,7 +169,7 @@ def main() -> None:
     if args.child:
         args.stage = args.child
         return child(args)
-    C = SHAPES[args.shape][3]()
+    C = SHAPES[args.shape][2]
     full_depth = C["num_hidden_layers"]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

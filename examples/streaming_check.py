@@ -54,9 +54,11 @@ def main() -> None:
     qm.quantize_model(model, prepared.units, plan, quantizer="gptq", calibration=prepared.tokens, progress=False,
                       sink=lambda n, q: codes.__setitem__(n, q.codes))
     qm.BlockStream = functools.partial(BlockStream, copy=True)      # stage each block as a copy, as on a GPU
-    qm.quantize_model(staged, prepared.units, plan, quantizer="gptq", calibration=prepared.tokens, progress=False,
-                      sink=lambda n, q: codes_s.__setitem__(n, q.codes), compute_device="cpu")
-    qm.BlockStream = BlockStream
+    try:
+        qm.quantize_model(staged, prepared.units, plan, quantizer="gptq", calibration=prepared.tokens,
+                          progress=False, sink=lambda n, q: codes_s.__setitem__(n, q.codes), compute_device="cpu")
+    finally:
+        qm.BlockStream = BlockStream
     same = sum(torch.equal(codes[n], codes_s[n]) for n in codes)
     print(f"  GPTQ (3.25-bit plan) codes: {same} of {len(codes)} units identical block by block")
     del model, staged

@@ -27,7 +27,7 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``auto``/None (the checkpoint's own dtype), bf16, fp16, fp32, or one of those torch dtypes."""
-    if dtype is None or dtype in (torch.bfloat16, torch.float16, torch.float32):
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.removeprefix("torch.")]

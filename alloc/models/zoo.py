@@ -70,9 +70,15 @@ def tiny(family: str, *, vocab_size: int = 8192, seed: int = 0, dtype: torch.dty
     import transformers
     torch.manual_seed(seed)
     cfg = config(family, vocab_size, **overrides)
-    model = getattr(transformers, FAMILIES[family][1])(cfg).eval()
-    for p in model.parameters():          # some families initialise experts with zeros/empty: make them random
-        if p.dim() == 3 or not torch.isfinite(p).all():
-            with torch.no_grad():
-                p.normal_(0, 0.02)
+    model = randomize_experts(getattr(transformers, FAMILIES[family][1])(cfg).eval())
     return model.to(dtype)
+
+
+def randomize_experts(model):
+    """Some families initialise their 3-D expert tensors with zeros or leave them empty: make those (and any
+    non-finite parameter) random, in place."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 3 or not torch.isfinite(p).all():
+                p.normal_(0, 0.02)
+    return model
