@@ -19,9 +19,11 @@ from torch import nn
 from . import checks
 from .calibration import data_hash, read_text, windows
 from .errors import BitallocError
+from .files import cache_dir
 from .models.loading import load_model, model_info, parse_dtype
 from .models.workload import make_workload
 from .options import QuantSpec, parse_options
+from .quantize import as_quantizer
 from .plan import BitPlan
 from .units import Unit, check_weights, find_units
 
@@ -48,7 +50,7 @@ class Prepared:
     @property
     def workload(self):
         return make_workload(self.model, self.kind, self.tokens, batch_size=self.batch_size,
-                             compute_device=self.compute_device)
+                             compute_device=self.compute_device, units=self.units)
 
 
 def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: str | torch.Tensor | None = None,
@@ -100,10 +102,6 @@ def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: 
         tokens = windows(tokenizer, text, seq_len=seq_len, n_windows=n_windows, source=source, strict=strict_windows)
     info = model_info(model)
     return Prepared(model, tokenizer, kind, units, list(options), tokens, info, batch_size)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BITALLOC_CACHE", Path.home() / ".cache" / "bitalloc"))
 
 
 def table_key(prepared: Prepared, probe_name: str, settings: dict) -> str:
@@ -172,7 +170,8 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
              seq_len: int = DEFAULT_SEQ_LEN, n_windows: int = DEFAULT_WINDOWS, cache: bool = True,
              probe_settings: dict | None = None, solver_settings: dict | None = None,
              experts: str = "per-expert", exclude: tuple[str, ...] = (), dtype: str = "auto",
-             granularity: str = "layer") -> BitPlan:
+             granularity: str = "layer", quantizer: str = "rtn", refine: float | None = None,
+             progress: bool = True) -> BitPlan:
     """Choose a width per layer so the model fits ``budget_bits`` TRUE bits per weight on average.
 
     ``model``: an ``nn.Module`` (with ``tokenizer=`` or token-id ``calibration``) or a local model folder;
@@ -182,7 +181,10 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
     get a width each ("per-expert") or one per layer ("per-layer"); ``exclude``: modules kept in full
     precision; ``dtype``: for a model path, "auto" (the checkpoint's own) or bf16/fp16/fp32;
     ``granularity``: "layer" (one width per layer) or "row" (one per output row, solvers closed_form, greedy
-    or ilp).
+    or ilp; kept only if it scores no worse than the layer plan on calibration windows); ``quantizer``: what
+    the plan will be applied with (rtn or gptq): the probe's costs (where it can: kfac, output_error,
+    measured_kl) and every measured score use it; ``refine``: seconds of EvoPress search on the model after
+    the solver (alloc/finish.py).
     """
     from .sensitivity.base import PROBES
     from .solvers.base import SOLVERS
@@ -191,19 +193,60 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
     checks.one_of(granularity, ("layer", "row"), "granularity")
     checks.one_of(solver, list(SOLVERS) + (["greedy"] if granularity == "row" else []), "solver")
     parse_dtype(dtype)
+    as_quantizer(quantizer)
+    checks.positive(refine, "refine (seconds)", allow_none=True)
     prepared = prepare(model, calibration=calibration, tokenizer=tokenizer, options=options, include=include,
                        seq_len=seq_len, n_windows=n_windows, experts=experts, exclude=tuple(exclude), dtype=dtype)
-    table = measure(prepared, probe, settings=probe_settings, cache=cache)
-    settings = with_fitness(prepared, solver, solver_settings)
-    return solve(table, budget_bits, solver, settings=settings, count_overhead=count_overhead, fuse=fuse,
+    table = measure(prepared, probe, settings=quantizer_settings(probe, quantizer, probe_settings), cache=cache)
+    settings = with_fitness(prepared, solver, solver_settings, quantizer=quantizer)
+    plan = solve(table, budget_bits, solver, settings=settings, count_overhead=count_overhead, fuse=fuse,
                  granularity=granularity)
+    return finish(prepared, table, plan, quantizer=quantizer, refine=refine, progress=progress,
+                  fitness=settings.get("fitness"))
 
 
-def with_fitness(prepared: Prepared, solver: str, settings: dict | None, max_windows: int = 16) -> dict:
+def quantizer_settings(probe: str, quantizer: str, settings: dict | None) -> dict:
+    """Probe settings with the plan's quantizer, for the probes that can measure its damage (a probe that
+    cannot measures RTN's, and a warning says so)."""
+    from .sensitivity.base import takes_quantizer
+    settings = dict(settings or {})
+    if takes_quantizer(probe):
+        settings.setdefault("quantizer", quantizer)
+    elif quantizer != "rtn":
+        import warnings
+
+        from .errors import BitallocWarning
+        warnings.warn(f"the {probe} probe measures the damage of RTN weights, not {quantizer}'s: --probe kfac, "
+                      "output_error or measured_kl measure the quantizer's own", BitallocWarning, stacklevel=3)
+    return settings
+
+
+def finish(prepared: Prepared, table, plan: BitPlan, *, quantizer: str = "rtn", refine: float | None = None,
+           progress: bool = True, fitness=None) -> BitPlan:
+    """The plan after the measured checks (alloc/finish.py): a row plan that scores worse than the layer plan on
+    calibration windows falls back to it; ``refine`` seconds of search; the quantizer is recorded."""
+    from . import finish as stage
+    if plan.row_bits or refine:
+        fitness = fitness if fitness is not None and getattr(fitness, "stride", 1) == stage.REFINE_STRIDE \
+            else stage.fitness_for(prepared, quantizer)
+        try:
+            plan = stage.check_rows(table, plan, fitness)
+            if refine:
+                plan = stage.refine_plan(table, plan, fitness, refine, progress=progress)
+        finally:                                  # the model is borrowed: its fp weights go back
+            restore = getattr(fitness, "restore", None)
+            if restore:
+                restore()
+    plan.extra["quantizer"] = quantizer
+    return plan
+
+
+def with_fitness(prepared: Prepared, solver: str, settings: dict | None, max_windows: int = 16,
+                 quantizer: str = "rtn") -> dict:
     """Solver settings plus, for the solvers that score plans on the model, a KL fitness on ``prepared``."""
     from .solvers.base import NEEDS_MODEL
     settings = dict(settings or {})
     if solver in NEEDS_MODEL and settings.get("fitness") is None:
         from .fitness import make_fitness
-        settings["fitness"] = make_fitness(prepared, max_windows=max_windows)
+        settings["fitness"] = make_fitness(prepared, max_windows=max_windows, quantizer=quantizer)
     return settings

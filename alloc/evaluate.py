@@ -28,15 +28,39 @@ def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor,
     return logp, nll
 
 
+def final_states(stream, batch: torch.Tensor) -> torch.Tensor:
+    """The hidden state leaving the last decoder block of ``stream``'s model on ``batch`` (b, T, d)."""
+    h, extra = stream.inputs(batch)
+    for i in range(len(stream.blocks)):
+        h = stream.run_block(i, h, extra)
+    return h
+
+
+def head_of(model: nn.Module, units: list[Unit] | None):
+    """(BlockStream, Head) of a causal LM made of decoder blocks (alloc/models/head.py), else (None, None)."""
+    from .models.head import Head, vocab_size
+    from .models.stream import BlockStream
+    from .units import find_blocks
+    if not find_blocks(model, units):
+        return None, None
+    stream = BlockStream(model, units)
+    return stream, Head(stream, vocab_size(model))
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 8, progress: bool = True,
                desc: str = "perplexity") -> float:
-    """Perplexity of a causal LM on (n, seq) token windows, by the protocol above (any model: packed too)."""
+    """Perplexity of a causal LM on (n, seq) token windows, by the protocol above (any model: packed too);
+    the LM head runs a few positions at a time (alloc/models/head.py) when the model has decoder blocks."""
     device = next(model.parameters()).device
+    stream, head = head_of(model, None)
     nll = 0.0
     for i in tqdm(range(0, len(tokens), batch_size), desc=desc, leave=False, disable=not progress):
         batch = tokens[i:i + batch_size].to(device)
-        nll += window_nll(model(input_ids=batch, use_cache=False).logits, batch)[1]
+        if head is not None:
+            nll += float(head.nll(final_states(stream, batch), batch).sum())
+        else:
+            nll += window_nll(model(input_ids=batch, use_cache=False).logits, batch)[1]
     return math.exp(nll / len(tokens))
 
 
@@ -51,11 +75,21 @@ class Scores:
 
 
 class Evaluator:
+    """The fp model's outputs computed once; ``score`` rates any weight set against them in one pass. A causal
+    LM made of decoder blocks keeps only the fp *final hidden states* (windows × tokens × hidden) and runs the
+    LM head a few positions at a time for both sides (alloc/models/head.py): reference log-probabilities of
+    32 windows of Gemma-3's 262k vocabulary would take 17 GB. Other models keep their reference outputs."""
+
     def __init__(self, model: nn.Module, kind: str, units: list[Unit], tokens: torch.Tensor, *,
                  batch_size: int = 8, progress: bool = True):
         self.model, self.kind, self.units, self.tokens = model, kind, units, tokens
         self.batch_size, self.progress = batch_size, progress
         self.fp_weights = unit_weights(model, units)
+        self.stream, self.head = head_of(model, units) if kind == "causal_lm" else (None, None)
+        modules = dict(model.named_modules())
+        outside = [u for u in units if self.stream is not None and self.stream.block_of(u) is None]
+        # units after or before the blocks (an LM head, embeddings): the reference needs their fp weights
+        self._ref_head = (lambda: _Holding(modules, outside, self.fp_weights)) if outside else None
         self._reference: list[torch.Tensor] = []
         self.fp = self._score(None)
 
@@ -71,7 +105,15 @@ class Evaluator:
             device = next(self.model.parameters()).device
             for k, batch in enumerate(tqdm(self._batches(), desc=desc, leave=False, disable=not self.progress)):
                 batch = batch.to(device)
-                if self.kind == "causal_lm":
+                if self.head is not None:
+                    h = final_states(self.stream, batch)
+                    if first:
+                        self._reference.append(h)
+                        nll += float(self.head.nll(h, batch).sum())
+                    else:
+                        b_nll, b_kl = self.head.nll_kl(self._reference[k], h, batch, ref_head=self._ref_head)
+                        nll, kl = nll + float(b_nll.sum()), kl + float(b_kl.sum())
+                elif self.kind == "causal_lm":
                     logp, batch_nll = window_nll(self.model(input_ids=batch, use_cache=False).logits, batch)
                     nll += batch_nll
                     if first:
@@ -95,6 +137,22 @@ class Evaluator:
     def score(self, weights: dict[str, torch.Tensor], desc: str = "eval") -> Scores:
         """Scores of the model with ``weights`` (unit name -> (out, in)) in place of the fp ones."""
         return self._score(weights, desc)
+
+
+class _Holding:
+    """While active, ``units`` hold ``weights``; the weights they held on entry come back on exit."""
+
+    def __init__(self, modules: dict, units: list[Unit], weights: dict[str, torch.Tensor]):
+        self.modules, self.units, self.weights = modules, units, weights
+
+    def __enter__(self):
+        self.saved = {u.name: unit_weight(self.modules, u).detach().clone() for u in self.units}
+        for u in self.units:
+            set_unit_weight(self.modules, u, self.weights[u.name])
+
+    def __exit__(self, *exc):
+        for u in self.units:
+            set_unit_weight(self.modules, u, self.saved[u.name])
 
 
 @contextlib.contextmanager
@@ -199,15 +257,13 @@ def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, p
             fp = [(h, extra) for h, (_, extra) in zip(fp_next, fp)]
         if gptq is not None and head:
             head_cache = gptq.quantize_head(modules, head)
+        from .models.head import Head, vocab_size
+        lm_head = Head(stream, vocab_size(model))          # a few positions at a time: no window's full logits
         for (h, _), hq, batch in zip(fp, q, batches):
-            for w in range(len(batch)):           # one window at a time: logits are seq × vocab floats each
-                one = batch[w:w + 1].to(h.device)
-                ref, window = window_nll(stream.logits(h[w:w + 1], one), one)
-                nll_fp += window
-                with _fake_quantized(modules, head, plan, head_cache):
-                    logp, window = window_nll(stream.logits(hq[w:w + 1], one), one)
-                nll_q += window
-                kl += float((ref.exp() * (ref - logp)).sum(-1).mean(-1).sum())
+            batch = batch.to(h.device)
+            nll_fp += float(lm_head.nll(h, batch).sum())
+            b_nll, b_kl = lm_head.nll_kl(h, hq, batch, head=lambda: _fake_quantized(modules, head, plan, head_cache))
+            nll_q, kl = nll_q + float(b_nll.sum()), kl + float(b_kl.sum())
     n = len(tokens)
     return Scores(math.exp(nll_fp / n), 0.0, None), Scores(math.exp(nll_q / n), kl / n, None)
 

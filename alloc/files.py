@@ -10,6 +10,12 @@ from typing import Iterator
 from .errors import BitallocError
 
 
+def cache_dir() -> Path:
+    """Where bitalloc keeps what it can measure again (tables, converted GGUF files): ``$BITALLOC_CACHE``, else
+    ``~/.cache/bitalloc``."""
+    return Path(os.environ.get("BITALLOC_CACHE", Path.home() / ".cache" / "bitalloc"))
+
+
 def check_parent(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Refuse to write into a directory that does not exist (we never create parents silently)."""
     path = Path(path)

@@ -1,4 +1,5 @@
-"""Quantizers: round-to-nearest (RTN) and GPTQ, group-wise, one interface.
+"""Quantizers: round-to-nearest (RTN) and GPTQ, group-wise, one interface (``Quantizer``: the method and its
+refinements, at the end of the file).
 
 Both return a QuantizedWeight: integer codes plus per-group scales and zeros, exactly what the packer stores;
 ``dequantize`` gives back the float weight the codes stand for (W_hat = (q - zero) * scale). Scales are
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import BitallocError
 from .options import QuantSpec
 
 
@@ -41,23 +43,58 @@ def _group_view(W: torch.Tensor, group_size: int, fill: float) -> torch.Tensor:
     return W.view(out_f, G, g)
 
 
-def group_params(W: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero of every group of ``W`` (out, in) -> (out, G) each; the range always includes 0."""
+def range_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16-representable float32) and integer zero of groups spanning [xmin, xmax] (xmin ≤ 0 ≤ xmax)
+    with codes 0..maxq (a number, or a tensor broadcasting against the groups: per-row widths)."""
+    if symmetric:
+        scale = (2 * torch.maximum(-xmin, xmax) / maxq).clamp(min=1e-6).half().float()
+        zero = torch.zeros_like(scale, dtype=torch.int32) + ((maxq + 1) // 2 if isinstance(maxq, int)
+                                                             else ((maxq + 1) // 2).to(torch.int32))
+        return scale, zero
+    scale = ((xmax - xmin) / maxq).clamp(min=1e-6).half().float()         # stored as fp16: quantize with it
+    zero = torch.round(-xmin / scale).clamp(min=0)
+    zero = zero.clamp(max=maxq) if isinstance(maxq, int) else torch.minimum(zero, maxq)
+    return scale, zero.to(torch.int32)
+
+
+CLIP_GRID = tuple(1 - 0.05 * i for i in range(10))     # range shrink factors tried by the clipping search
+
+
+def searched_params(Wg: torch.Tensor, maxq, symmetric: bool, importance: torch.Tensor | None = None,
+                    grid=CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of each group of ``Wg`` (..., g) (zero-padded), its range shrunk by the factor of ``grid``
+    that minimizes the group's rounding error Σ_j h_j (w_j − ŵ_j)² (``importance`` h (..., g), e.g. the input's
+    mean square per column, as llama.cpp's importance matrix weights it; None: 1). Grid [1.0]: min/max RTN."""
+    Wg = Wg.float()
+    xmin, xmax = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)
+    best = None
+    for p in grid:
+        scale, zero = range_params(p * xmin, p * xmax, maxq, symmetric)
+        if len(grid) == 1:
+            return scale, zero
+        s, z = scale[..., None], zero[..., None]
+        top = maxq if isinstance(maxq, int) else maxq[..., None]
+        q = torch.clamp(torch.round(Wg / s) + z, 0, top) if isinstance(maxq, int) else \
+            torch.minimum(torch.round(Wg / s).add_(z).clamp_(min=0), top)
+        err = (Wg - (q - z) * s).square_()
+        err = (err * importance if importance is not None else err).sum(-1)
+        if best is None:
+            best, best_scale, best_zero = err, scale, zero
+        else:
+            better = err < best
+            best = torch.where(better, err, best)
+            best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def group_params(W: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None,
+                 grid=(1.0,)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of every group of ``W`` (out, in) -> (out, G) each; the range always includes 0.
+    ``grid``/``importance``: the clipping search of ``searched_params`` (default: the plain min/max range)."""
     maxq = 2**spec.bits - 1
-    W = W.float()
-    if spec.symmetric:
-        absmax = _group_view(W.abs(), spec.group_size, 0.0).amax(-1)
-        scale = 2 * absmax / maxq
-        zero = torch.full_like(scale, (maxq + 1) // 2, dtype=torch.int32)
-    else:
-        xmin = _group_view(W, spec.group_size, math.inf).amin(-1).clamp(max=0)
-        xmax = _group_view(W, spec.group_size, -math.inf).amax(-1).clamp(min=0)
-        scale = (xmax - xmin) / maxq
-        zero = None
-    scale = scale.clamp(min=1e-6).half().float()          # stored as fp16: quantize with what is stored
-    if zero is None:
-        zero = torch.round(-xmin / scale).clamp(0, maxq).to(torch.int32)
-    return scale, zero
+    Wg = _group_view(W.float(), spec.group_size, 0.0)            # zero padding changes no range and no error
+    h = None if importance is None else _group_view(importance.float()[None], spec.group_size, 0.0)
+    return searched_params(Wg, maxq, spec.symmetric, h, grid)
 
 
 def _expand(t: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:
@@ -68,14 +105,16 @@ def _expand(t: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:
 RTN_ROWS = 1024          # rows rounded at a time: float32 temporaries of a few rows, not of the whole matrix
 
 
-def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+def rtn(W: torch.Tensor, spec: QuantSpec, *, importance: torch.Tensor | None = None,
+        grid=(1.0,)) -> QuantizedWeight:
     """Round-to-nearest, group-wise. ``W`` (out, in), any float dtype; rounded ``RTN_ROWS`` rows at a time
-    (groups never span rows), so a 70B-size matrix needs its int32 codes and little more."""
+    (groups never span rows), so a 70B-size matrix needs its int32 codes and little more. ``grid`` /
+    ``importance`` (in,): search each group's clipping (``searched_params``)."""
     codes = torch.empty(W.shape, dtype=torch.int32, device=W.device)
     scales, zeros = [], []
     for r in range(0, W.shape[0], RTN_ROWS):
         Wr = W[r:r + RTN_ROWS].float()
-        scale, zero = group_params(Wr, spec)
+        scale, zero = group_params(Wr, spec, importance, grid)
         s, z = _expand(scale, spec, W.shape[1]), _expand(zero, spec, W.shape[1])
         codes[r:r + RTN_ROWS] = torch.clamp(torch.round(Wr / s) + z, 0, 2**spec.bits - 1)
         scales.append(scale)
@@ -114,12 +153,12 @@ def split_rows(codes, scales, zeros, row_bits: torch.Tensor, spec: QuantSpec) ->
     return RowQuantized(row_bits, parts, spec)
 
 
-def rtn_rows(W: torch.Tensor, spec: QuantSpec, row_bits: torch.Tensor) -> RowQuantized:
+def rtn_rows(W: torch.Tensor, spec: QuantSpec, row_bits: torch.Tensor, *, grid=(1.0,)) -> RowQuantized:
     """Round-to-nearest with each output row at its own width (rows never share a group)."""
     parts = {}
     for b in sorted(set(row_bits.tolist())):
         r = torch.nonzero(row_bits == b)[:, 0]
-        parts[b] = rtn(W[r], QuantSpec(b, spec.group_size, spec.symmetric))
+        parts[b] = rtn(W[r], QuantSpec(b, spec.group_size, spec.symmetric), grid=grid)
     return RowQuantized(row_bits, parts, spec)
 
 
@@ -147,23 +186,17 @@ def fake_quantize(W: torch.Tensor, spec: QuantSpec, rows: int = 2048) -> torch.T
     return out
 
 
-def _row_group_params(W: torch.Tensor, maxq: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """group_params for one group of columns ``W`` (out, g) with a per-row code range ``maxq`` (out,)."""
-    W = W.float()
-    if symmetric:
-        scale = (2 * W.abs().amax(1) / maxq).clamp(min=1e-6).half().float()
-        return scale[:, None], ((maxq + 1) // 2).to(torch.int32)[:, None]
-    xmin, xmax = W.amin(1).clamp(max=0), W.amax(1).clamp(min=0)
-    scale = ((xmax - xmin) / maxq).clamp(min=1e-6).half().float()
-    zero = torch.minimum(torch.round(-xmin / scale).clamp(min=0), maxq).to(torch.int32)
-    return scale[:, None], zero[:, None]
-
-
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
-         damp: float = 0.01, row_bits: torch.Tensor | None = None) -> QuantizedWeight | RowQuantized:
+         damp: float = 0.01, row_bits: torch.Tensor | None = None, act_order: bool = False,
+         grid=(1.0,)) -> QuantizedWeight | RowQuantized:
     """GPTQ (Frantar et al. 2022): quantize columns in order, spreading each column's error over the
     columns not yet quantized through the inverse Hessian. ``W`` (out, in), ``H`` = XᵀX (in, in).
-    Group parameters are taken from the error-updated weights when a group starts. With ``row_bits`` each
+
+    Group parameters are taken from the error-updated weights when a group starts; with ``act_order`` the
+    columns go in order of decreasing H_jj (the most active inputs first, whose error the others then
+    absorb) and every group's parameters are fixed beforehand from the original weights ("static groups":
+    the groups stay contiguous runs of columns, as the packer stores them). ``grid``: search each group's
+    clipping, weighting each column's rounding error by H_jj (``searched_params``). With ``row_bits`` each
     output row rounds to its own grid (the column sweep is unchanged) and a RowQuantized comes back."""
     out_f, in_f = W.shape
     W = W.detach().float().clone()
@@ -172,8 +205,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int =
     H[dead, dead] = 1
     W[:, dead] = 0
     H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype, device=H.device)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)      # (in, in), upper
+    h = torch.diag(H).clone()                                                  # column importance
 
     g = in_f if spec.group_size == -1 else spec.group_size
     if spec.group_size != -1:
@@ -184,12 +216,22 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int =
     scales = torch.zeros(out_f, G, device=W.device)
     zeros = torch.zeros(out_f, G, dtype=torch.int32, device=W.device)
 
-    def params(cols):
-        if row_bits is None:
-            return group_params(cols, QuantSpec(spec.bits, -1, spec.symmetric))
-        return _row_group_params(cols, maxq, spec.symmetric)
-    if spec.group_size == -1:
-        scales[:], zeros[:] = params(W)
+    def params(cols, weight):
+        """(out, 1) scale and zero of one group of columns ``cols`` (out, n) with column importance ``weight``."""
+        top = maxq if row_bits is None else maxq[:, None]
+        return searched_params(cols[:, None, :], top, spec.symmetric, weight[None, None, :], grid)
+
+    static = act_order or spec.group_size == -1
+    if static:                      # every group's parameters from the original weights, before the sweep
+        for gi in range(G):
+            s, z = params(W[:, gi * g:(gi + 1) * g], h[gi * g:(gi + 1) * g])
+            scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
+    perm = torch.argsort(h, descending=True, stable=True) if act_order else torch.arange(in_f, device=W.device)
+    group_of = perm // g                                                       # each swept column's group
+    W, H = W[:, perm], H[perm][:, perm]
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)      # (in, in), upper
+    q_perm = torch.zeros_like(codes)
 
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -198,18 +240,78 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int =
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            gi = col // g
-            if spec.group_size != -1 and col % g == 0:
-                s, z = params(W1[:, i:i + g])
+            gi = int(group_of[col])
+            if not static and col % g == 0:
+                s, z = params(W1[:, i:i + g], h[col:col + g])
                 scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
             w = W1[:, i]
             q = torch.round(w / scales[:, gi]) + zeros[:, gi]
             q = torch.clamp(q, 0, maxq) if row_bits is None else torch.minimum(q.clamp(min=0), maxq)
-            codes[:, col] = q.to(torch.int32)
+            q_perm[:, col] = q.to(torch.int32)
             err = (w - (q - zeros[:, gi]) * scales[:, gi]) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    codes[:, perm] = q_perm
     if row_bits is not None:
         return split_rows(codes, scales, zeros, row_bits, spec)
     return QuantizedWeight(codes, scales, zeros, spec)
+
+
+QUANTIZERS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """How a plan's weights are rounded: ``method`` and its refinements (each measured in BENCHMARK terms on
+    refllama-s and Gemma-3-270M before it became a default; examples/bench_quantizers.py).
+
+    method:      rtn (round to nearest) or gptq (error feedback through the inverse Hessian of the inputs)
+    clip:        search each group's clipping (range shrink) for the smallest rounding error; GPTQ weights
+                 each column's error by its input's mean square, RTN counts every weight alike
+    act_order:   gptq: sweep columns by decreasing input energy, group parameters fixed beforehand
+    sequential:  gptq: within a block, each layer's XᵀX is collected with the layers before it already
+                 quantized (q/k/v, then the output projection, then gate/up, then down)
+    damp:        gptq: damping added to H's diagonal, as a fraction of its mean
+    """
+
+    method: str = "rtn"
+    clip: bool = False
+    act_order: bool = False
+    sequential: bool = False
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANTIZERS:
+            raise BitallocError(f"unknown quantizer {self.method!r}: choose one of {', '.join(QUANTIZERS)}")
+        if not 0 <= self.damp < 1:
+            raise BitallocError(f"GPTQ damping {self.damp} is out of range: give a fraction in [0, 1)")
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        return CLIP_GRID if self.clip else (1.0,)
+
+    def rtn(self, W, spec, **kw):
+        return rtn(W, spec, grid=self.grid) if not kw else rtn_rows(W, spec, kw["row_bits"], grid=self.grid)
+
+    def gptq(self, W, H, spec, **kw):
+        return gptq(W, H, spec, damp=self.damp, act_order=self.act_order, grid=self.grid, **kw)
+
+    def fake(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> torch.Tensor:
+        """W as this quantizer leaves it (float32; fp16 specs only round to fp16), the layer alone: GPTQ on
+        the layer's own XᵀX ``H`` (the probes' view: the layers before it unquantized); RTN without one."""
+        W = W.detach().float()
+        if spec.is_float:
+            return W.half().float()
+        if self.method == "gptq" and H is not None:
+            return self.gptq(W, H, spec).dequantize()
+        return self.rtn(W, spec).dequantize()
+
+
+def as_quantizer(quantizer: "str | Quantizer") -> Quantizer:
+    """A Quantizer from its name ("rtn", "gptq": their defaults) or itself."""
+    if isinstance(quantizer, Quantizer):
+        return quantizer
+    if quantizer not in QUANTIZERS:
+        raise BitallocError(f"unknown quantizer {quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
+    return Quantizer(quantizer)

@@ -17,11 +17,8 @@ from .errors import BitallocError, BitallocWarning, few
 from .models.expert_inputs import expert_hessians
 from .models.stream import BlockStream
 from .plan import BitPlan
-from .quantize import QuantizedWeight, gptq, rtn, rtn_rows
+from .quantize import QUANTIZERS, QuantizedWeight, Quantizer, as_quantizer
 from .units import EXPERT_KINDS, Unit, find_blocks, set_unit_weight, unit_weight
-
-QUANTIZERS = ("rtn", "gptq")
-
 
 def unit_weights(model: nn.Module, units: Iterable[Unit]) -> dict[str, torch.Tensor]:
     """A copy of each unit's weight as (out, in)."""
@@ -36,7 +33,7 @@ def set_unit_weights(model: nn.Module, units: Iterable[Unit], weights: dict[str,
             set_unit_weight(modules, u, weights[u.name])
 
 
-def quantize_model(model: nn.Module, units: list[Unit], plan: BitPlan, *, quantizer: str = "rtn",
+def quantize_model(model: nn.Module, units: list[Unit], plan: BitPlan, *, quantizer: "str | Quantizer" = "rtn",
                    calibration: torch.Tensor | None = None, batch_size: int = 8,
                    progress: bool = True, sink=None, compute_device=None,
                    write_back: bool = True) -> dict[str, QuantizedWeight]:
@@ -47,16 +44,15 @@ def quantize_model(model: nn.Module, units: list[Unit], plan: BitPlan, *, quanti
 
     Returns each unit's QuantizedWeight, or, with ``sink``, hands each to ``sink(unit name, q)`` as soon as it is
     made and keeps none (int32 codes take 4 bytes per weight: a packer turns them into bits at once)."""
-    if quantizer not in QUANTIZERS:
-        raise BitallocError(f"unknown quantizer {quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
+    quantizer = as_quantizer(quantizer)
     plan.check_units(units)
     out = _Sink(sink) if sink is not None else {}
-    if quantizer == "rtn":
-        _rtn_model(model, units, plan, progress, out, compute_device, write_back)
+    if quantizer.method == "rtn":
+        _rtn_model(model, units, plan, progress, out, compute_device, write_back, quantizer)
     elif calibration is None:
         raise BitallocError("GPTQ needs calibration text: pass --calib FILE (or calibration tokens)")
     else:
-        _gptq_model(model, units, plan, calibration, batch_size, progress, out, compute_device)
+        _gptq_model(model, units, plan, calibration, batch_size, progress, out, compute_device, quantizer)
     return {} if sink is not None else out
 
 
@@ -71,11 +67,12 @@ class _Sink(dict):
         self.fn(name, q)
 
 
-def _rtn_model(model, units, plan, progress, out, compute_device=None, write_back=True) -> None:
+def _rtn_model(model, units, plan, progress, out, compute_device=None, write_back=True,
+               quantizer: Quantizer = Quantizer()) -> None:
     modules = dict(model.named_modules())
     for u in tqdm(units, desc="quantize (rtn)", leave=False, disable=not progress):
-        _quantize_unit(modules, u, plan.layers[u.name], rtn, out, plan.row_bits.get(u.name), compute_device,
-                       write_back)
+        _quantize_unit(modules, u, plan.layers[u.name], quantizer.rtn, out, plan.row_bits.get(u.name),
+                       compute_device, write_back)
 
 
 def _quantize_unit(modules: dict[str, nn.Module], u: Unit, spec, method, out: dict[str, QuantizedWeight],
@@ -88,24 +85,48 @@ def _quantize_unit(modules: dict[str, nn.Module], u: Unit, spec, method, out: di
     if spec.is_float:
         set_unit_weight(modules, u, W.half().float())
         return
-    if row_bits is not None:
-        q = rtn_rows(W, spec, row_bits) if method is rtn else method(W, spec, row_bits=row_bits)
-    else:
-        q = method(W, spec)
+    q = method(W, spec) if row_bits is None else method(W, spec, row_bits=row_bits)
     out[u.name] = q.to("cpu")
     if write_back:
         set_unit_weight(modules, u, q.dequantize())
 
 
-def gptq_units(model, units, plan, run, out) -> None:
+def gptq_units(model, units, plan, run, out, quantizer: Quantizer = Quantizer("gptq")) -> None:
     """Collect XᵀX for ``units`` with one pass of ``run()``, then GPTQ each of them in place (where its weight
-    is: a block on the compute device), recording each QuantizedWeight in ``out``."""
+    is: a block on the compute device), recording each QuantizedWeight in ``out``. ``quantizer.sequential``:
+    the units are quantized in groups that read the same input (q/k/v, then o, then gate/up, then down, in the
+    order the forward pass reaches them), XᵀX collected again before each group with the earlier ones quantized."""
     modules = dict(model.named_modules())
     H: dict[str, torch.Tensor] = {}
+    order: dict[str, tuple[int, torch.Tensor]] = {}   # unit -> (first call, its input tensor, held for the pass)
+    _collect(modules, units, run, H, order)
+    unreached = [u.name for u in units if u.kind in EXPERT_KINDS and u.name not in H]
+    if unreached:
+        warnings.warn(f"GPTQ rounds {len(unreached)} MoE expert unit(s) to nearest (RTN): their inputs were not seen "
+                      f"({few(unreached)}): no calibration token "
+                      "reached them, or the experts module multiplies by its expert slices in a way "
+                      "alloc/models/expert_inputs.py does not catch (F.linear or x @ W per expert)", BitallocWarning, stacklevel=4)
+    groups = _sequential_groups(units, order) if quantizer.sequential else [units]
+    order.clear()
+    for k, group in enumerate(groups):
+        if k > 0:                          # the groups before are quantized now: their effect on this one's inputs
+            H.clear()
+            _collect(modules, group, run, H, {})
+        for u in group:
+            # embeddings and experts no calibration token reached are rounded to nearest
+            method = quantizer.rtn if u.name not in H else \
+                (lambda W, spec, H=H[u.name], **kw: quantizer.gptq(W, H, spec, **kw))
+            _quantize_unit(modules, u, plan.layers[u.name], method, out, plan.row_bits.get(u.name))
 
+
+def _collect(modules, units, run, H: dict, order: dict) -> None:
+    """One pass of ``run()`` adding each unit's Σ xᵀx to ``H`` (and, in ``order``, when it was first reached
+    and by which input tensor)."""
     def hook(name):
         def fn(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = args[0]
+            order.setdefault(name, (len(order), x))          # held: its id is not reused meanwhile
+            x = x.detach().reshape(-1, x.shape[-1]).float()
             H[name] = H.get(name, 0) + x.T @ x
         return fn
 
@@ -117,19 +138,29 @@ def gptq_units(model, units, plan, run, out) -> None:
     finally:
         for h in handles:
             h.remove()
-    unreached = [u.name for u in units if u.kind in EXPERT_KINDS and u.name not in H]
-    if unreached:
-        warnings.warn(f"GPTQ rounds {len(unreached)} MoE expert unit(s) to nearest (RTN): their inputs were not seen "
-                      f"({few(unreached)}): no calibration token "
-                      "reached them, or the experts module multiplies by its expert slices in a way "
-                      "alloc/models/expert_inputs.py does not catch (F.linear or x @ W per expert)", BitallocWarning, stacklevel=4)
-    for u in units:
-        # embeddings and experts no calibration token reached are rounded to nearest
-        method = rtn if u.name not in H else (lambda W, spec, H=H[u.name], **kw: gptq(W, H, spec, **kw))
-        _quantize_unit(modules, u, plan.layers[u.name], method, out, plan.row_bits.get(u.name))
 
 
-def _gptq_model(model, units, plan, calibration, batch_size, progress, out, compute_device=None) -> None:
+def _sequential_groups(units: list[Unit], order: dict) -> list[list[Unit]]:
+    """``units`` in groups that read one input tensor, in the order the forward pass reached them; units not
+    reached by a hook (MoE experts, embeddings) join the last group."""
+    reached = sorted((u for u in units if u.name in order), key=lambda u: order[u.name][0])
+    groups: list[list[Unit]] = []
+    inputs: dict[int, int] = {}
+    for u in reached:
+        key = id(order[u.name][1])
+        if key not in inputs:
+            inputs[key] = len(groups)
+            groups.append([])
+        groups[inputs[key]].append(u)
+    rest = [u for u in units if u.name not in order]
+    if rest:
+        groups = groups or [[]]
+        groups[-1] += rest
+    return groups
+
+
+def _gptq_model(model, units, plan, calibration, batch_size, progress, out, compute_device=None,
+                quantizer: Quantizer = Quantizer("gptq")) -> None:
     """GPTQ block by block (alloc/models/stream.py): each block's XᵀX is collected on the hidden states that went
     through the already-quantized blocks before it, its units are quantized where the block sits (the compute
     device when the weights stay on the host: the quantized weights then replace the host ones), and its
@@ -139,7 +170,7 @@ def _gptq_model(model, units, plan, calibration, batch_size, progress, out, comp
         def run_model():
             for b in batches:
                 model(input_ids=b.to(next(model.parameters()).device), use_cache=False)
-        gptq_units(model, units, plan, run_model, out)
+        gptq_units(model, units, plan, run_model, out, quantizer)
         return
     stream = BlockStream(model, units, compute_device)
     device = stream.device
@@ -155,7 +186,7 @@ def _gptq_model(model, units, plan, calibration, batch_size, progress, out, comp
                 def run_block(i=i, hidden=hidden):
                     for h, e in zip(hidden, extras):
                         stream.run_block(i, h.to(device), e)
-                gptq_units(model, block_units, plan, run_block, out)
+                gptq_units(model, block_units, plan, run_block, out, quantizer)
                 with torch.no_grad():       # the quantized block's outputs feed the next block
                     hidden = [stream.run_block(i, h.to(device), e).cpu() for h, e in zip(hidden, extras)]
         rest = [u for u in units if stream.block_of(u) is None]
@@ -163,4 +194,4 @@ def _gptq_model(model, units, plan, calibration, batch_size, progress, out, comp
             def run_rest():
                 for h, b in zip(hidden, batches):
                     stream.rest(h.to(device), b)
-            gptq_units(model, rest, plan, run_rest, out)
+            gptq_units(model, rest, plan, run_rest, out, quantizer)

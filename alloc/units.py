@@ -21,6 +21,7 @@ one width, which lets a runtime fuse their matmuls.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -268,14 +269,18 @@ def _fused_group(name: str, chosen: dict[str, str]) -> str | None:
     return None
 
 
-def find_blocks(model: nn.Module, units: list[Unit]) -> list[tuple[str, nn.Module]]:
-    """The repeated blocks (decoder layers) that hold the units: the ModuleList covering the most units."""
+def find_blocks(model: nn.Module, units: list[Unit] | None) -> list[tuple[str, nn.Module]]:
+    """The repeated blocks (decoder layers) that hold the units: the ModuleList covering the most units
+    (``units`` None, e.g. a packed model: the ModuleList holding the most weights)."""
     best: list[tuple[str, nn.Module]] = []
     best_count = 0
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             prefix = f"{name}."
-            count = sum(u.module_name.startswith(prefix) for u in units)
+            if units is None:
+                count = sum(t.numel() for t in itertools.chain(module.parameters(), module.buffers()))
+            else:
+                count = sum(u.module_name.startswith(prefix) for u in units)
             if count > best_count:
                 best_count = count
                 best = [(f"{name}.{i}", child) for i, child in enumerate(module)]

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import BitallocError
 from ..registry import instantiate
 from ..options import QuantSpec
+from ..quantize import Quantizer, as_quantizer
 from ..units import EXPERT_KINDS, Unit, unit_param
 from .table import SensitivityTable
 
@@ -62,6 +63,13 @@ class Probe(ABC):
     def __post_init__(self) -> None:
         if hasattr(self, "stream"):
             check_stream_mode(self.stream)
+        if hasattr(self, "quantizer"):
+            as_quantizer(self.quantizer)
+
+    @property
+    def rounding(self) -> Quantizer:
+        """The quantizer whose damage the costs measure (the probe's ``quantizer`` setting: rtn or gptq)."""
+        return as_quantizer(getattr(self, "quantizer", "rtn"))
 
     def settings(self) -> dict[str, Any]:
         """What the table depends on (its cache key): block streaming gives the same numbers, so ``stream``
@@ -192,3 +200,8 @@ PROBES: dict[str, str] = {
 def get_probe(name: str, **settings: Any) -> Probe:
     """Instantiate a probe by name (lazy import, so ``import bitalloc`` stays light)."""
     return instantiate(PROBES, "probe", name, settings)
+
+
+def takes_quantizer(name: str) -> bool:
+    """Whether the probe ``name`` can measure the damage of another quantizer than RTN (a ``quantizer`` setting)."""
+    return "quantizer" in get_probe(name).settings()

@@ -7,6 +7,9 @@ E[(g ⊗ x)(g ⊗ x)ᵀ] ≈ E[g gᵀ] ⊗ E[x xᵀ], and E[g gᵀ] kept diagona
 
 g = gradient of the summed next-token loss with respect to the layer's output y (per token), x = its input.
 It keeps output_error's input correlations (H) and fisher's loss weighting (G) in one forward+backward pass.
+Each term i is one output row's cost (per-row plans). ``quantizer="gptq"``: ΔW is what GPTQ does to the
+unit on its own H (its error is shaped to cancel over correlated inputs, which H sees and a diagonal
+Fisher does not), so the costs are those of the quantizer the plan will be applied with.
 """
 from __future__ import annotations
 
@@ -18,28 +21,31 @@ import torch
 from tqdm.auto import tqdm
 
 from ..options import QuantSpec
-from ..quantize import fake_quantize
+from ..quantize import Quantizer
 from ..units import Unit, unit_weight
 from .base import (Probe, Workload, check_loss, check_trainable, grads_only_for,
                    modules_by_name, refuse_experts, streams, unique_params)
 from .table import SensitivityTable
 
 
-def kfac_cost(W: torch.Tensor, G: torch.Tensor, Hn: torch.Tensor, options: list[QuantSpec]) -> torch.Tensor:
-    """(O,) float64: ½ Σ_i G_i (ΔW Hn ΔWᵀ)_ii of one unit under each option."""
+def kfac_cost(W: torch.Tensor, G: torch.Tensor, Hn: torch.Tensor, options: list[QuantSpec],
+              quantizer: Quantizer = Quantizer()) -> torch.Tensor:
+    """(out, O) float64: ½ G_i (ΔW Hn ΔWᵀ)_ii of each output row i of one unit under each option (their sum
+    is the unit's cost), ΔW = what ``quantizer`` does to W (GPTQ: on this unit's own XᵀX)."""
     W = W.detach().float()
-    row = torch.zeros(len(options), dtype=torch.float64)
+    rows = torch.zeros(W.shape[0], len(options), dtype=torch.float64)
     for j, spec in enumerate(options):
-        dW = (fake_quantize(W, spec) - W).double()
-        row[j] = 0.5 * float((G * ((dW @ Hn) * dW).sum(1)).sum())
-    return row
+        dW = (quantizer.fake(W, spec, Hn) - W).double()
+        rows[:, j] = 0.5 * G * ((dW @ Hn) * dW).sum(1)
+    return rows
 
 
 class KFACCollector:
     """kfac under block streaming (streamed.py): input XᵀX and squared output gradients of a block's units."""
 
-    def __init__(self, model, options: list[QuantSpec], workload: Workload):
-        self.modules, self.options = modules_by_name(model, []), options
+    def __init__(self, model, options: list[QuantSpec], workload: Workload, quantizer: Quantizer = Quantizer()):
+        self.modules, self.options, self.quantizer = modules_by_name(model, []), options, quantizer
+        self.rows: dict[int, torch.Tensor] = {}           # unit index -> (out, O) row costs
         self.terms = getattr(workload, "loss_terms", lambda batch: 1)     # how many terms the loss averages
         self.H: dict[str, torch.Tensor] = {}
         self.G: dict[str, torch.Tensor] = {}
@@ -76,8 +82,13 @@ class KFACCollector:
 
     def reduce(self, cost, rows, units, steps):
         for j, u in zip(rows, units):
-            cost[j] = kfac_cost(unit_weight(self.modules, u), self.G.pop(u.name), self.H.pop(u.name) / self.n_tokens,
-                                self.options)
+            self.rows[j] = kfac_cost(unit_weight(self.modules, u), self.G.pop(u.name),
+                                     self.H.pop(u.name) / self.n_tokens, self.options, self.quantizer)
+            cost[j] = self.rows[j].sum(0)
+
+    def row_table(self, n_units: int) -> torch.Tensor:
+        """The row costs of units 0..n_units−1, one after another (SensitivityTable.row_cost)."""
+        return torch.cat([self.rows[j] for j in range(n_units)])
 
     def loss_scale(self, batch):
         self.n_tokens += batch.numel()
@@ -88,20 +99,23 @@ class KFACCollector:
 class KFACProbe(Probe):
     name = "kfac"
     needs_grad = True
+    gives_rows = True
     micro_batch: int = 4
     stream: str = "auto"                  # one decoder block at a time (streamed.py): auto, on, off
+    quantizer: str = "rtn"                # whose ΔW the costs measure: rtn, or gptq (on each unit's own XᵀX)
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         model = workload.model
         refuse_experts(units, self.name)
         if streams(workload, units, self.stream):
             from .streamed import streamed_costs
-            collector = KFACCollector(model, options, workload)
+            collector = KFACCollector(model, options, workload, self.rounding)
             cost, _ = streamed_costs(workload, units, options, collector, micro_batch=self.micro_batch,
                                      desc="kfac (streamed)")
-            return self.table(units, options, cost, n_tokens=collector.n_tokens, streamed=True)
+            return self.table(units, options, cost, collector.row_table(len(units)), n_tokens=collector.n_tokens,
+                              streamed=True)
         check_trainable(model, units)
-        collector = KFACCollector(model, options, workload)
+        collector = KFACCollector(model, options, workload, self.rounding)
         first = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         handles = []
         if first is not None:  # gradients must flow to every layer although no weight requires them
@@ -122,4 +136,4 @@ class KFACProbe(Probe):
         n_tokens = collector.n_tokens
         cost = torch.zeros(len(units), len(options), dtype=torch.float64)
         collector.reduce(cost, list(range(len(units))), units, 0)
-        return self.table(units, options, cost, n_tokens=n_tokens, streamed=False)
+        return self.table(units, options, cost, collector.row_table(len(units)), n_tokens=n_tokens, streamed=False)

@@ -4,8 +4,8 @@ KL(fp ‖ quantized) of the next-token distribution over calibration windows, re
 Slow by nature (units × options forward passes over ``n_windows``); its table is cached like any other.
 For encoders the divergence is 1 − cosine of the sentence embeddings.
 
-Streamed (``stream="on"``, or ``auto`` when the weights stay on the host or the model is large): one decoder
-block at a time (alloc/models/stream.py). The fp hidden state entering block b is computed once; each unit of block
+Streamed (``stream="on"``, and ``auto`` for every causal LM made of decoder blocks): one decoder block at a
+time (alloc/models/stream.py). The fp hidden state entering block b is computed once; each unit of block
 b is quantized in turn and block b run on that state, giving one perturbed state per unit × option; those
 states then visit blocks b+1 … L−1 together (each block is put on the compute device once per group, not
 once per unit × option) and end in the LM head, where their KL to the fp logits is taken. Same windows,
@@ -22,13 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..options import QuantSpec
-from ..quantize import fake_quantize
+from ..quantize import Quantizer
 from ..units import Unit, set_unit_weight, unit_weight
 from .base import Probe, Workload, modules_by_name, streams, tied_to_embeddings
 from .table import SensitivityTable
 
 WINDOWS_PER_BATCH = 4
 STATE_BYTES = 2 << 30       # host memory for the perturbed hidden states of one group (streamed path)
+REF_LOGITS_BYTES = 1 << 30  # the fp logits at the scored positions are kept up to this size, else recomputed
 
 
 @dataclass(frozen=True)
@@ -36,49 +37,72 @@ class MeasuredKLProbe(Probe):
     name = "measured_kl"
     n_windows: int = 8
     stream: str = "auto"                  # one decoder block at a time: auto, on, off
+    quantizer: str = "rtn"                # rtn, or gptq (each unit on its own XᵀX from the fp model)
+    stride: int = 1                       # the KL at every stride-th position (the LM head's cost; streamed path)
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         tokens = torch.cat(list(workload.batches()))[: self.n_windows]
         batches = [tokens[i:i + WINDOWS_PER_BATCH] for i in range(0, len(tokens), WINDOWS_PER_BATCH)]
-        if streams(workload, units, self.stream):
-            cost = streamed_measured_kl(workload, units, options, batches)
+        if self._streamed(workload, units):
+            cost = streamed_measured_kl(workload, units, options, batches, self.rounding, self.stride)
             return self.table(units, options, cost, n_windows=len(tokens), streamed=True)
         modules = modules_by_name(workload.model, units)
+        H = _hessians(workload, units, batches) if self.rounding.method == "gptq" else {}
         cost = torch.zeros(len(units), len(options), dtype=torch.float64)
         with torch.no_grad():
             reference = [workload.logits(b) for b in batches]
             bar = tqdm(total=len(units) * len(options), desc="measured_kl", leave=False)
             for i, unit in enumerate(units):
-                W = unit_weight(modules, unit).detach().clone()
-                try:
-                    for j, spec in enumerate(options):
-                        set_unit_weight(modules, unit, fake_quantize(W.float(), spec))
+                for j, spec in enumerate(options):
+                    with _Quantized(modules, unit, spec, self.rounding, H.get(unit.name)):
                         kl = sum(float(workload.divergence(ref, workload.logits(b))) * len(b)
                                  for ref, b in zip(reference, batches)) / len(tokens)
-                        cost[i, j] = max(kl, 0.0)
-                        bar.update()
-                finally:
-                    set_unit_weight(modules, unit, W)
+                    cost[i, j] = max(kl, 0.0)
+                    bar.update()
             bar.close()
         return self.table(units, options, cost, n_windows=len(tokens))
 
 
-class _Quantized:
-    """While active, ``unit`` holds its ``spec``-quantized weight (on whatever device its data is now)."""
+    def _streamed(self, workload: Workload, units: list[Unit]) -> bool:
+        """auto: block by block whenever the model is a causal LM of decoder blocks; it is the cheaper path
+        (each unit's perturbed state runs only the blocks after it) and keeps no reference logits."""
+        from ..units import find_blocks
+        if self.stream == "auto" and getattr(workload, "can_stream", False) and getattr(workload, "compute_device",
+                                                                                       None) is None:
+            return bool(find_blocks(workload.model, units))
+        return streams(workload, units, self.stream)
 
-    def __init__(self, modules, unit: Unit, spec: QuantSpec):
-        self.modules, self.unit, self.spec = modules, unit, spec
+
+def _hessians(workload, units, batches) -> dict[str, torch.Tensor]:
+    """XᵀX of every unit on the probe's windows, the fp model throughout (for GPTQ)."""
+    from .output_error import hessian_hooks
+    H: dict[str, torch.Tensor] = {}
+    with hessian_hooks(modules_by_name(workload.model, units), units, H) as new_batch, torch.no_grad():
+        for b in batches:
+            new_batch()
+            workload.run(b)
+    return H
+
+
+class _Quantized:
+    """While active, ``unit`` holds its ``spec``-quantized weight by ``quantizer`` (GPTQ on ``H``), on whatever
+    device its data is now."""
+
+    def __init__(self, modules, unit: Unit, spec: QuantSpec, quantizer: Quantizer = Quantizer(),
+                 H: torch.Tensor | None = None):
+        self.modules, self.unit, self.spec, self.quantizer, self.H = modules, unit, spec, quantizer, H
 
     def __enter__(self):
         self.W = unit_weight(self.modules, self.unit).detach().clone()
-        set_unit_weight(self.modules, self.unit, fake_quantize(self.W.float(), self.spec))
+        set_unit_weight(self.modules, self.unit, self.quantizer.fake(self.W, self.spec, self.H))
 
     def __exit__(self, *exc):
         set_unit_weight(self.modules, self.unit, self.W)
 
 
 def streamed_measured_kl(workload: Workload, units: list[Unit], options: list[QuantSpec],
-                         batches: list[torch.Tensor]) -> torch.Tensor:
+                         batches: list[torch.Tensor], quantizer: Quantizer = Quantizer(),
+                         stride: int = 1) -> torch.Tensor:
     """cost (U, O) float64, one decoder block at a time (see the module docstring)."""
     stream = workload.stream(units)
     modules = modules_by_name(workload.model, units)
@@ -88,7 +112,7 @@ def streamed_measured_kl(workload: Workload, units: list[Unit], options: list[Qu
     tied = {u.name for u in tied_to_embeddings(workload.model, units)}
     where = [b if (b := stream.block_of(u)) is not None else
              (-1 if u.kind == "embedding" or u.name in tied else n_blocks) for u in units]
-    n_tokens = sum(len(b) for b in batches)
+    n_windows = sum(len(b) for b in batches)
     cost = torch.zeros(len(units), len(options), dtype=torch.float64)
     bar = tqdm(total=len(units) * len(options), desc="measured_kl (streamed)", leave=False)
 
@@ -98,16 +122,35 @@ def streamed_measured_kl(workload: Workload, units: list[Unit], options: list[Qu
             return [[stream.run_block(i, h.to(device), e).cpu() for h, e in zip(s, extras)] for s in states]
 
     def score(pairs, states):
-        """KL of each pair's final hidden states (None: the fp ones) against the fp logits, batch by batch.
-        Units outside the blocks are quantized again for the logits: an LM head, or an embedding whose
-        weight the head shares (quantizing an untied embedding there changes nothing)."""
+        """KL of each pair's final hidden states (None: the fp ones) against the fp logits, batch by batch,
+        the LM head a few positions at a time (alloc/models/head.py). Units outside the blocks are quantized
+        again for the logits: an LM head, or an embedding whose weight the head shares (quantizing an untied
+        embedding there changes nothing)."""
         for k, b in enumerate(batches):
-            ref = stream.logits(final[k].to(device), b)
             for (j, o), s in zip(pairs, states):
                 outside = where[j] in (-1, n_blocks)
-                with _Quantized(modules, units[j], options[o]) if outside else contextlib.nullcontext():
-                    out = stream.logits((final[k] if s is None else s[k]).to(device), b)
-                cost[j, o] += float(workload.divergence(ref, out)) * len(b) / n_tokens
+                scored = (lambda: _Quantized(modules, units[j], options[o], quantizer, H.get(units[j].name))) \
+                    if outside else None
+                kl = head.kl(final[k].to(device), (final[k] if s is None else s[k]).to(device), b.to(device),
+                             stride=stride, ref=refs[k], head=scored)
+                cost[j, o] += float(kl.sum()) / n_windows          # kl: per window, mean over its tokens
+
+    head = workload.head(stream)
+    H: dict[str, torch.Tensor] = {}                             # XᵀX of the units GPTQ needs, block by block
+
+    def hessians(i, states):
+        """Block i on the fp states with the XᵀX of its units collected (GPTQ), as ``run`` does."""
+        if quantizer.method != "gptq":
+            return run(i, [states])[0]
+        from .output_error import hessian_hooks
+        block_units = [u for u, b in zip(units, where) if b == i]
+        with hessian_hooks(modules, block_units, H) as new_batch:
+            with stream.block_on_device(i):
+                out = []
+                for h, e in zip(states, extras):
+                    new_batch()
+                    out.append(stream.run_block(i, h.to(device), e).cpu())
+        return out
 
     with torch.no_grad(), stream.resident():
         firsts = [stream.inputs(b) for b in batches]
@@ -115,7 +158,13 @@ def streamed_measured_kl(workload: Workload, units: list[Unit], options: list[Qu
         entering = [h.cpu() for h, _ in firsts]
         final = entering
         for i in range(n_blocks):
-            final = run(i, [final])[0]
+            final = hessians(i, final)
+        if quantizer.method == "gptq" and any(p in (-1, n_blocks) for p in where):
+            H.update(_hessians(workload, [u for u, p in zip(units, where) if p in (-1, n_blocks)], batches))
+        vocab, T = head.vocab, batches[0].shape[1]
+        keep = n_windows * -(-T // stride) * vocab * final[0].element_size() <= REF_LOGITS_BYTES
+        refs = [head.reference(f.to(device), b.to(device), stride=stride) if keep else None
+                for f, b in zip(final, batches)]
         boundary = entering                                     # fp hidden state entering block p
         state_bytes = sum(h.numel() * h.element_size() for h in entering)
         group = max(1, STATE_BYTES // max(state_bytes, 1))
@@ -129,7 +178,7 @@ def streamed_measured_kl(workload: Workload, units: list[Unit], options: list[Qu
                     states = []
                     with stream.block_on_device(p) if p >= 0 else contextlib.nullcontext():
                         for j, o in chunk:
-                            with _Quantized(modules, units[j], options[o]):
+                            with _Quantized(modules, units[j], options[o], quantizer, H.get(units[j].name)):
                                 if p == -1:
                                     states.append([stream.inputs(b)[0].cpu() for b in batches])
                                 else:

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..options import QuantSpec
-from ..quantize import fake_quantize
+from ..quantize import Quantizer
 from ..units import Unit, unit_weight
 from ..errors import BitallocError
 from .base import Probe, Workload, modules_by_name, refuse_experts, streams
@@ -58,13 +58,14 @@ def collect_hessians(workload: Workload, units: list[Unit], *, desc: str = "coll
     with hessian_hooks(modules, units, H) as new_batch, torch.no_grad():
         for batch in tqdm(workload.batches(), total=workload.n_batches(), desc=desc, leave=False):
             new_batch()
-            workload.logits(batch)
+            (workload.run if hasattr(workload, "run") else workload.logits)(batch)
             tokens += batch.numel()
     return H, tokens
 
 
 def streamed_output_error(workload: Workload, units: list[Unit], options: list[QuantSpec],
-                          desc: str = "output_error (streamed)") -> tuple[torch.Tensor, int]:
+                          desc: str = "output_error (streamed)",
+                          quantizer: Quantizer = Quantizer()) -> tuple[torch.Tensor, int]:
     """The output_error table one decoder block at a time (alloc/models/stream.py): H of one block's units at a
     time, reduced to their cost rows before the next block; only the current boundary activations are kept."""
     stream = workload.stream(units)
@@ -79,7 +80,7 @@ def streamed_output_error(workload: Workload, units: list[Unit], options: list[Q
 
     def reduce(rows, H):
         for j in rows:
-            r = unit_row_errors(unit_weight(modules, units[j]), H[units[j].name], options) / n_tokens
+            r = unit_row_errors(unit_weight(modules, units[j]), H[units[j].name], options, quantizer) / n_tokens
             row_cost[j], cost[j] = r, r.sum(0)
 
     with torch.no_grad(), stream.resident():
@@ -108,10 +109,12 @@ def row_errors(dW: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return ((dW @ H.double()) * dW).sum(1)
 
 
-def unit_row_errors(W: torch.Tensor, H: torch.Tensor, options: list[QuantSpec]) -> torch.Tensor:
-    """(out, O) row errors of one unit under each option."""
+def unit_row_errors(W: torch.Tensor, H: torch.Tensor, options: list[QuantSpec],
+                    quantizer: Quantizer = Quantizer()) -> torch.Tensor:
+    """(out, O) row errors of one unit under each option, ΔW by ``quantizer`` (GPTQ: on this H)."""
     W = W.detach().float()
-    return torch.stack([row_errors(fake_quantize(W, spec) - W, H) for spec in options], dim=1)
+    gptq_h = H if H.dim() == 2 else None                    # an embedding's H is a diagonal of counts
+    return torch.stack([row_errors(quantizer.fake(W, spec, gptq_h) - W, H) for spec in options], dim=1)
 
 
 @dataclass(frozen=True)
@@ -120,15 +123,16 @@ class OutputErrorProbe(Probe):
     samples_meta = "n_tokens"
     gives_rows = True
     stream: str = "auto"                  # one decoder block at a time: auto, on, off
+    quantizer: str = "rtn"                # whose ΔW the costs measure: rtn, or gptq (on each unit's own XᵀX)
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         refuse_experts(units, self.name)
         if streams(workload, units, self.stream):
-            cost, n_tokens, row_cost = streamed_output_error(workload, units, options)
+            cost, n_tokens, row_cost = streamed_output_error(workload, units, options, quantizer=self.rounding)
             return self.table(units, options, cost, row_cost, n_tokens=n_tokens, streamed=True)
         H, n_tokens = collect_hessians(workload, units)
         modules = modules_by_name(workload.model, units)
-        rows = [unit_row_errors(unit_weight(modules, u), H[u.name], options) / n_tokens
+        rows = [unit_row_errors(unit_weight(modules, u), H[u.name], options, self.rounding) / n_tokens
                 for u in tqdm(units, desc="output_error costs", leave=False)]
         cost = torch.stack([r.sum(0) for r in rows])
         return self.table(units, options, cost, torch.cat(rows), n_tokens=n_tokens)

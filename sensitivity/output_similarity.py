@@ -38,7 +38,7 @@ def block_importance(workload: Workload, units: list[Unit]) -> dict[str, float]:
     try:
         with torch.no_grad():
             for batch in workload.batches():
-                workload.logits(batch)
+                (workload.run if hasattr(workload, "run") else workload.logits)(batch)
                 count["tokens"] += batch.numel()
     finally:
         for h in handles:

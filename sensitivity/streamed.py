@@ -83,7 +83,7 @@ def streamed_costs(workload: Workload, units: list[Unit], options: list[QuantSpe
         with grads_only_for(model, params), collector.collect(head_units):
             for k, b in enumerate(batches):
                 h = hidden[-1][k].to(device).requires_grad_(True)
-                loss = workload.loss_from_logits(stream.logits(h, b), b)
+                loss = workload.loss_after_blocks(stream, h, b)
                 check_loss(loss, f"calibration micro-batch {k}")
                 torch.autograd.backward(loss * collector.loss_scale(b), inputs=[h, *params])
                 grads_out.append(h.grad.detach())

@@ -71,7 +71,7 @@ class SensitivityTable:
         """(out, O) row costs of unit ``i`` (the table must have row costs)."""
         if self.row_cost is None:
             raise BitallocError(f"the {self.probe} table has no row costs: use a probe that gives them (fisher, "
-                                "output_error) or --granularity layer")
+                                "kfac, output_error) or --granularity layer")
         off = self.row_offsets()
         return self.row_cost[off[i]:off[i + 1]]
 

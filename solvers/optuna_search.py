@@ -218,10 +218,12 @@ class OptunaSolver(Solver):
             callbacks.append(MaxTrialsCallback(self.n_trials, states=(optuna.trial.TrialState.COMPLETE,)))
         done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
         remaining = max(0, self.n_trials - done)
-        if remaining:
-            study.optimize(objective, n_trials=remaining, timeout=self.timeout, callbacks=callbacks,
-                           show_progress_bar=self.progress and not os.environ.get("CI"))
-        restore = getattr(self.fitness, "restore", None)
-        if restore:
-            restore()
+        try:
+            if remaining:
+                study.optimize(objective, n_trials=remaining, timeout=self.timeout, callbacks=callbacks,
+                               show_progress_bar=self.progress and not os.environ.get("CI"))
+        finally:                      # an interrupted or failed study leaves the model as it found it
+            restore = getattr(self.fitness, "restore", None)
+            if restore:
+                restore()
         return study

@@ -40,7 +40,7 @@ def add_eval_windows(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local Hugging Face model folder (default: the embedded refllama-s)")
+    p.add_argument("--model", help="local Hugging Face model folder or .gguf file (default: the embedded refllama-s)")
     p.add_argument("--calib", help="calibration text file (default: Python's own help topics)")
     p.add_argument("--options", help="candidate widths, e.g. 2,3,4,8 or 3g64 (default 2,3,4,8 at --group-size)")
     p.add_argument("--group-size", type=count_type, default=128, help="weights per scale along the input (default 128)")
@@ -91,15 +91,15 @@ def check_model_args(args) -> None:
     from ..options import parse_options
     from ..sensitivity.base import PROBES
     if getattr(args, "model", None):
-        from ..models.loading import check_model_folder
-        check_model_folder(args.model)
+        from ..models.loading import check_model_path
+        check_model_path(args.model)
     if getattr(args, "calib", None):
         checks.input_file(args.calib, "--calib", "UTF-8 text file")
     if getattr(args, "probe", None) is not None:
         checks.one_of(args.probe, list(PROBES), "probe")
         from ..sensitivity import get_probe
         if getattr(args, "granularity", "layer") == "row" and not get_probe(args.probe).gives_rows:
-            raise BitallocError(f"the {args.probe} probe gives no per-row costs: use --probe fisher with "
+            raise BitallocError(f"the {args.probe} probe gives no per-row costs: use --probe fisher, kfac or output_error with "
                                 "--granularity row")
     resolve_solver(args)
     if getattr(args, "solver", None) is not None:
@@ -168,7 +168,7 @@ def solver_settings(args, prepared) -> dict:
         settings = {"generations": args.generations, "time_limit": args.time_limit, "seed": args.seed}
     elif args.solver == "optuna":
         settings = {"n_trials": args.generations, "timeout": args.time_limit, "seed": args.seed}
-    return with_fitness(prepared, args.solver, settings)
+    return with_fitness(prepared, args.solver, settings, quantizer=getattr(args, "quantizer", None) or "rtn")
 
 
 def eval_tokens(prepared, path: str, n_windows: int, seq_len: int):

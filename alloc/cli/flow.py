@@ -19,7 +19,7 @@ def print_calibration(prepared, args) -> None:
 
 
 def cmd_allocate(args) -> None:
-    from ..api import measure, solve
+    from ..api import finish, measure, quantizer_settings, solve
     checks.output_file(args.out)
     check_model_args(args)
     if args.baselines and not args.eval:
@@ -27,14 +27,20 @@ def cmd_allocate(args) -> None:
     t0 = time.time()
     prepared = prepare_model(args)
     print_calibration(prepared, args)
-    table = measure(prepared, args.probe, settings=probe_settings(args), cache=not args.no_cache)
-    plan = solve(table, args.budget, args.solver, settings=solver_settings(args, prepared),
-                 count_overhead=not args.nominal, fuse=args.fuse, granularity=args.granularity)
-    plan.extra["quantizer"] = args.quantizer
+    settings = quantizer_settings(args.probe, args.quantizer, probe_settings(args))
+    table = measure(prepared, args.probe, settings=settings, cache=not args.no_cache)
+    search = solver_settings(args, prepared)
+    plan = solve(table, args.budget, args.solver, settings=search, count_overhead=not args.nominal, fuse=args.fuse,
+                 granularity=args.granularity)
+    plan = finish(prepared, table, plan, quantizer=args.quantizer, refine=args.refine, fitness=search.get("fitness"))
     print_plan(plan)
     print(f"\nbudget {args.budget} {'nominal' if args.nominal else 'true'} bits/weight · "
           f"true {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver}"
           f" · {len(plan.layers)} layers, {plan.n_params:,} weights, {plan.size_bytes() / 2**20:.2f} MiB packed")
+    if "refine" in plan.extra:
+        r = plan.extra["refine"]
+        print(f"refine: KL on {r['kl_windows']} calibration windows {r['seed_kl']:.5f} -> {r['kl']:.5f} "
+              f"({r['generations']} generations, {r['seconds']:.0f} s)")
     if args.eval:
         _evaluate_plans(args, prepared, table, plan)
     plan.save(args.out)
@@ -113,6 +119,7 @@ def cmd_eval(args) -> None:
     checks.input_file(args.text, "--text", "UTF-8 text file")
     check_model_args(args)
     plan = BitPlan.load(args.plan)
+    args.quantizer = args.quantizer or plan.extra.get("quantizer", "rtn")
     prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, dtype=args.dtype,
                        experts=plan.extra.get("experts", "per-expert"))
     place_model(prepared, args, can_stream=args.quantizer == "rtn" and args.stream != "off")
@@ -133,6 +140,7 @@ def cmd_apply(args) -> None:
     out = check_new_folder(args.out)           # fail before the slow part; save() checks again
     check_model_args(args)
     plan = BitPlan.load(args.plan)
+    args.quantizer = args.quantizer or plan.extra.get("quantizer", "rtn")
     prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len,
                        dtype=args.dtype, experts=plan.extra.get("experts", "per-expert"))
     place_model(prepared, args, can_stream=True)

@@ -35,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=budget_type, required=True, help="average TRUE bits per weight (codes+scales+zeros)")
     p.add_argument("--probe", default=DEFAULT_PROBE, help=f"sensitivity probe (default {DEFAULT_PROBE})")
     add_solver_args(p)
-    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"], help="quantizer for --eval (default rtn)")
+    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"],
+                   help="what the plan will be applied with: the probe's costs (kfac, output_error, measured_kl), "
+                        "the row check, --refine and --eval use it (default rtn)")
+    p.add_argument("--refine", type=seconds_type, default=None, metavar="SECONDS",
+                   help="after the solver, search this many seconds for a plan with a lower KL to the fp model "
+                        "on calibration windows (EvoPress-style; layer and row plans)")
     p.add_argument("--fuse", action="store_true", help="q/k/v and gate/up share one width")
     p.add_argument("--nominal", action="store_true", help="budget counts code bits only (count_overhead=False)")
     p.add_argument("--eval", help="text file: report perplexity of fp, the plan and the best uniform plan")
@@ -62,11 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("eval", help="perplexity / KL (or embedding cosine) of a plan")
-    p.add_argument("--model", help="local Hugging Face model folder (default: the embedded refllama-s)")
+    p.add_argument("--model", help="local Hugging Face model folder or .gguf file (default: the embedded refllama-s)")
     p.add_argument("--plan", required=True)
     p.add_argument("--text", required=True, help="evaluation text file")
     p.add_argument("--calib", help="calibration text for GPTQ")
-    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"])
+    p.add_argument("--quantizer", default=None, choices=["rtn", "gptq"],
+                   help="default: the quantizer the plan was made for (its JSON records it), else rtn")
     p.add_argument("--seq-len", type=count_type, default=512)
     p.add_argument("--n-windows", type=count_type, default=128, help="GPTQ calibration windows (default 128)")
     add_eval_windows(p)
@@ -78,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("apply", help="quantize and pack a model by a plan; write safetensors + plan JSON")
-    p.add_argument("--model", help="local Hugging Face model folder (default: the embedded refllama-s)")
+    p.add_argument("--model", help="local Hugging Face model folder or .gguf file (default: the embedded refllama-s)")
     p.add_argument("--plan", required=True)
     p.add_argument("--out", required=True, help="new folder for the packed checkpoint")
-    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"])
+    p.add_argument("--quantizer", default=None, choices=["rtn", "gptq"],
+                   help="default: the quantizer the plan was made for (its JSON records it), else rtn")
     p.add_argument("--calib", help="calibration text for GPTQ (default: Python's own help topics)")
     p.add_argument("--seq-len", type=count_type, default=512)
     p.add_argument("--n-windows", type=count_type, default=128, help="GPTQ calibration windows (default 128)")

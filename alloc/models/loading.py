@@ -46,7 +46,8 @@ def checkpoint_dtype(config) -> torch.dtype:
 
 def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = "auto",
                attn: str | None = None):
-    """(model, tokenizer, kind) from a local Hugging Face folder; kind is "causal_lm" or "encoder".
+    """(model, tokenizer, kind) from a local Hugging Face folder or a GGUF file (models/gguf.py: bf16 unless
+    ``dtype`` says otherwise); kind is "causal_lm" or "encoder".
 
     ``dtype``: "auto" (default) keeps the checkpoint's own dtype (bf16/fp16 for LLMs), so memory is what the
     checkpoint takes; "fp32" etc. override it. The source dtype is kept as ``model.bitalloc_source_dtype``:
@@ -55,7 +56,14 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     from safetensors import SafetensorError
     dtype = parse_dtype(dtype)
     given = path is not None
-    path = check_model_folder(path) if given else default_model_path()
+    path = check_model_path(path) if given else default_model_path()
+    gguf_file = None
+    if path.is_file():                    # a GGUF file: converted once into a cached folder (models/gguf.py)
+        from ..files import cache_dir
+        from .gguf import DEFAULT_DTYPE, converted_folder
+        dtype = dtype or DTYPES[DEFAULT_DTYPE]
+        gguf_file = path
+        path, digest = converted_folder(path, dtype_name(dtype), cache_dir())
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     if attn:
@@ -80,7 +88,14 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     model.name_or_path = str(path)
     model.bitalloc_given_path = str(path) if given else None     # plans record the path only as the user gave it
     model.bitalloc_source_dtype = source
+    if gguf_file is not None:             # the model is the file: its name, its bytes (and the dtype it is read in)
+        model.name_or_path = model.bitalloc_given_path = str(gguf_file)
+        model.bitalloc_file_hash = hashlib.blake2b(f"{digest}:{dtype_name(dtype)}".encode(), digest_size=12).hexdigest()
     return model, tokenizer, kind
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
 
 
 def model_hash(model: nn.Module) -> str:
@@ -94,24 +109,30 @@ def model_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def check_model_folder(path: str | os.PathLike) -> Path:
-    """A local model folder: exists, is a folder, holds config.json."""
+def check_model_path(path: str | os.PathLike) -> Path:
+    """A local model: a folder holding config.json, or a GGUF file."""
     path = Path(path)
     if not path.exists():
-        raise BitallocError(f"model path {str(path)!r} does not exist: give a local folder with config.json")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise BitallocError(f"{str(path)!r} is not a model folder (no config.json): give a Hugging Face model folder")
+        raise BitallocError(f"model path {str(path)!r} does not exist: give a local folder with config.json or a "
+                            ".gguf file")
+    if path.is_file():
+        from .gguf import check_gguf
+        return check_gguf(path)
+    if not (path / "config.json").is_file():
+        raise BitallocError(f"{str(path)!r} is not a model folder (no config.json): give a Hugging Face model folder "
+                            "or a .gguf file")
     return path
 
 
 def model_info(model: nn.Module) -> dict:
-    """What a plan records of its model: id (folder name), content hash, architecture, and the path only
-    when the user gave one, exactly as given (never the install location of the default model)."""
+    """What a plan records of its model: id (folder or GGUF file name), content hash (of a GGUF: of the file
+    and the dtype it was read in), architecture, and the path only when the user gave one, exactly as given
+    (never the install location of the default model)."""
     source = getattr(model, "name_or_path", "") or ""
     given = getattr(model, "bitalloc_given_path", source if source and Path(source).is_dir() else None)
     info = {"id": Path(source).name if source else type(model).__name__,
             "architecture": type(model).__name__,
-            "hash": model_hash(model)}
+            "hash": getattr(model, "bitalloc_file_hash", None) or model_hash(model)}
     if given:
         info["path"] = given
     return info

@@ -2,8 +2,10 @@
 sequential onloading), so a probe holds one block's gradients and statistics at a time, never the whole
 model's.
 
-    inputs(batch)            hidden state entering block 0 plus the keyword arguments every block gets
-                             (rotary embeddings, masks), captured by a pre-hook that stops the forward there
+    inputs(batch)            hidden state entering block 0 plus the arguments each block gets (rotary
+                             embeddings, masks: per block, since families with sliding-window and global
+                             layers, such as Gemma-3, Qwen3 or GPT-OSS, give their layer types different
+                             ones), recorded by stand-ins that pass the hidden state on without computing
     run_block(i, h, extra)   block i on hidden state h -> its output hidden state
     logits(h, batch)         the rest of the model after the last block (final norm, LM head) applied to h:
                              the model's own forward with every block replaced by a stand-in that passes its
@@ -53,6 +55,22 @@ class _StandIn(nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         out = hidden_states if self.value is None else self.value
         return (out,) if self.as_tuple else out
+
+
+class _Recorder(_StandIn):
+    """Takes a block's place in ``inputs``: records the arguments it is called with and passes the hidden
+    state on (the last one stops the forward)."""
+
+    def __init__(self, block: nn.Module, calls: list, last: bool):
+        super().__init__(block, None, False)
+        object.__setattr__(self, "_calls", calls)
+        self.last = last
+
+    def forward(self, *args, **kwargs):
+        self._calls.append((args, kwargs))
+        if self.last:
+            raise _Stop
+        return args[0] if args else kwargs["hidden_states"]
 
 
 @contextlib.contextmanager
@@ -108,28 +126,33 @@ class BlockStream:
         return None
 
     def inputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """(hidden state entering block 0, (args, kwargs) for every block) of a batch of token ids."""
-        captured = {}
-
-        def catch(module, args, kwargs):
-            captured["args"], captured["kwargs"] = args, kwargs
-            raise _Stop
-
-        handle = self.blocks[0][1].register_forward_pre_hook(catch, with_kwargs=True)
+        """(hidden state entering block 0, per block the (args, kwargs) the model hands it) of a batch of token
+        ids: the model's forward with every block replaced by a recorder; the last one stops it."""
+        calls: list[tuple[tuple, dict]] = []
+        originals = [self.container[i] for i in range(len(self.container))]
         try:
+            for i, block in enumerate(originals):
+                self.container[i] = _Recorder(block, calls, last=i == len(originals) - 1)
             self.model(input_ids=batch.to(self.device), use_cache=False)
         except _Stop:
             pass
         finally:
-            handle.remove()
-        if "args" in captured and captured["args"]:
-            args = captured["args"]
-            return args[0], (args[1:], captured["kwargs"])
-        kwargs = dict(captured["kwargs"])
-        return kwargs.pop("hidden_states"), ((), kwargs)
+            for i, block in enumerate(originals):
+                self.container[i] = block
+        extras = []
+        for args, kwargs in calls:
+            kwargs = dict(kwargs)
+            if args:
+                hidden, args = args[0], args[1:]
+            else:
+                hidden = kwargs.pop("hidden_states")
+            extras.append((args, kwargs))
+            if len(extras) == 1:
+                first = hidden
+        return first, tuple(extras)
 
     def run_block(self, i: int, hidden: torch.Tensor, extra: tuple) -> torch.Tensor:
-        args, kwargs = extra
+        args, kwargs = extra[i]
         y = self.blocks[i][1](hidden, *args, **kwargs)
         self.as_tuple = isinstance(y, (tuple, list))
         return y[0] if self.as_tuple else y

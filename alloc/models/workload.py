@@ -18,14 +18,18 @@ if TYPE_CHECKING:
     from .stream import BlockStream
 
 
+LARGE_LOGITS = 1 << 28        # bytes of float32 logits of one micro-batch beyond which the loss is chunked
+
+
 class CausalLMWorkload:
     can_stream = True           # block streaming (alloc/models/stream.py) needs the LM head after the blocks
     def __init__(self, model: nn.Module, tokens: torch.Tensor, *, batch_size: int = 8,
-                 compute_device: str | torch.device | None = None):
+                 compute_device: str | torch.device | None = None, units=None):
         self.model = model
         self.tokens = tokens                      # (n_windows, seq_len) int64
         self.batch_size = batch_size
         self.compute_device = compute_device      # set when the weights stay on the host (block streaming)
+        self.units = units                        # the units (they say which blocks are the decoder's)
 
     @property
     def device(self) -> torch.device:
@@ -41,13 +45,52 @@ class CausalLMWorkload:
 
     def subset(self, n_windows: int) -> "CausalLMWorkload":
         return type(self)(self.model, self.tokens[:n_windows], batch_size=self.batch_size,
-                          compute_device=self.compute_device)
+                          compute_device=self.compute_device, units=self.units)
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=batch).logits.float()             # (b, seq, vocab)
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.loss_from_logits(self.logits(batch), batch)
+        """Mean next-token cross-entropy; with a large vocabulary (Gemma's 262k) the decoder blocks run as
+        usual and the LM head a few positions at a time (alloc/models/head.py), never a batch's full logits."""
+        if not self.large_logits(batch):
+            return self.loss_from_logits(self.logits(batch), batch)
+        stream = self.stream(self.units)
+        h, extra = stream.inputs(batch)
+        for i in range(len(stream.blocks)):
+            h = stream.run_block(i, h, extra)
+        return self.head(stream).loss(h, batch)
+
+    def run(self, batch: torch.Tensor) -> None:
+        """A forward pass for the units' hooks: the decoder blocks only, when every unit lies inside them (the
+        LM head's logits are not needed: 4 GB for a batch of 8 windows of Gemma-3), else the whole model."""
+        from ..units import find_blocks
+        if self.units is None or not find_blocks(self.model, self.units):
+            self.model(input_ids=batch)
+            return
+        stream = self.stream(self.units)
+        if any(stream.block_of(u) is None for u in self.units):
+            self.model(input_ids=batch)
+            return
+        h, extra = stream.inputs(batch)
+        for i in range(len(stream.blocks)):
+            h = stream.run_block(i, h, extra)
+
+    def large_logits(self, batch: torch.Tensor) -> bool:
+        from ..units import find_blocks
+        from .head import vocab_size
+        return batch.numel() * vocab_size(self.model) * 4 > LARGE_LOGITS and self.units is not None \
+            and bool(find_blocks(self.model, self.units))
+
+    def head(self, stream: "BlockStream"):
+        from .head import Head, vocab_size
+        return Head(stream, vocab_size(self.model))
+
+    def loss_after_blocks(self, stream: "BlockStream", h: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """The loss when ``h`` leaves the last block (block-streamed probes), chunked like ``loss``."""
+        if self.large_logits(batch):
+            return self.head(stream).loss(h, batch)
+        return self.loss_from_logits(stream.logits(h, batch), batch)
 
     @staticmethod
     def loss_from_logits(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
@@ -68,10 +111,10 @@ class CausalLMWorkload:
 
     @staticmethod
     def divergence(reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """Mean over tokens of KL(p_ref ‖ p_out)."""
-        ref = F.log_softmax(reference.float(), dim=-1)
-        out = F.log_softmax(output.float(), dim=-1)
-        return (ref.exp() * (ref - out)).sum(-1).mean()
+        """Mean over tokens of KL(p_ref ‖ p_out) of two sets of logits (alloc/models/head.py's kl_terms: a small KL
+        keeps its digits)."""
+        from .head import kl_terms
+        return kl_terms(reference, output)[1].mean()
 
 
 class EncoderWorkload(CausalLMWorkload):
@@ -86,12 +129,15 @@ class EncoderWorkload(CausalLMWorkload):
     def stream(self, units) -> "BlockStream":
         raise BitallocError("block streaming runs causal LMs only (it needs their LM head): use --stream off")
 
+    def run(self, batch: torch.Tensor) -> None:
+        self.model(input_ids=batch)
+
     @staticmethod
     def divergence(reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         return 1 - F.cosine_similarity(reference.float(), output.float(), dim=-1).mean()
 
 
 def make_workload(model: nn.Module, kind: str, tokens: torch.Tensor, *, batch_size: int = 8,
-                  compute_device: str | torch.device | None = None):
+                  compute_device: str | torch.device | None = None, units=None):
     cls = CausalLMWorkload if kind == "causal_lm" else EncoderWorkload
-    return cls(model, tokens, batch_size=batch_size, compute_device=compute_device)
+    return cls(model, tokens, batch_size=batch_size, compute_device=compute_device, units=units)

@@ -47,3 +47,40 @@ def test_fake_quantize_in_row_chunks_equals_whole(spec):
     from bitalloc.quantize import fake_quantize, rtn
     W = torch.randn(301, 200, generator=torch.Generator().manual_seed(0))
     assert torch.equal(fake_quantize(W, spec, rows=64), rtn(W, spec).dequantize())
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(2), QuantSpec(3, 64), QuantSpec(4, 32, True)], ids=lambda s: s.label())
+def test_clipping_search_never_rounds_a_group_worse(spec):
+    from bitalloc.quantize import CLIP_GRID, _group_view
+    W = torch.randn(48, 200, generator=torch.Generator().manual_seed(3)) ** 3      # heavy tails: clipping pays
+    h = torch.rand(200, generator=torch.Generator().manual_seed(4)) + 0.1
+    group_err = lambda q: _group_view(((q.dequantize() - W) ** 2) * h, spec.group_size, 0.0).sum(-1)
+    plain, searched = rtn(W, spec), rtn(W, spec, importance=h, grid=CLIP_GRID)
+    assert (group_err(searched) <= group_err(plain) + 1e-6).all()
+    assert group_err(searched).sum() < 0.95 * group_err(plain).sum()
+    assert searched.codes.min() >= 0 and searched.codes.max() < 2**spec.bits
+
+
+def test_gptq_act_order_keeps_contiguous_groups_fixed_from_the_original_weights():
+    from bitalloc.quantize import group_params
+    torch.manual_seed(1)
+    X = (torch.randn(1024, 256) @ (torch.randn(256, 256) / 16 + torch.eye(256))) * torch.linspace(0.1, 3, 256)
+    W, H, spec = torch.randn(32, 256), X.T @ X, QuantSpec(3, 64)
+    q = gptq(W, H, spec, act_order=True)
+    scale, zero = group_params(W, spec)                                      # static groups: from W itself
+    assert torch.equal(q.scales, scale) and torch.equal(q.zeros, zero)
+    out_err = lambda Wq: float(((Wq - W) @ X.T).pow(2).sum())
+    assert out_err(q.dequantize()) < 0.8 * out_err(rtn(W, spec).dequantize())
+
+
+def test_sequential_gptq_groups_follow_the_forward_pass(tiny_llama_dir):
+    from bitalloc.models.loading import load_model
+    from bitalloc.quantize_model import _collect, _sequential_groups
+    from bitalloc.units import find_units
+    model, _, _ = load_model(tiny_llama_dir)
+    units = [u for u in find_units(model) if ".layers.0." in u.name]
+    order = {}
+    _collect(dict(model.named_modules()), units, lambda: model(input_ids=torch.ones(1, 8, dtype=torch.long)),
+             {}, order)
+    names = [[u.name.rsplit(".", 1)[-1] for u in g] for g in _sequential_groups(units, order)]
+    assert names == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]

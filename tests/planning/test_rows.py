@@ -242,12 +242,21 @@ def test_exports_round_row_plans_up_or_refuse():
 def test_cli_row_granularity(tiny_llama_dir, calib_file, tmp_path, capsys):
     from bitalloc.cli import main
     fast = ["--model", str(tiny_llama_dir), "--calib", str(calib_file), "--seq-len", "64", "--n-windows", "4"]
-    assert main(["allocate", *fast, "--budget", "3.0", "--granularity", "row", "--out", str(tmp_path / "p.json")]) == 0
+    assert main(["allocate", *fast, "--budget", "3.0", "--granularity", "row", "--out", str(tmp_path / "c.json")]) == 0
+    checked = json.loads((tmp_path / "c.json").read_text())
+    err = capsys.readouterr().err
+    if checked["version"] == 2:              # the row plan scored no worse than the layer plan on calibration windows
+        assert checked["solver"] == "closed_form" and checked["extra"]["row_check"]["row_kl"] <= \
+            checked["extra"]["row_check"]["layer_kl"]
+    else:                                    # it scored worse: the layer plan, and a warning that says so
+        assert checked["extra"]["fallback"] and "row plan scores worse" in err
+    assert checked["true_bpw"] <= 3.0
+    from bitalloc import api
+    prepared = api.prepare(tiny_llama_dir, calib_file=calib_file, seq_len=64, n_windows=4)
+    api.solve(api.measure(prepared, "fisher"), 3.0, "closed_form", granularity="row").save(tmp_path / "p.json")
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["version"] == 2 and any("row_bits" in v for v in data["layers"].values())
-    assert data["solver"] == "closed_form" and data["true_bpw"] <= 3.0
-    capsys.readouterr()
-    assert main(["allocate", *fast, "--budget", "3.0", "--granularity", "row", "--probe", "kfac",
+    assert main(["allocate", *fast, "--budget", "3.0", "--granularity", "row", "--probe", "hessian_trace",
                  "--out", str(tmp_path / "q.json")]) == 2
     assert "no per-row costs" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "p.json"), "--out", str(tmp_path / "r.md")]) == 0

@@ -347,3 +347,30 @@ def test_the_search_solvers_stream_their_fitness_for_large_models(monkeypatch):
     assert type(with_fitness(prepared, "evolutionary", {})["fitness"]) is fitness.KLFitness
     monkeypatch.setattr(base, "STREAM_ABOVE_BYTES", 1000)
     assert type(with_fitness(prepared, "evolutionary", {})["fitness"]) is fitness.StreamedKLFitness
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("gemma3", dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    ("gpt_oss", dict(sliding_window=4)),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                   layer_types=["full_attention", "sliding_attention"])),
+])
+def test_blocks_get_their_own_arguments(family, overrides):
+    """Families whose layer types take other masks and rotary tables (Gemma-3's sliding-window and global
+    layers) are run block by block with each block's own arguments: the streamed logits are the model's."""
+    from bitalloc.evaluate import final_states
+    from bitalloc.models.stream import BlockStream
+    from bitalloc.units import find_units
+    model = zoo.tiny(family, **overrides)
+    tokens = torch.randint(0, 8192, (2, 16), generator=torch.Generator().manual_seed(2))
+    stream = BlockStream(model, find_units(model))
+    with torch.no_grad():
+        expected = model(input_ids=tokens, use_cache=False).logits
+        streamed = stream.logits(final_states(stream, tokens), tokens)
+        first_only = stream.inputs(tokens)[1][:1] * len(stream.blocks)       # what streaming used to pass
+        h = stream.inputs(tokens)[0]
+        for i in range(len(stream.blocks)):
+            h = stream.run_block(i, h, first_only)
+        wrong = stream.logits(h, tokens)
+    assert torch.allclose(streamed, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(wrong, expected, atol=1e-3, rtol=0)        # the test can tell the difference

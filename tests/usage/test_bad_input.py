@@ -38,8 +38,10 @@ def ctx(tiny_llama_dir, tmp_path_factory):
     other = json.loads((d / "plan.json").read_text())
     other["layers"] = {k.replace("layers.0", "layers.9"): v for k, v in other["layers"].items()}
     (d / "otherplan.json").write_text(json.dumps(other))
-    assert main(["allocate", "--model", str(tiny_llama_dir), "--calib", str(d / "text.txt"), "--budget", "3.2",
-                 "--granularity", "row", "--out", str(d / "rowplan.json"), *FAST]) == 0
+    from bitalloc import api                 # a row plan as the row solver makes it (no check on the model)
+    prepared = api.prepare(tiny_llama_dir, calib_file=d / "text.txt", seq_len=32, n_windows=2)
+    api.solve(api.measure(prepared, "fisher"), 3.2, "closed_form", granularity="row").save(d / "rowplan.json")
+    assert json.loads((d / "rowplan.json").read_text())["version"] == 2
     rows = (d / "table.csv").read_text().splitlines()
     cols = rows[0].split(",")
     k = cols.index("size_bits")
@@ -73,7 +75,7 @@ CLI_CASES = [
     ("unknown-flag", [*ALLOC, "--budget", "3", "--budgett", "3", "--out", P("work/p.json")], "unrecognized"),
     ("model-missing", ["allocate", "--model", P("nothere"), "--budget", "3", "--out", P("work/p.json")], "does not exist"),
     ("model-not-a-folder", ["allocate", "--model", P("text.txt"), "--budget", "3", "--out", P("work/p.json")],
-     "not a model folder"),
+     "not a GGUF file"),
     ("model-no-config", ["allocate", "--model", P("notamodel"), "--budget", "3", "--out", P("work/p.json")],
      "not a model folder"),
     ("model-truncated-safetensors", ["allocate", "--model", P("truncated"), "--budget", "3", *FAST,
@@ -123,7 +125,7 @@ CLI_CASES = [
      "is a directory"),
     ("solve-rows-from-a-csv", ["solve", "--table", P("table.csv"), "--budget", "3", "--granularity", "row",
                                "--out", P("work/p.json")], "no row costs"),
-    ("row-granularity-probe-without-rows", [*ALLOC, "--granularity", "row", "--probe", "kfac", "--budget", "3",
+    ("row-granularity-probe-without-rows", [*ALLOC, "--granularity", "row", "--probe", "hessian_trace", "--budget", "3",
                                             "--out", P("work/p.json")], "no per-row costs"),
     ("row-granularity-unknown-solver", [*ALLOC, "--granularity", "row", "--solver", "uniform", "--budget", "3",
                                         "--out", P("work/p.json")], "solver for --granularity row"),

@@ -1,0 +1,70 @@
+"""The finishing stage of ``allocate``, measured on the model (alloc/fitness.py): after a solver has chosen a
+plan from the table's additive costs,
+
+    check_rows(...)    a row plan is kept only if its KL to the fp model on calibration windows is no worse
+                       than the layer plan's (per-row costs are fragile: a rounding detail can flip them);
+                       otherwise the layer plan is returned, and a warning says so
+    refine_plan(...)   the EvoPress search of solvers/refine.py for ``seconds``, layer or row plan alike
+
+Both score plans with the quantizer the plan will be applied with (RTN, or GPTQ per unit on its own XᵀX).
+"""
+from __future__ import annotations
+
+import warnings
+
+from .errors import BitallocWarning
+from .plan import BitPlan
+
+REFINE_WINDOWS = 8          # calibration windows of the refine fitness's last selection stage
+REFINE_STRIDE = 4           # the fitness takes the KL at every 4th position (the LM head's cost; the decoder runs all)
+
+
+def problem_of(table, plan: BitPlan):
+    from .solvers.base import Problem
+    return Problem(table, plan.budget_bits, count_overhead=plan.extra.get("count_overhead", True),
+                   fuse=plan.extra.get("fuse", False))
+
+
+def fitness_for(prepared, quantizer, windows: int = REFINE_WINDOWS, stride: int = REFINE_STRIDE):
+    from .fitness import make_fitness
+    return make_fitness(prepared, max_windows=windows, quantizer=quantizer, stride=stride)
+
+
+def _choice(table, plan: BitPlan) -> list:
+    """The fitness's per-unit choice of a plan: an option index, or one per output row."""
+    import torch
+    index = {o: j for j, o in enumerate(table.options)}
+    by_bits = {o.bits: j for j, o in enumerate(table.options)}
+    out = []
+    for u in table.units:
+        if u.name in plan.row_bits:
+            out.append(torch.tensor([by_bits[int(b)] for b in plan.row_bits[u.name].tolist()], dtype=torch.long))
+        else:
+            out.append(index[plan.layers[u.name]])
+    return out
+
+
+def check_rows(table, row_plan: BitPlan, fitness, windows: int = REFINE_WINDOWS) -> BitPlan:
+    """``row_plan``, or the layer ILP plan at the same budget when that one scores better on ``fitness``."""
+    from .solvers.ilp import ILPSolver
+    if not row_plan.row_bits:
+        return row_plan
+    layer = ILPSolver().solve(problem_of(table, row_plan))
+    kl_row, kl_layer = fitness(_choice(table, row_plan), windows), fitness(_choice(table, layer), windows)
+    checked = {"row_kl": kl_row, "layer_kl": kl_layer, "windows": windows}
+    if kl_row <= kl_layer:
+        row_plan.extra["row_check"] = checked
+        return row_plan
+    warnings.warn(f"the row plan scores worse than the layer plan on {windows} calibration windows (KL {kl_row:.5f} "
+                  f"vs {kl_layer:.5f}): returning the layer plan", BitallocWarning, stacklevel=3)
+    layer.extra.update(granularity="row", fallback="the layer plan scored better on calibration windows",
+                       row_check=checked)
+    return layer
+
+
+def refine_plan(table, plan: BitPlan, fitness, seconds: float, *, progress: bool = True, seed: int = 0,
+                windows: int = REFINE_WINDOWS) -> BitPlan:
+    """``plan`` after ``seconds`` of the EvoPress search (never worse on the fitness than ``plan``)."""
+    from .solvers.refine import refine
+    stages = ((max(1, windows // 4), 3), (windows, 1))
+    return refine(problem_of(table, plan), plan, fitness, seconds=seconds, stages=stages, progress=progress, seed=seed)

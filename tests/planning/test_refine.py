@@ -1,0 +1,127 @@
+"""The finishing stage (solvers/refine.py, alloc/finish.py): EvoPress search on layer and row plans, and the
+row plan's check against the layer plan, on toy fitnesses and on a real small model."""
+import pytest
+import torch
+
+from bitalloc import QuantSpec, api
+from bitalloc.errors import BitallocWarning
+from bitalloc.sensitivity.table import SensitivityTable
+from bitalloc.solvers.base import Problem
+from bitalloc.solvers.refine import Refiner, layer_space, refine, row_space
+from bitalloc.solvers.rows import solve_rows
+from bitalloc.units import Unit
+
+
+def table_with_rows(n_units=6, rows=128, cols=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    units = [Unit(f"layer{i}", (rows, cols)) for i in range(n_units)]
+    options = [QuantSpec(b) for b in (2, 3, 4, 8)]
+    base = torch.rand(n_units * rows, 1, generator=g, dtype=torch.float64) * 10 ** torch.rand(n_units * rows, 1,
+                                                                                         generator=g)
+    row_cost = base * torch.tensor([2.0 ** (-1.8 * b) for b in (2, 3, 4, 8)], dtype=torch.float64)
+    cost = torch.stack([row_cost[i * rows:(i + 1) * rows].sum(0) for i in range(n_units)])
+    return SensitivityTable(units, options, cost, {"probe": "toy"}, row_cost)
+
+
+class RowFitness:
+    """What the model would measure where the table is off: layer 0 hurts 30 times what the table says,
+    layer 1 a thirtieth (an interaction the additive costs missed), on top of the table's row costs."""
+
+    def __init__(self, table):
+        self.table, self.calls = table, 0
+        self.weight = torch.ones(len(table.units), dtype=torch.float64)
+        self.weight[0], self.weight[1] = 30.0, 1 / 30
+
+    def __call__(self, choice, n_windows=None):
+        self.calls += 1
+        total = 0.0
+        for i, c in enumerate(choice):
+            rows = self.table.rows_of(i)
+            c = c if isinstance(c, torch.Tensor) and c.dim() == 1 else torch.full((rows.shape[0],), int(c))
+            total += float(self.weight[i] * rows.gather(1, c[:, None]).sum())
+        return total
+
+
+@pytest.mark.parametrize("granularity", ["layer", "row"])
+def test_refine_never_worse_than_its_seed_and_never_over_budget(granularity):
+    table = table_with_rows()
+    problem = Problem(table, 3.3)
+    seed = solve_rows(problem, "closed_form") if granularity == "row" else api.solve(table, 3.3)
+    fitness = RowFitness(table)
+    space, start = (row_space if granularity == "row" else layer_space)(problem, seed)
+    before = fitness(space.to_units(start))
+    out = refine(problem, seed, fitness, seconds=None, generations=40, offspring=6, stages=((1, 2), (1, 1)),
+                 progress=False)
+    assert out.true_bpw <= 3.3 + 1e-12
+    r = out.extra["refine"]
+    assert r["seed_kl"] == pytest.approx(before) and r["kl"] <= r["seed_kl"]
+    assert r["kl"] < 0.9 * r["seed_kl"]                     # it moved bits to the layer the table undervalued
+    if granularity == "row":
+        assert out.row_bits and out.extra["granularity"] == "row"
+        again = refine(problem, seed, RowFitness(table), seconds=None, generations=40, offspring=6,
+                       stages=((1, 2), (1, 1)), progress=False)
+        assert all(torch.equal(again.row_bits[n], out.row_bits[n]) for n in out.row_bits)     # same seed, same plan
+
+
+def test_mutation_keeps_the_budget_and_moves_bits():
+    import random
+    table = table_with_rows(seed=3)
+    problem = Problem(table, 3.0)
+    space, start = row_space(problem, solve_rows(problem, "closed_form"))
+    refiner = Refiner(lambda c, w: 0.0, seconds=None, generations=1)
+    rng = random.Random(0)
+    for _ in range(50):
+        child = refiner.mutate(space, start, rng)
+        assert child is not None and space.used(child) <= space.capacity * (1 + 1e-12)
+        assert not torch.equal(child, start)
+
+
+def test_refine_needs_an_end():
+    with pytest.raises(Exception, match="needs an end"):
+        Refiner(lambda c, w: 0.0, seconds=None, generations=None)
+
+
+def test_a_row_plan_that_scores_worse_falls_back_to_the_layer_plan():
+    from bitalloc.finish import check_rows
+    table = table_with_rows(seed=5)
+    row_plan = solve_rows(Problem(table, 3.3), "closed_form")
+    assert row_plan.row_bits
+    rows_hurt = lambda choice, w: 1.0 if any(isinstance(c, torch.Tensor) and len(c.unique()) > 1 for c in choice) \
+        else 0.5                                                                              # noqa: E731
+    with pytest.warns(BitallocWarning, match="row plan scores worse"):
+        plan = check_rows(table, row_plan, rows_hurt)
+    assert not plan.row_bits and plan.extra["fallback"] and plan.extra["row_check"]["row_kl"] == 1.0
+    kept = check_rows(table, row_plan, lambda choice, w: 0.1)
+    assert kept is row_plan and kept.extra["row_check"]["layer_kl"] == 0.1
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_allocate_refines_on_a_real_model_and_gives_the_model_back(tiny_llama_dir, calib_text, quantizer):
+    from bitalloc.models.loading import load_model
+    model, tokenizer, _ = load_model(tiny_llama_dir)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    plan = api.allocate(model, 3.3, tokenizer=tokenizer, calibration=calib_text, n_windows=8, seq_len=64,
+                        quantizer=quantizer, refine=8.0, granularity="row", progress=False, cache=False)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    r = plan.extra["refine"]
+    assert r["kl"] <= r["seed_kl"] and r["generations"] >= 1
+    assert plan.true_bpw <= 3.3 + 1e-12 and plan.extra["quantizer"] == quantizer
+    assert "row_check" in plan.extra or "fallback" in plan.extra       # checked on the model, or by the table
+
+
+def test_fitness_assembles_row_plans_from_each_width(tiny_llama_dir, calib_text):
+    """A row plan's weights are its rows taken from each width's whole-layer result (rows round on their own,
+    in RTN and in GPTQ), so the fitness of a mixed plan is that of gptq(..., row_bits=)."""
+    from bitalloc.fitness import KLFitness
+    from bitalloc.quantize import gptq
+    prepared = api.prepare(tiny_llama_dir, calibration=calib_text, n_windows=2, seq_len=64)
+    fit = KLFitness(prepared, quantizer="gptq")
+    u = prepared.units[3]
+    rows = torch.arange(u.shape[0]) % 2                   # options 0 and 1 alternate over the rows
+    W = fit.fp_weights[u.name].float()
+    mixed = fit.weight(3, rows)
+    bits = torch.tensor([prepared.options[int(j)].bits for j in rows], dtype=torch.int8)
+    direct = gptq(W, fit.H[u.name], QuantSpec(8), row_bits=bits).dequantize().to(mixed.dtype)
+    assert torch.equal(mixed, direct)
+    layer = [1] * len(prepared.units)
+    assert fit(layer) > fit([3] * len(prepared.units)) >= 0
