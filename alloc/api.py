@@ -104,9 +104,21 @@ def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: 
     return Prepared(model, tokenizer, kind, units, list(options), tokens, info, batch_size)
 
 
+# Bumped whenever the numbers a probe measures change for the same inputs (2: RTN and GPTQ clip by default,
+# GPTQ sweeps in act-order: a table cached before measured other weights).
+TABLE_NUMERICS = 2
+
+
 def table_key(prepared: Prepared, probe_name: str, settings: dict) -> str:
+    """The cache key of a table: every input of the measurement, the quantizer spelled out in full."""
+    from dataclasses import asdict
+
+    from .quantize import as_quantizer
+    settings = dict(settings)
+    if "quantizer" in settings:
+        settings["quantizer"] = asdict(as_quantizer(settings["quantizer"]))
     blob = json.dumps({"model": prepared.info["hash"], "data": data_hash(prepared.tokens), "probe": probe_name,
-                       "settings": settings, "options": [o.to_json() for o in prepared.options],
+                       "numerics": TABLE_NUMERICS, "settings": settings, "options": [o.to_json() for o in prepared.options],
                        "units": [[u.name, list(u.shape), u.kind] for u in prepared.units]}, sort_keys=True, default=str)
     return hashlib.blake2b(blob.encode(), digest_size=12).hexdigest()
 

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import BitallocError
-from .quantize import fake_quantize_rows
+from .quantize import Quantizer, as_quantizer, fake_quantize_rows
 from .quantize_model import set_unit_weights, unit_weights
 from .units import Unit, set_unit_weight, unit_weight
 
@@ -156,16 +156,17 @@ class _Holding:
 
 
 @contextlib.contextmanager
-def _fake_quantized(modules: dict, units: list[Unit], plan, cache: dict | None = None) -> None:
-    """``units`` RTN fake-quantized by ``plan`` (as quantize_model does) for the duration, then restored;
-    ``cache`` keeps the quantized weights between uses (the LM head, entered once per window)."""
+def _fake_quantized(modules: dict, units: list[Unit], plan, cache: dict | None = None, grid=None) -> None:
+    """``units`` RTN fake-quantized by ``plan`` (as quantize_model does, ``grid`` its clipping search; None:
+    --quantizer rtn's) for the duration, then restored; ``cache`` keeps the quantized weights between uses (the
+    LM head, entered once per window)."""
     saved = {u.name: unit_weight(modules, u).detach().clone() for u in units}
     cache = {} if cache is None else cache
     try:
         for u in units:
             if u.name not in cache:
                 cache[u.name] = fake_quantize_rows(saved[u.name].float(), plan.layers[u.name],
-                                                   plan.row_bits.get(u.name)).to(saved[u.name].dtype)
+                                                   plan.row_bits.get(u.name), grid).to(saved[u.name].dtype)
             set_unit_weight(modules, u, cache[u.name])
         yield
     finally:
@@ -191,8 +192,8 @@ class _GPTQChain:
     """GPTQ one decoder block at a time, as quantize_model does it: the calibration windows' hidden states
     go through the already-quantized blocks, each block's XᵀX is collected on them."""
 
-    def __init__(self, stream, model, plan, calibration: torch.Tensor, batch_size: int):
-        self.stream, self.model, self.plan = stream, model, plan
+    def __init__(self, stream, model, plan, calibration: torch.Tensor, batch_size: int, quantizer: Quantizer):
+        self.stream, self.model, self.plan, self.quantizer = stream, model, plan, quantizer
         self.batches = [calibration[i:i + batch_size] for i in range(0, len(calibration), batch_size)]
         firsts = [stream.inputs(b) for b in self.batches]
         self.extras = [extra for _, extra in firsts]
@@ -207,7 +208,7 @@ class _GPTQChain:
         def run():
             for h, e in zip(self.hidden, self.extras):
                 self.stream.run_block(i, h.to(device), e)
-        gptq_units(self.model, units, self.plan, run, {})
+        gptq_units(self.model, units, self.plan, run, {}, self.quantizer)
         self.hidden = [self.stream.run_block(i, h.to(device), e).cpu() for h, e in zip(self.hidden, self.extras)]
 
     def quantize_head(self, modules: dict, units: list[Unit]) -> dict[str, torch.Tensor]:
@@ -218,13 +219,13 @@ class _GPTQChain:
             def run():
                 for h, b in zip(self.hidden, self.batches):
                     self.stream.rest(h.to(device), b)
-            gptq_units(self.model, units, self.plan, run, {})
+            gptq_units(self.model, units, self.plan, run, {}, self.quantizer)
             return {u.name: unit_weight(modules, u).detach().clone() for u in units}
 
 
 @torch.no_grad()
 def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, plan, *, batch_size: int = 8,
-                    progress: bool = True, compute_device=None, quantizer: str = "rtn",
+                    progress: bool = True, compute_device=None, quantizer: "str | Quantizer" = "rtn",
                     calibration: torch.Tensor | None = None) -> tuple[Scores, Scores]:
     """(fp, plan) scores of a causal LM with the plan's weights, one decoder block at a time
     (alloc/models/stream.py): every window's hidden state is carried through each block twice, with the block's fp
@@ -239,16 +240,17 @@ def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, p
     nll_fp = nll_q = kl = 0.0
     head, head_cache = [u for u, b in zip(units, where) if b is None], {}
     with stream.resident():
-        gptq = _GPTQChain(stream, model, plan, calibration, batch_size) if quantizer == "gptq" else None
+        quantizer = as_quantizer(quantizer)
+        gptq = _GPTQChain(stream, model, plan, calibration, batch_size, quantizer) if quantizer.method == "gptq" else None
         fp = [stream.inputs(b) for b in batches]                       # (hidden, block arguments)
-        with _fake_quantized(modules, head if gptq is None else [], plan, head_cache):    # a head tied to the
+        with _fake_quantized(modules, head if gptq is None else [], plan, head_cache, quantizer.grid):    # a head tied to the
             q = [stream.inputs(b)[0] for b in batches]                                     # embeddings (RTN)
         for i in tqdm(range(len(stream.blocks)), desc="eval (streamed)", leave=False, disable=not progress):
             block_units = [u for u, b in zip(units, where) if b == i]
             with stream.block_on_device(i):
                 fp_next = [stream.run_block(i, h, extra) for h, extra in fp]
                 if gptq is None:
-                    with _fake_quantized(modules, block_units, plan):
+                    with _fake_quantized(modules, block_units, plan, grid=quantizer.grid):
                         q = [stream.run_block(i, h, extra) for h, (_, extra) in zip(q, fp)]
                 else:
                     with _Restored(modules, block_units):
@@ -262,7 +264,7 @@ def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, p
         for (h, _), hq, batch in zip(fp, q, batches):
             batch = batch.to(h.device)
             nll_fp += float(lm_head.nll(h, batch).sum())
-            b_nll, b_kl = lm_head.nll_kl(h, hq, batch, head=lambda: _fake_quantized(modules, head, plan, head_cache))
+            b_nll, b_kl = lm_head.nll_kl(h, hq, batch, head=lambda: _fake_quantized(modules, head, plan, head_cache, quantizer.grid))
             nll_q, kl = nll_q + float(b_nll.sum()), kl + float(b_kl.sum())
     n = len(tokens)
     return Scores(math.exp(nll_fp / n), 0.0, None), Scores(math.exp(nll_q / n), kl / n, None)
@@ -271,8 +273,8 @@ def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, p
 def score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -> list:
     """[("fp", None, Scores), (label, plan, Scores), ...] on ``tokens``. A causal LM with decoder blocks is
     scored one block at a time (evaluate.streamed_scores; RTN, or GPTQ unless the LM head is tied to the
-    embeddings) with --stream on, when its weights stay on the host, or auto when the whole path's copies
-    (unit weights, reference log-probabilities) would pass 1 GiB."""
+    embeddings) with --stream on, when its weights stay on the host, or auto when the whole path's copy of the
+    unit weights would pass 1 GiB (it keeps no logits, whatever the vocabulary: see Evaluator)."""
     from .quantize_model import quantize_model
     from .sensitivity.base import STREAM_ABOVE_BYTES, tied_to_embeddings
     from .units import find_blocks
@@ -289,8 +291,7 @@ def score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -
         stream = "on"
     if stream == "auto" and can_stream:
         copies = sum(u.numel for u in units) * next(model.parameters()).element_size()
-        vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
-        stream = "on" if max(copies, tokens.numel() * vocab * 4) > STREAM_ABOVE_BYTES else "off"
+        stream = "on" if copies > STREAM_ABOVE_BYTES else "off"
     if stream == "on":
         rows = []
         for label, plan in plans:

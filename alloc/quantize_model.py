@@ -17,7 +17,7 @@ from .errors import BitallocError, BitallocWarning, few
 from .models.expert_inputs import expert_hessians
 from .models.stream import BlockStream
 from .plan import BitPlan
-from .quantize import QUANTIZERS, QuantizedWeight, Quantizer, as_quantizer
+from .quantize import DEFAULTS, QUANTIZERS, QuantizedWeight, Quantizer, as_quantizer
 from .units import EXPERT_KINDS, Unit, find_blocks, set_unit_weight, unit_weight
 
 def unit_weights(model: nn.Module, units: Iterable[Unit]) -> dict[str, torch.Tensor]:
@@ -68,7 +68,7 @@ class _Sink(dict):
 
 
 def _rtn_model(model, units, plan, progress, out, compute_device=None, write_back=True,
-               quantizer: Quantizer = Quantizer()) -> None:
+               quantizer: Quantizer = DEFAULTS["rtn"]) -> None:
     modules = dict(model.named_modules())
     for u in tqdm(units, desc="quantize (rtn)", leave=False, disable=not progress):
         _quantize_unit(modules, u, plan.layers[u.name], quantizer.rtn, out, plan.row_bits.get(u.name),
@@ -91,7 +91,7 @@ def _quantize_unit(modules: dict[str, nn.Module], u: Unit, spec, method, out: di
         set_unit_weight(modules, u, q.dequantize())
 
 
-def gptq_units(model, units, plan, run, out, quantizer: Quantizer = Quantizer("gptq")) -> None:
+def gptq_units(model, units, plan, run, out, quantizer: Quantizer = DEFAULTS["gptq"]) -> None:
     """Collect XᵀX for ``units`` with one pass of ``run()``, then GPTQ each of them in place (where its weight
     is: a block on the compute device), recording each QuantizedWeight in ``out``. ``quantizer.sequential``:
     the units are quantized in groups that read the same input (q/k/v, then o, then gate/up, then down, in the
@@ -160,7 +160,7 @@ def _sequential_groups(units: list[Unit], order: dict) -> list[list[Unit]]:
 
 
 def _gptq_model(model, units, plan, calibration, batch_size, progress, out, compute_device=None,
-                quantizer: Quantizer = Quantizer("gptq")) -> None:
+                quantizer: Quantizer = DEFAULTS["gptq"]) -> None:
     """GPTQ block by block (alloc/models/stream.py): each block's XᵀX is collected on the hidden states that went
     through the already-quantized blocks before it, its units are quantized where the block sits (the compute
     device when the weights stay on the host: the quantized weights then replace the host ones), and its

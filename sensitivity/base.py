@@ -159,7 +159,8 @@ def tied_to_embeddings(model: nn.Module, units: list[Unit]) -> list[Unit]:
 
 
 STREAM_MODES = ("auto", "on", "off")
-STREAM_ABOVE_BYTES = 1 << 30      # auto: stream when the whole-model path's state would pass 1 GiB
+STREAM_ABOVE_BYTES = 1 << 30      # auto: stream when the whole-model path's state would pass 1 GiB,
+STREAM_ABOVE_MODEL_BYTES = 1 << 28    # or pass 256 MiB and the model's own size (it would more than double memory)
 
 
 def check_stream_mode(mode: str) -> None:
@@ -170,7 +171,8 @@ def check_stream_mode(mode: str) -> None:
 def streams(workload: Workload, units: list[Unit], mode: str) -> bool:
     """Whether a probe runs one decoder block at a time (alloc/models/stream.py): ``on``/``off`` as asked; ``auto``
     when the weights stay on the host (a compute device is set) or when the whole-model path's per-unit
-    state (fp32 Fisher + gradients, or XᵀX) would pass 1 GiB and the model has decoder blocks."""
+    state (fp32 Fisher + gradients, or XᵀX) would pass 1 GiB, or 256 MiB and the model's own bytes (Gemma-3-270M:
+    600 MB against 536 MB), and the model has decoder blocks."""
     from ..units import find_blocks
     host_weights = getattr(workload, "compute_device", None) is not None
     if mode == "off" and host_weights:
@@ -184,7 +186,9 @@ def streams(workload: Workload, units: list[Unit], mode: str) -> bool:
         return False                               # an LM head tied to the embeddings: the whole-model path
     params, _ = unique_params(workload.model, units)
     whole = sum(p.numel() * (4 + p.element_size()) for p in params)
-    return whole > STREAM_ABOVE_BYTES and bool(find_blocks(workload.model, units))
+    model_bytes = sum(p.numel() * p.element_size() for p in workload.model.parameters())
+    large = whole > STREAM_ABOVE_BYTES or (whole > model_bytes and whole > STREAM_ABOVE_MODEL_BYTES)
+    return large and bool(find_blocks(workload.model, units))
 
 
 PROBES: dict[str, str] = {

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..options import QuantSpec
-from ..quantize import Quantizer
+from ..quantize import DEFAULTS, Quantizer
 from ..units import Unit, unit_weight
 from .base import (Probe, Workload, check_loss, check_trainable, grads_only_for,
                    modules_by_name, refuse_experts, streams, unique_params)
@@ -29,7 +29,7 @@ from .table import SensitivityTable
 
 
 def kfac_cost(W: torch.Tensor, G: torch.Tensor, Hn: torch.Tensor, options: list[QuantSpec],
-              quantizer: Quantizer = Quantizer()) -> torch.Tensor:
+              quantizer: Quantizer = DEFAULTS["rtn"]) -> torch.Tensor:
     """(out, O) float64: ½ G_i (ΔW Hn ΔWᵀ)_ii of each output row i of one unit under each option (their sum
     is the unit's cost), ΔW = what ``quantizer`` does to W (GPTQ: on this unit's own XᵀX)."""
     W = W.detach().float()
@@ -43,7 +43,7 @@ def kfac_cost(W: torch.Tensor, G: torch.Tensor, Hn: torch.Tensor, options: list[
 class KFACCollector:
     """kfac under block streaming (streamed.py): input XᵀX and squared output gradients of a block's units."""
 
-    def __init__(self, model, options: list[QuantSpec], workload: Workload, quantizer: Quantizer = Quantizer()):
+    def __init__(self, model, options: list[QuantSpec], workload: Workload, quantizer: Quantizer = DEFAULTS["rtn"]):
         self.modules, self.options, self.quantizer = modules_by_name(model, []), options, quantizer
         self.rows: dict[int, torch.Tensor] = {}           # unit index -> (out, O) row costs
         self.terms = getattr(workload, "loss_terms", lambda batch: 1)     # how many terms the loss averages

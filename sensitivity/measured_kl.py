@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..options import QuantSpec
-from ..quantize import Quantizer
+from ..quantize import DEFAULTS, Quantizer
 from ..units import Unit, set_unit_weight, unit_weight
 from .base import Probe, Workload, modules_by_name, streams, tied_to_embeddings
 from .table import SensitivityTable
@@ -88,7 +88,7 @@ class _Quantized:
     """While active, ``unit`` holds its ``spec``-quantized weight by ``quantizer`` (GPTQ on ``H``), on whatever
     device its data is now."""
 
-    def __init__(self, modules, unit: Unit, spec: QuantSpec, quantizer: Quantizer = Quantizer(),
+    def __init__(self, modules, unit: Unit, spec: QuantSpec, quantizer: Quantizer = DEFAULTS["rtn"],
                  H: torch.Tensor | None = None):
         self.modules, self.unit, self.spec, self.quantizer, self.H = modules, unit, spec, quantizer, H
 
@@ -101,7 +101,7 @@ class _Quantized:
 
 
 def streamed_measured_kl(workload: Workload, units: list[Unit], options: list[QuantSpec],
-                         batches: list[torch.Tensor], quantizer: Quantizer = Quantizer(),
+                         batches: list[torch.Tensor], quantizer: Quantizer = DEFAULTS["rtn"],
                          stride: int = 1) -> torch.Tensor:
     """cost (U, O) float64, one decoder block at a time (see the module docstring)."""
     stream = workload.stream(units)

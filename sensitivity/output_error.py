@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..options import QuantSpec
-from ..quantize import Quantizer
+from ..quantize import DEFAULTS, Quantizer
 from ..units import Unit, unit_weight
 from ..errors import BitallocError
 from .base import Probe, Workload, modules_by_name, refuse_experts, streams
@@ -65,7 +65,7 @@ def collect_hessians(workload: Workload, units: list[Unit], *, desc: str = "coll
 
 def streamed_output_error(workload: Workload, units: list[Unit], options: list[QuantSpec],
                           desc: str = "output_error (streamed)",
-                          quantizer: Quantizer = Quantizer()) -> tuple[torch.Tensor, int]:
+                          quantizer: Quantizer = DEFAULTS["rtn"]) -> tuple[torch.Tensor, int]:
     """The output_error table one decoder block at a time (alloc/models/stream.py): H of one block's units at a
     time, reduced to their cost rows before the next block; only the current boundary activations are kept."""
     stream = workload.stream(units)
@@ -110,7 +110,7 @@ def row_errors(dW: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
 
 
 def unit_row_errors(W: torch.Tensor, H: torch.Tensor, options: list[QuantSpec],
-                    quantizer: Quantizer = Quantizer()) -> torch.Tensor:
+                    quantizer: Quantizer = DEFAULTS["rtn"]) -> torch.Tensor:
     """(out, O) row errors of one unit under each option, ΔW by ``quantizer`` (GPTQ: on this H)."""
     W = W.detach().float()
     gptq_h = H if H.dim() == 2 else None                    # an embedding's H is a diagonal of counts

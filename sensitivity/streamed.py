@@ -10,7 +10,9 @@ gradients and statistics in memory instead of the whole model's.
        rows of the cost table before moving on
 
 Chain rule, same micro-batches, same order of additions per parameter: the table equals the whole-model
-one up to floating-point reassociation (tests/scale/test_streaming.py holds it to 1e-4 relative).
+one up to floating-point reassociation (tests/scale/test_streaming.py holds it to 1e-4 relative). Fisher's
+costs add up over windows, so it takes them in groups (``GROUP_BYTES`` of boundary activations each): its
+memory is the model's, one block's statistics and one group's activations, whatever the number of windows.
 """
 from __future__ import annotations
 
@@ -44,10 +46,15 @@ class Collector(Protocol):
         """Factor on the mean loss (kfac differentiates the summed per-token loss)."""
 
 
+GROUP_BYTES = 64 << 20      # boundary activations of one window group (collectors whose costs add up over windows)
+
+
 def streamed_costs(workload: Workload, units: list[Unit], options: list[QuantSpec], collector: Collector, *,
                    micro_batch: int = 1, max_windows: int | None = None,
                    desc: str = "streamed") -> tuple[torch.Tensor, int]:
-    """(cost (U, O) float64, number of micro-batches), one decoder block at a time."""
+    """(cost (U, O) float64, number of micro-batches), one decoder block at a time. A collector whose costs
+    add up over windows (``collector.additive``: fisher) takes the windows in groups whose boundary
+    activations fit ``GROUP_BYTES``, so memory does not grow with the number of windows."""
     model = workload.model
     check_trainable(model, units)
     stream = workload.stream(units)
@@ -61,59 +68,72 @@ def streamed_costs(workload: Workload, units: list[Unit], options: list[QuantSpe
         tokens = tokens[:max_windows]
     batches = [tokens[i:i + micro_batch] for i in range(0, len(tokens), micro_batch)]
     n_blocks = len(stream.blocks)
-    check_host_memory(model, tokens, n_blocks)
+    per_batch = boundary_bytes(model, tokens[:micro_batch], n_blocks)
+    per_group = max(1, GROUP_BYTES // max(per_batch, 1)) if getattr(collector, "additive", False) else len(batches)
+    check_host_memory(model, tokens[:per_group * micro_batch], n_blocks)
     large_allocations_unmapped()
     cost = torch.zeros(len(units), len(options), dtype=torch.float64)
     bar = tqdm(total=len(batches) * (2 * n_blocks + 2), desc=desc, leave=False)
-    device = stream.device
     with grads_only_for(model, []), stream.resident():
-        # 1. boundary activations, block by block (kept on the host)
-        with torch.no_grad():
-            firsts = [stream.inputs(b) for b in batches]
-            extras = [extra for _, extra in firsts]
-            hidden = [[h.cpu() for h, _ in firsts]]
-            bar.update(len(batches))
-            for i in range(n_blocks):
-                with stream.block_on_device(i):
-                    hidden.append([stream.run_block(i, h.to(device), e).cpu() for h, e in zip(hidden[-1], extras)])
-                bar.update(len(batches))
-        # 2. after the last block: g = ∂loss/∂h_L, and the head units' statistics
-        grads_out = []
-        params = collector.params(head_units)
-        with grads_only_for(model, params), collector.collect(head_units):
-            for k, b in enumerate(batches):
-                h = hidden[-1][k].to(device).requires_grad_(True)
-                loss = workload.loss_after_blocks(stream, h, b)
-                check_loss(loss, f"calibration micro-batch {k}")
-                torch.autograd.backward(loss * collector.loss_scale(b), inputs=[h, *params])
-                grads_out.append(h.grad.detach())
-                bar.update()
-        hidden.pop()
-        collector.reduce(cost, [j for j, b in enumerate(where) if b is None], head_units, len(batches))
-        # 3. blocks, last to first
-        for i in reversed(range(n_blocks)):
-            rows = [j for j, b in enumerate(where) if b == i]
-            block_units = [units[j] for j in rows]
-            inputs = hidden.pop()
-            with stream.block_on_device(i):
-                params = collector.params(block_units)
-                with grads_only_for(model, params), collector.collect(block_units):
-                    for k in range(len(batches)):
-                        h = inputs[k].to(device).requires_grad_(True)
-                        y = stream.run_block(i, h, extras[k])
-                        torch.autograd.backward(y, grad_tensors=grads_out[k], inputs=[h, *params])
-                        grads_out[k] = h.grad.detach()
-                        bar.update()
-                release_freed_memory()
-                collector.reduce(cost, rows, block_units, len(batches))
-            del inputs
-            release_freed_memory()
+        for g in range(0, len(batches), per_group):
+            _streamed_group(workload, stream, units, where, collector, batches[g:g + per_group], cost, len(batches),
+                            bar)
     bar.close()
     return cost, len(batches)
 
 
+def _streamed_group(workload, stream, units, where, collector, batches, cost, steps, bar) -> None:
+    """Steps 1–3 of the module docstring on ``batches``; the collector adds their share to ``cost``."""
+    n_blocks, device = len(stream.blocks), stream.device
+    head_units = [u for u, b in zip(units, where) if b is None]
+    # 1. boundary activations, block by block (kept on the host)
+    with torch.no_grad():
+        firsts = [stream.inputs(b) for b in batches]
+        extras = [extra for _, extra in firsts]
+        hidden = [[h.cpu() for h, _ in firsts]]
+        bar.update(len(batches))
+        for i in range(n_blocks):
+            with stream.block_on_device(i):
+                hidden.append([stream.run_block(i, h.to(device), e).cpu() for h, e in zip(hidden[-1], extras)])
+            bar.update(len(batches))
+    # 2. after the last block: g = ∂loss/∂h_L, and the head units' statistics
+    grads_out = []
+    params = collector.params(head_units)
+    with grads_only_for(workload.model, params), collector.collect(head_units):
+        for k, b in enumerate(batches):
+            h = hidden[-1][k].to(device).requires_grad_(True)
+            loss = workload.loss_after_blocks(stream, h, b)
+            check_loss(loss, f"calibration micro-batch {k}")
+            torch.autograd.backward(loss * collector.loss_scale(b), inputs=[h, *params])
+            grads_out.append(h.grad.detach())
+            bar.update()
+    hidden.pop()
+    collector.reduce(cost, [j for j, b in enumerate(where) if b is None], head_units, steps)
+    # 3. blocks, last to first
+    for i in reversed(range(n_blocks)):
+        rows = [j for j, b in enumerate(where) if b == i]
+        block_units = [units[j] for j in rows]
+        inputs = hidden.pop()
+        with stream.block_on_device(i):
+            params = collector.params(block_units)
+            with grads_only_for(workload.model, params), collector.collect(block_units):
+                for k in range(len(batches)):
+                    h = inputs[k].to(device).requires_grad_(True)
+                    y = stream.run_block(i, h, extras[k])
+                    torch.autograd.backward(y, grad_tensors=grads_out[k], inputs=[h, *params])
+                    grads_out[k] = h.grad.detach()
+                    bar.update()
+            release_freed_memory()
+            collector.reduce(cost, rows, block_units, steps)
+        del inputs
+        release_freed_memory()
+
+
 class FisherCollector:
-    """fisher: F = Σ (∂loss/∂W)² per micro-batch, squared into float32 as each gradient is ready."""
+    """fisher: F = Σ (∂loss/∂W)² per micro-batch, squared into float32 as each gradient is ready. Costs are
+    linear in F, so a group of windows adds its share (``additive``)."""
+
+    additive = True
 
     def __init__(self, model, options: list[QuantSpec], costs_fn, rows_out: dict | None = None):
         self.modules = modules_by_name(model, [])
@@ -138,9 +158,9 @@ class FisherCollector:
             c = self.costs_fn(unit_slice(self.F[k], u), unit_weight(self.modules, u), self.options) / steps
             if c.dim() == 2:                     # per-row costs: keep them, the unit's cost is their sum
                 if self.rows_out is not None:
-                    self.rows_out[j] = c
+                    self.rows_out[j] = self.rows_out[j] + c if j in self.rows_out else c
                 c = c.sum(0)
-            cost[j] = c
+            cost[j] += c
         self.F = []
 
     def loss_scale(self, batch):
@@ -207,16 +227,20 @@ def available_host_bytes() -> int | None:
     return None
 
 
+def boundary_bytes(model, tokens: torch.Tensor, n_blocks: int) -> int:
+    """Bytes of the boundary activations of ``tokens`` (one hidden state per block boundary, plus a gradient)."""
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
+    return (n_blocks + 2) * tokens.numel() * hidden * next(model.parameters()).element_size()
+
+
 def check_host_memory(model, tokens: torch.Tensor, n_blocks: int) -> None:
     """The boundary activations (one hidden state per block boundary per window, plus one gradient) must fit
     in the host's available memory: else say how many windows would."""
-    config = getattr(model, "config", None)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     available = available_host_bytes()
-    if not hidden or available is None:
+    per_window = boundary_bytes(model, tokens[:1], n_blocks)
+    if not per_window or available is None:
         return
-    elem = next(model.parameters()).element_size()
-    per_window = (n_blocks + 2) * tokens.shape[1] * hidden * elem
     if per_window * len(tokens) > 0.8 * available:
         fit = int(0.8 * available // per_window)
         raise BitallocError(f"the boundary activations of {len(tokens)} windows ({per_window * len(tokens) / 2**30:.1f} "

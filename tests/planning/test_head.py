@@ -57,3 +57,22 @@ def test_fused_reductions_equal_eager():
     assert torch.allclose(lse, lse_f, rtol=1e-5) and torch.allclose(kl, kl_f, rtol=1e-3, atol=1e-5)
     ref, out = F.log_softmax(a.double(), -1), F.log_softmax(b.double(), -1)
     assert torch.allclose(kl.double(), (ref.exp() * (ref - out)).sum(-1), rtol=1e-4, atol=1e-7)
+
+
+def test_kl_of_far_apart_distributions_is_finite_and_exact():
+    """A quantized model that moves all mass onto tokens the reference rules out (the log1p form's argument
+    reaches −1) or raises logits far beyond the reference's (exp(−d) past float32): KL and lse stay exact."""
+    g = torch.Generator().manual_seed(3)
+    a = 3 * torch.randn(4, 3, 5000, generator=g)
+    b = a.clone()
+    b[0, :, :10] += 120.0                 # mass moved onto tokens of tiny reference probability
+    b[1] -= 200 * torch.rand(b[1].shape, generator=g)
+    b[2, :, 0] = a[2, :, 0].amax() + 400.0      # one logit far beyond float32's exp range in the log1p form
+    for fn in (head_module.kl_terms, head_module.fused(head_module.kl_terms)):
+        lse, kl = fn(a, b)
+        ref, out = F.log_softmax(a.double(), -1), F.log_softmax(b.double(), -1)
+        expected = (ref.exp() * (ref - out)).sum(-1)
+        assert torch.isfinite(kl).all() and torch.isfinite(lse).all()
+        assert torch.allclose(kl.double(), expected, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(lse.double(), torch.logsumexp(b.double(), -1), rtol=1e-5)
+        assert kl[3].abs().max() < 1e-6                       # identical rows: zero

@@ -113,7 +113,7 @@ def test_fitness_assembles_row_plans_from_each_width(tiny_llama_dir, calib_text)
     """A row plan's weights are its rows taken from each width's whole-layer result (rows round on their own,
     in RTN and in GPTQ), so the fitness of a mixed plan is that of gptq(..., row_bits=)."""
     from bitalloc.fitness import KLFitness
-    from bitalloc.quantize import gptq
+    from bitalloc.quantize import as_quantizer
     prepared = api.prepare(tiny_llama_dir, calibration=calib_text, n_windows=2, seq_len=64)
     fit = KLFitness(prepared, quantizer="gptq")
     u = prepared.units[3]
@@ -121,7 +121,7 @@ def test_fitness_assembles_row_plans_from_each_width(tiny_llama_dir, calib_text)
     W = fit.fp_weights[u.name].float()
     mixed = fit.weight(3, rows)
     bits = torch.tensor([prepared.options[int(j)].bits for j in rows], dtype=torch.int8)
-    direct = gptq(W, fit.H[u.name], QuantSpec(8), row_bits=bits).dequantize().to(mixed.dtype)
+    direct = as_quantizer("gptq").gptq(W, fit.H[u.name], QuantSpec(8), row_bits=bits).dequantize().to(mixed.dtype)
     assert torch.equal(mixed, direct)
     layer = [1] * len(prepared.units)
     assert fit(layer) > fit([3] * len(prepared.units)) >= 0

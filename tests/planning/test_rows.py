@@ -145,7 +145,7 @@ def test_row_granularity_refuses_mixed_group_sizes_and_tables_without_rows():
 
 # -- quantizers and packing ---------------------------------------------------------------------------------------
 def test_rtn_and_gptq_per_row():
-    from bitalloc.quantize import fake_quantize, fake_quantize_rows, gptq, rtn, rtn_rows
+    from bitalloc.quantize import CLIP_GRID, fake_quantize, fake_quantize_rows, gptq, rtn, rtn_rows
     g = torch.Generator().manual_seed(0)
     W = torch.randn(40, 256, generator=g)
     rb = torch.tensor([2, 3, 4, 8] * 10, dtype=torch.int8)
@@ -153,8 +153,10 @@ def test_rtn_and_gptq_per_row():
     for b in (2, 3, 4, 8):
         r = rb == b
         assert torch.equal(q.parts[b].codes, rtn(W[r], QuantSpec(b)).codes)
-        assert torch.equal(q.dequantize()[r], fake_quantize(W[r], QuantSpec(b)))
-    assert torch.equal(fake_quantize_rows(W, QuantSpec(8), rb), q.dequantize())
+        assert torch.equal(q.dequantize()[r], fake_quantize(W[r], QuantSpec(b), grid=(1.0,)))
+    assert torch.equal(fake_quantize_rows(W, QuantSpec(8), rb, grid=(1.0,)), q.dequantize())
+    clipped = rtn_rows(W, QuantSpec(4), rb, grid=CLIP_GRID)       # --quantizer rtn's default: the same per row
+    assert torch.equal(fake_quantize_rows(W, QuantSpec(8), rb), clipped.dequantize())
     X = torch.randn(512, 256, generator=g)
     H = X.T @ X
     same = gptq(W, H, QuantSpec(3), row_bits=torch.full((40,), 3, dtype=torch.int8))

@@ -374,3 +374,15 @@ def test_blocks_get_their_own_arguments(family, overrides):
         wrong = stream.logits(h, tokens)
     assert torch.allclose(streamed, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(wrong, expected, atol=1e-3, rtol=0)        # the test can tell the difference
+
+
+def test_streamed_fisher_in_window_groups_equals_one_group(monkeypatch):
+    from bitalloc.sensitivity import streamed
+    tokens = torch.randint(0, 8192, (5, 32), generator=torch.Generator().manual_seed(7))
+    prepared = prepare(zoo.tiny("gemma3", sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+                       calibration=tokens)
+    one = get_probe("fisher", stream="on").measure(prepared.workload, prepared.units, prepared.options)
+    monkeypatch.setattr(streamed, "GROUP_BYTES", 1)                # one window per group
+    grouped = get_probe("fisher", stream="on").measure(prepared.workload, prepared.units, prepared.options)
+    assert ((one.cost - grouped.cost).abs() / one.cost).max() <= 1e-6       # float32 F summed in another order
+    assert torch.allclose(one.row_cost, grouped.row_cost, rtol=1e-6, atol=0)
