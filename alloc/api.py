@@ -183,7 +183,7 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
              probe_settings: dict | None = None, solver_settings: dict | None = None,
              experts: str = "per-expert", exclude: tuple[str, ...] = (), dtype: str = "auto",
              granularity: str = "layer", quantizer: str = "rtn", refine: float | None = None,
-             progress: bool = True) -> BitPlan:
+             check: bool = False, progress: bool = True) -> BitPlan:
     """Choose a width per layer so the model fits ``budget_bits`` TRUE bits per weight on average.
 
     ``model``: an ``nn.Module`` (with ``tokenizer=`` or token-id ``calibration``) or a local model folder;
@@ -196,7 +196,8 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
     or ilp; kept only if it scores no worse than the layer plan on calibration windows); ``quantizer``: what
     the plan will be applied with (rtn or gptq): the probe's costs (where it can: kfac, output_error,
     measured_kl) and every measured score use it; ``refine``: seconds of EvoPress search on the model after
-    the solver (alloc/finish.py).
+    the solver; ``check``: also for a layer plan without ``refine``, compare it on calibration windows with the
+    plan solved without the widths below ⌊budget⌋ and keep the better (alloc/finish.py).
     """
     from .sensitivity.base import PROBES
     from .solvers.base import SOLVERS
@@ -213,7 +214,7 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
     settings = with_fitness(prepared, solver, solver_settings, quantizer=quantizer)
     plan = solve(table, budget_bits, solver, settings=settings, count_overhead=count_overhead, fuse=fuse,
                  granularity=granularity)
-    return finish(prepared, table, plan, quantizer=quantizer, refine=refine, progress=progress,
+    return finish(prepared, table, plan, quantizer=quantizer, refine=refine, progress=progress, check=check,
                   fitness=settings.get("fitness"))
 
 
@@ -234,15 +235,18 @@ def quantizer_settings(probe: str, quantizer: str, settings: dict | None) -> dic
 
 
 def finish(prepared: Prepared, table, plan: BitPlan, *, quantizer: str = "rtn", refine: float | None = None,
-           progress: bool = True, fitness=None) -> BitPlan:
+           progress: bool = True, fitness=None, check: bool = False) -> BitPlan:
     """The plan after the measured checks (alloc/finish.py): a row plan that scores worse than the layer plan on
-    calibration windows falls back to it; ``refine`` seconds of search; the quantizer is recorded."""
+    calibration windows falls back to it; the plan without widths below the budget's floor replaces it when
+    that scores better; ``refine`` seconds of search; the quantizer is recorded. The checks run with row
+    plans, ``refine`` or ``check``."""
     from . import finish as stage
-    if plan.row_bits or refine:
+    if plan.row_bits or refine or check:
         fitness = fitness if fitness is not None and getattr(fitness, "stride", 1) == stage.REFINE_STRIDE \
             else stage.fitness_for(prepared, quantizer)
         try:
             plan = stage.check_rows(table, plan, fitness)
+            plan = stage.check_widths(table, plan, fitness)
             if refine:
                 plan = stage.refine_plan(table, plan, fitness, refine, progress=progress)
         finally:                                  # the model is borrowed: its fp weights go back

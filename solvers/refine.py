@@ -190,11 +190,21 @@ class Refiner:
             children = [c for c in (self.mutate(space, parent, rng) for _ in range(self.offspring)) if c is not None]
             if not children:
                 break
-            pool = children
+            pool, late = children, False
             for windows, keep in self.stages:
-                scored = sorted((score(c, windows), i) for i, c in enumerate(pool))
+                scored = []
+                for i, c in enumerate(pool):
+                    if total is not None and time.time() - t0 >= total:
+                        late = True                 # out of time mid-generation: this generation is dropped
+                        break
+                    scored.append((score(c, windows), i))
+                if late:
+                    break
+                scored.sort()
                 pool = [pool[i] for _, i in scored[:keep]]
                 best = scored[0][0]
+            if late:
+                break
             if best < parent_score:
                 parent, parent_score, stale = pool[0], best, 0
             else:

@@ -72,7 +72,7 @@ def add_solver_args(p: argparse.ArgumentParser) -> None:
                    "--granularity row: closed_form, greedy or ilp (default ilp per layer, closed_form per row)")
     p.add_argument("--granularity", default="layer", choices=["layer", "row"],
                    help="one width per layer, or per output row (plan JSON v2, needs a probe with row costs: "
-                        "fisher) (default layer)")
+                        "fisher, kfac, output_error) (default layer)")
 
 
 def resolve_solver(args) -> None:

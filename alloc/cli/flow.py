@@ -32,7 +32,8 @@ def cmd_allocate(args) -> None:
     search = solver_settings(args, prepared)
     plan = solve(table, args.budget, args.solver, settings=search, count_overhead=not args.nominal, fuse=args.fuse,
                  granularity=args.granularity)
-    plan = finish(prepared, table, plan, quantizer=args.quantizer, refine=args.refine, fitness=search.get("fitness"))
+    plan = finish(prepared, table, plan, quantizer=args.quantizer, refine=args.refine, fitness=search.get("fitness"),
+                  check=getattr(args, "check", False))
     print_plan(plan)
     print(f"\nbudget {args.budget} {'nominal' if args.nominal else 'true'} bits/weight · "
           f"true {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver}"

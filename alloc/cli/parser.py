@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", type=seconds_type, default=None, metavar="SECONDS",
                    help="after the solver, search this many seconds for a plan with a lower KL to the fp model "
                         "on calibration windows (EvoPress-style; layer and row plans)")
+    p.add_argument("--check", action="store_true",
+                   help="score the plan on calibration windows against the plan without widths below the budget's "
+                        "floor (2 bits at 3.25) and keep the better (always on with --granularity row or --refine)")
     p.add_argument("--fuse", action="store_true", help="q/k/v and gate/up share one width")
     p.add_argument("--nominal", action="store_true", help="budget counts code bits only (count_overhead=False)")
     p.add_argument("--eval", help="text file: report perplexity of fp, the plan and the best uniform plan")

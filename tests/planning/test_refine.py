@@ -76,6 +76,23 @@ def test_mutation_keeps_the_budget_and_moves_bits():
         assert not torch.equal(child, start)
 
 
+def test_refine_stops_at_its_time_limit_inside_a_generation():
+    """A slow fitness (a large model's GPTQ on first use) must not stretch --refine SECONDS by a generation."""
+    import time
+    table = table_with_rows()
+    problem = Problem(table, 3.3)
+    seed = api.solve(table, 3.3)
+    inner = RowFitness(table)
+
+    def slow(choice, n_windows=None):
+        time.sleep(0.05)
+        return inner(choice, n_windows)
+    t = time.time()
+    out = refine(problem, seed, slow, seconds=0.3, offspring=50, stages=((1, 10), (1, 1)), progress=False)
+    assert time.time() - t < 0.3 + 0.2                      # one fitness call past the limit at most
+    assert out.extra["refine"]["kl"] <= out.extra["refine"]["seed_kl"]
+
+
 def test_refine_needs_an_end():
     with pytest.raises(Exception, match="needs an end"):
         Refiner(lambda c, w: 0.0, seconds=None, generations=None)
@@ -125,3 +142,31 @@ def test_fitness_assembles_row_plans_from_each_width(tiny_llama_dir, calib_text)
     assert torch.equal(mixed, direct)
     layer = [1] * len(prepared.units)
     assert fit(layer) > fit([3] * len(prepared.units)) >= 0
+
+
+def test_width_check_drops_low_widths_only_when_they_measure_worse():
+    """Additive costs that under-rate 2-bit layers (what GPTQ on Gemma-3-270M showed): the plan without widths
+    below ⌊budget⌋ is taken when the measured fitness prefers it, the table's plan when the table was right."""
+    from bitalloc.finish import check_widths, without_low_widths
+    per_unit = torch.tensor([[1000.0, 500.0, 1.0, 0.0]] + [[1.0, 0.5, 0.3, 0.0]] * 5, dtype=torch.float64)
+    rows = 128
+    units = [Unit(f"layer{i}", (rows, 256)) for i in range(6)]
+    table = SensitivityTable(units, [QuantSpec(b) for b in (2, 3, 4, 8)], per_unit, {"probe": "toy"},
+                             per_unit.repeat_interleave(rows, 0) / rows)
+    plan = api.solve(table, 3.3)
+    assert any(s.bits == 2 for s in plan.layers.values())
+    other = without_low_widths(table, plan)
+    assert other is not None and all(s.bits >= 3 for s in other.layers.values()) and other.true_bpw <= 3.3
+
+    def measured(two_bit_factor):
+        def fitness(choice, n_windows=None):
+            return sum(float(table.cost[i, int(c)]) * (two_bit_factor if table.options[int(c)].bits == 2 else 1)
+                       for i, c in enumerate(choice))
+        return fitness
+    assert check_widths(table, plan, measured(1.0)).layers == plan.layers          # the table was right
+    kept = check_widths(table, plan, measured(1000.0))
+    assert kept.layers == other.layers and "chosen" in kept.extra["width_check"]
+    assert without_low_widths(table, api.solve(table, 2.4)) is None                 # nothing below 2 bits
+    row_plan = solve_rows(Problem(table, 3.3), "closed_form")
+    assert any(int(b) == 2 for r in row_plan.row_bits.values() for b in r.tolist())
+    assert all(int(b) >= 3 for r in without_low_widths(table, row_plan).row_bits.values() for b in r.tolist())
