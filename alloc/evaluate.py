@@ -138,6 +138,19 @@ class Evaluator:
         """Scores of the model with ``weights`` (unit name -> (out, in)) in place of the fp ones."""
         return self._score(weights, desc)
 
+    def score_plan(self, plan, quantizer, calibration: torch.Tensor | None, desc: str = "eval",
+                   progress: bool = False) -> Scores:
+        """Scores of ``plan`` applied with ``quantizer`` (GPTQ on ``calibration``), as quantize_model writes it;
+        the model holds its fp weights again afterwards."""
+        from .quantize_model import quantize_model
+        try:
+            quantize_model(self.model, self.units, plan, quantizer=quantizer, calibration=calibration,
+                           progress=progress, sink=lambda name, q: None)
+            weights = unit_weights(self.model, self.units)
+        finally:
+            set_unit_weights(self.model, self.units, self.fp_weights)
+        return self.score(weights, desc)
+
 
 class _Holding:
     """While active, ``units`` hold ``weights``; the weights they held on entry come back on exit."""
@@ -275,7 +288,6 @@ def score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -
     scored one block at a time (evaluate.streamed_scores; RTN, or GPTQ unless the LM head is tied to the
     embeddings) with --stream on, when its weights stay on the host, or auto when the whole path's copy of the
     unit weights would pass 1 GiB (it keeps no logits, whatever the vocabulary: see Evaluator)."""
-    from .quantize_model import quantize_model
     from .sensitivity.base import STREAM_ABOVE_BYTES, tied_to_embeddings
     from .units import find_blocks
     model, units = prepared.model, prepared.units
@@ -303,8 +315,6 @@ def score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -
     evaluator = Evaluator(model, prepared.kind, prepared.units, tokens)
     rows = [("fp", None, evaluator.fp)]
     for label, plan in plans:
-        quantize_model(model, prepared.units, plan, quantizer=quantizer, calibration=prepared.tokens, sink=lambda name, q: None)
-        weights = unit_weights(model, prepared.units)
-        set_unit_weights(model, prepared.units, evaluator.fp_weights)
-        rows.append((label, plan, evaluator.score(weights, desc=f"eval {label}")))
+        rows.append((label, plan, evaluator.score_plan(plan, quantizer, prepared.tokens, desc=f"eval {label}",
+                                                          progress=True)))
     return rows

@@ -17,7 +17,6 @@ from bitalloc.calibration import read_text, windows
 from bitalloc.evaluate import Evaluator
 from bitalloc.plan import BitPlan
 from bitalloc.quantize import Quantizer
-from bitalloc.quantize_model import quantize_model, set_unit_weights, unit_weights
 
 VARIANTS = {
     "rtn": Quantizer("rtn"), "rtn+clip": Quantizer("rtn", clip=True),
@@ -47,11 +46,7 @@ def main() -> None:
         plan = BitPlan.from_choice(prepared.units, [QuantSpec(bits)] * len(prepared.units), solver="uniform")
         for name in args.variants.split(","):
             t0 = time.time()
-            quantize_model(prepared.model, prepared.units, plan, quantizer=VARIANTS[name],
-                           calibration=prepared.tokens, progress=False)
-            weights = unit_weights(prepared.model, prepared.units)
-            set_unit_weights(prepared.model, prepared.units, ev.fp_weights)
-            s = ev.score(weights)
+            s = ev.score_plan(plan, VARIANTS[name], prepared.tokens)
             print(f"W{bits}g128 {name:14s} ppl {s.ppl:10.4f}  KL {s.kl:.5f}  ({time.time() - t0:.0f} s)", flush=True)
 
 

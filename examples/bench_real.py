@@ -20,7 +20,6 @@ from bitalloc.calibration import read_text, windows
 from bitalloc.evaluate import Evaluator
 from bitalloc.finish import check_rows, fitness_for, refine_plan
 from bitalloc.plan import BitPlan
-from bitalloc.quantize_model import quantize_model, set_unit_weights, unit_weights
 from bitalloc.reporting.baselines import baseline_plans
 
 
@@ -61,11 +60,7 @@ def main() -> None:
         if not wants(kind, quantizer):
             return
         t = time.time()
-        quantize_model(prepared.model, prepared.units, plan, quantizer=quantizer, calibration=prepared.tokens,
-                       progress=False)
-        weights = unit_weights(prepared.model, prepared.units)
-        set_unit_weights(prepared.model, prepared.units, ev.fp_weights)
-        s = ev.score(weights)
+        s = ev.score_plan(plan, quantizer, prepared.tokens)
         row = dict(model=name, quantizer=quantizer, kind=kind, label=label, bpw=plan.true_bpw, ppl=s.ppl, kl=s.kl,
                    plan_s=round(plan_s, 1), eval_s=round(time.time() - t, 1), **extra)
         rows.append(row)

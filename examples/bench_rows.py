@@ -19,7 +19,6 @@ from bitalloc import QuantSpec, api
 from bitalloc.calibration import read_text, windows
 from bitalloc.evaluate import Evaluator
 from bitalloc.plan import BitPlan
-from bitalloc.quantize_model import quantize_model, set_unit_weights, unit_weights
 
 
 def main() -> None:
@@ -51,11 +50,7 @@ def main() -> None:
     fp = err(ev.fp)
 
     def measure(plan: BitPlan, quantizer: str) -> float:
-        quantize_model(prepared.model, prepared.units, plan, quantizer=quantizer, calibration=prepared.tokens,
-                       progress=False)
-        weights = unit_weights(prepared.model, prepared.units)
-        set_unit_weights(prepared.model, prepared.units, ev.fp_weights)
-        return err(ev.score(weights))
+        return err(ev.score_plan(plan, quantizer, prepared.tokens))
 
     def uniform(bits: int) -> BitPlan:
         return BitPlan.from_choice(prepared.units, [QuantSpec(bits)] * len(prepared.units), solver="uniform")

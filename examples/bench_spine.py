@@ -17,7 +17,6 @@ from bitalloc import QuantSpec, api
 from bitalloc.calibration import read_text, windows
 from bitalloc.evaluate import Evaluator
 from bitalloc.plan import BitPlan
-from bitalloc.quantize_model import quantize_model, set_unit_weights, unit_weights
 
 
 def main() -> None:
@@ -47,11 +46,7 @@ def main() -> None:
     print(f"fp ppl {fp:.4f}")
 
     def ppl(plan: BitPlan, quantizer: str) -> float:
-        quantize_model(prepared.model, prepared.units, plan, quantizer=quantizer, calibration=prepared.tokens,
-                       progress=False)
-        weights = unit_weights(prepared.model, prepared.units)
-        set_unit_weights(prepared.model, prepared.units, ev.fp_weights)
-        return ev.score(weights).ppl
+        return ev.score_plan(plan, quantizer, prepared.tokens).ppl
 
     def uniform(bits: int) -> BitPlan:
         return BitPlan.from_choice(prepared.units, [QuantSpec(bits)] * len(prepared.units), solver="uniform")

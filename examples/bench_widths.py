@@ -18,7 +18,6 @@ from bitalloc.calibration import read_text, windows
 from bitalloc.evaluate import Evaluator
 from bitalloc.finish import without_low_widths
 from bitalloc.plan import BitPlan
-from bitalloc.quantize_model import quantize_model, set_unit_weights, unit_weights
 from bitalloc.reporting.baselines import baseline_plans
 
 
@@ -42,10 +41,7 @@ def main() -> None:
 
     def score(label, plan):
         t = time.time()
-        quantize_model(p.model, p.units, plan, quantizer=args.quantizer, calibration=p.tokens, progress=False)
-        weights = unit_weights(p.model, p.units)
-        set_unit_weights(p.model, p.units, ev.fp_weights)
-        s = ev.score(weights)
+        s = ev.score_plan(plan, args.quantizer, p.tokens)
         widths = dict(sorted(Counter(spec.bits for spec in plan.layers.values()).items()))
         print(f"{args.quantizer} {label:26s} bpw {plan.true_bpw:.4f} ppl {s.ppl:9.3f} KL {s.kl:.4f} "
               f"layer widths {widths} ({time.time() - t:.0f} s)", flush=True)
