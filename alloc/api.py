@@ -6,8 +6,6 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +15,14 @@ import torch
 from torch import nn
 
 from . import checks
-from .calibration import data_hash, read_text, windows
+from .calibration import calibration_text, check_text_file, data_hash, read_text, windows
 from .errors import BitallocError
-from .files import cache_dir
 from .models.loading import load_model, model_info, parse_dtype
 from .models.workload import make_workload
 from .options import QuantSpec, parse_options
 from .quantize import as_quantizer
 from .plan import BitPlan
+from .table_cache import lookup, store, table_path
 from .units import Unit, check_weights, find_units
 
 DEFAULT_PROBE = "fisher"
@@ -46,6 +44,7 @@ class Prepared:
     info: dict = field(default_factory=dict)
     batch_size: int = 8
     compute_device: str | None = None     # weights on the host, probes streamed block by block to this device
+    scope: dict = field(default_factory=dict)   # which modules are units: include, exclude, experts (plans record it)
 
     @property
     def workload(self):
@@ -69,6 +68,7 @@ def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: 
     checks.one_of(experts, ("per-expert", "per-layer"), "experts setting")
     if calib_file is not None:
         checks.input_file(calib_file, "calibration file", "UTF-8 text file")
+        check_text_file(calib_file)                 # UTF-16, binary: refused before the model loads
     if not (model is None or isinstance(model, (str, os.PathLike, nn.Module))):
         raise BitallocError(f"model must be an nn.Module or a local model folder, got {type(model).__name__}")
     if model is None or isinstance(model, (str, os.PathLike)):
@@ -95,63 +95,43 @@ def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: 
         if tokens.dim() != 2 or tokens.numel() == 0:
             raise BitallocError("calibration token ids must be a non-empty (n_windows, seq_len) tensor")
     else:
-        text = calibration if isinstance(calibration, str) else read_text(calib_file)
+        text = _calibration_prefix(tokenizer, calibration if isinstance(calibration, str) else calib_file,
+                                   n_windows * seq_len, is_file=not isinstance(calibration, str) and calib_file is not None)
         if not text.strip():
             raise BitallocError("calibration text is empty: give at least one window of text")
         source = f"calibration file {str(calib_file)!r}" if calib_file else "calibration text"
         tokens = windows(tokenizer, text, seq_len=seq_len, n_windows=n_windows, source=source, strict=strict_windows)
-    info = model_info(model)
-    return Prepared(model, tokenizer, kind, units, list(options), tokens, info, batch_size)
+    info = model_info(model, units)
+    scope = {"include": list(include), "exclude": list(exclude), "experts": experts}
+    return Prepared(model, tokenizer, kind, units, list(options), tokens, info, batch_size, scope=scope)
 
 
-# Bumped whenever the numbers a probe measures change for the same inputs (2: RTN and GPTQ clip by default,
-# GPTQ sweeps in act-order: a table cached before measured other weights).
-TABLE_NUMERICS = 2
-
-
-def table_key(prepared: Prepared, probe_name: str, settings: dict) -> str:
-    """The cache key of a table: every input of the measurement, the quantizer spelled out in full."""
-    from dataclasses import asdict
-
-    from .quantize import as_quantizer
-    settings = dict(settings)
-    if "quantizer" in settings:
-        settings["quantizer"] = asdict(as_quantizer(settings["quantizer"]))
-    blob = json.dumps({"model": prepared.info["hash"], "data": data_hash(prepared.tokens), "probe": probe_name,
-                       "numerics": TABLE_NUMERICS, "settings": settings, "options": [o.to_json() for o in prepared.options],
-                       "units": [[u.name, list(u.shape), u.kind] for u in prepared.units]}, sort_keys=True, default=str)
-    return hashlib.blake2b(blob.encode(), digest_size=12).hexdigest()
+def _calibration_prefix(tokenizer, source, tokens: int, *, is_file: bool) -> str:
+    """The calibration text up to a little past ``tokens`` tokens (all of it when the prefix falls short):
+    a few windows do not read and tokenize a whole corpus."""
+    need = tokens + 64                              # the prefix's last tokens may split differently: spare some
+    text, whole = calibration_text(source, need, is_file=is_file)
+    if whole or len(tokenizer(text, add_special_tokens=False).input_ids) >= need:
+        return text
+    return read_text(source) if is_file else calibration_text(source, 1 << 62, is_file=False)[0]
 
 
 def measure(prepared: Prepared, probe: str = DEFAULT_PROBE, *, settings: dict | None = None,
             cache: bool = True):
-    """The SensitivityTable of ``probe`` on ``prepared``; loaded from the cache when inputs match."""
-    from .sensitivity import SensitivityTable, get_probe
+    """The SensitivityTable of ``probe`` on ``prepared``; loaded from the cache when every input matches
+    (alloc/table_cache.py)."""
+    from .sensitivity import get_probe
     probe_obj = get_probe(probe, **(settings or {}))
-    key = table_key(prepared, probe, probe_obj.settings())
-    path = cache_dir() / "tables" / f"{probe}-{key}.safetensors"
-    if cache and path.is_file() and Path(str(path) + ".json").is_file():
-        try:
-            table = SensitivityTable.load(path)
-            if [u.name for u in table.units] != [u.name for u in prepared.units] or \
-                    list(table.options) != list(prepared.options):
-                raise ValueError("units or options differ from the request")
-            if table.row_cost is not None or not probe_obj.gives_rows:     # else: cached before row costs
-                table.meta["cached"] = str(path)
-                return table
-        except Exception as e:        # truncated/garbled cache entry: say so once, then measure again
-            import warnings
-
-            from .errors import BitallocWarning
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            warnings.warn(f"cached table {path} is unreadable ({first}): measuring it again", BitallocWarning,
-                          stacklevel=2)
+    path = table_path(prepared, probe, probe_obj.settings())
+    if cache:
+        table = lookup(path, prepared, probe_obj.gives_rows)
+        if table is not None:
+            return table
     table = probe_obj.measure(prepared.workload, prepared.units, prepared.options)
-    table.meta.update(model=prepared.info, data_hash=data_hash(prepared.tokens),
+    table.meta.update(model=prepared.info, scope=prepared.scope, data_hash=data_hash(prepared.tokens),
                       n_windows=len(prepared.tokens), seq_len=prepared.tokens.shape[1])
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table.save(path)
+        store(table, path)
     return table
 
 
@@ -172,7 +152,22 @@ def solve(table, budget_bits: float, solver: str = DEFAULT_SOLVER, *, settings: 
     if solver == "greedy":
         raise BitallocError("the greedy solver works at row granularity: add --granularity row, or use ilp")
     from .solvers import get_solver
-    return get_solver(solver, **(settings or {}))(table, budget_bits, count_overhead=count_overhead, fuse=fuse)
+    plan = get_solver(solver, **(settings or {}))(table, budget_bits, count_overhead=count_overhead, fuse=fuse)
+    _say_if_saturated(table, plan, budget_bits, count_overhead)
+    return plan
+
+
+def _say_if_saturated(table, plan: BitPlan, budget_bits: float, count_overhead: bool) -> None:
+    """A budget above what the widest option takes: say what the plan is instead (all W8 at 8.19, not 16)."""
+    widest = max(table.options, key=lambda o: (o.bits, -o.group_size))
+    used = plan.true_bpw if count_overhead else plan.nominal_bpw
+    if budget_bits > used + 0.01 and all(s == widest for s in plan.layers.values()) and not plan.row_bits:
+        import warnings
+
+        from .errors import BitallocWarning
+        warnings.warn(f"budget {budget_bits:g} is more than the widest option needs: the plan is all "
+                      f"{widest.label()} at {used:.4f} {'true' if count_overhead else 'nominal'} bits per weight",
+                      BitallocWarning, stacklevel=3)
 
 
 def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: float = 3.2, *,

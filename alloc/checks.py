@@ -40,6 +40,17 @@ def budget(value) -> float:
     return positive(value, "budget_bits")
 
 
+def feasible(budget_bits: float, options, *, count_overhead: bool = True) -> None:
+    """Refuse, before any model loads, a budget below what the cheapest option takes on any matrix (its bits
+    per weight on a large matrix whose rows fill whole groups: a lower bound; the solver checks the exact one)."""
+    shape = (4096, 4096 * 8)
+    floor = min(o.size_bits(shape, count_overhead=count_overhead) for o in options) / (shape[0] * shape[1])
+    if budget_bits < floor - 1e-12:
+        import math
+        raise BitallocError(f"budget {budget_bits} bits per weight is infeasible: the cheapest option takes at least "
+                            f"{floor:.4f}; give --budget ≥ {math.ceil(floor * 10000) / 10000}")
+
+
 def output_file(path, flag: str = "--out") -> Path:
     """A file we may create or replace: its folder exists and is writable, and it is not itself a folder."""
     if path is None or str(path) == "":

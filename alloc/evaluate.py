@@ -283,11 +283,16 @@ def streamed_scores(model: nn.Module, units: list[Unit], tokens: torch.Tensor, p
     return Scores(math.exp(nll_fp / n), 0.0, None), Scores(math.exp(nll_q / n), kl / n, None)
 
 
-def score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -> list:
+def score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto", each=None) -> list:
     """[("fp", None, Scores), (label, plan, Scores), ...] on ``tokens``. A causal LM with decoder blocks is
     scored one block at a time (evaluate.streamed_scores; RTN, or GPTQ unless the LM head is tied to the
     embeddings) with --stream on, when its weights stay on the host, or auto when the whole path's copy of the
-    unit weights would pass 1 GiB (it keeps no logits, whatever the vocabulary: see Evaluator)."""
+    unit weights would pass 1 GiB (it keeps no logits, whatever the vocabulary: see Evaluator). ``each(row)``
+    is called with every row as soon as it is scored (sweep writes its CSV as it goes)."""
+    def add(rows, row):
+        rows.append(row)
+        if each is not None:
+            each(row)
     from .sensitivity.base import STREAM_ABOVE_BYTES, tied_to_embeddings
     from .units import find_blocks
     model, units = prepared.model, prepared.units
@@ -309,12 +314,14 @@ def score_plans(prepared, tokens, plans, quantizer: str, stream: str = "auto") -
         for label, plan in plans:
             fp, scores = streamed_scores(model, units, tokens, plan, quantizer=quantizer, calibration=prepared.tokens,
                                          compute_device=getattr(prepared, "compute_device", None))
-            rows += [("fp", None, fp)] if not rows else []
-            rows.append((label, plan, scores))
+            if not rows:
+                add(rows, ("fp", None, fp))
+            add(rows, (label, plan, scores))
         return rows
     evaluator = Evaluator(model, prepared.kind, prepared.units, tokens)
-    rows = [("fp", None, evaluator.fp)]
+    rows: list = []
+    add(rows, ("fp", None, evaluator.fp))
     for label, plan in plans:
-        rows.append((label, plan, evaluator.score_plan(plan, quantizer, prepared.tokens, desc=f"eval {label}",
-                                                          progress=True)))
+        add(rows, (label, plan, evaluator.score_plan(plan, quantizer, prepared.tokens, desc=f"eval {label}",
+                                                     progress=True)))
     return rows

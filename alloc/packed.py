@@ -9,7 +9,6 @@ A packed checkpoint folder holds
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import BitallocError, few
-from .files import check_parent
+from .files import check_parent, check_writable
 from .plan import BitPlan
 from .quantize_model import quantize_model
 from .units import EXPERT_KINDS, find_units, unit_weight
@@ -30,8 +29,16 @@ PLAN = "plan.json"
 
 
 def planned_units(model: nn.Module, plan: BitPlan):
-    """The model's units that the plan names (default units plus any the plan includes, e.g. lm_head;
-    MoE experts per expert or per layer, as the plan has them)."""
+    """The model's units as the plan was made: with the include/exclude/experts settings it records
+    (``extra["scope"]``), else the default units plus any the plan names (e.g. lm_head), MoE experts per expert
+    or per layer as the plan has them. Every one must be planned: a plan that leaves units out is refused,
+    never packed in part (name them in ``--exclude`` when making the plan to keep them in full precision)."""
+    scope = plan.extra.get("scope")
+    if isinstance(scope, dict):
+        units = find_units(model, include=tuple(scope.get("include", ())), exclude=tuple(scope.get("exclude", ())),
+                           experts=scope.get("experts", "per-expert"), fuse=False, check_coverage=False)
+        plan.check_units(units)
+        return units
     names = {n for n, _ in model.named_modules()}
     extra = tuple(n for n in plan.layers if n in names)
     units = find_units(model, include=extra, fuse=False, check_coverage=False)
@@ -39,7 +46,6 @@ def planned_units(model: nn.Module, plan: BitPlan):
         stacks = find_units(model, include=extra, fuse=False, check_coverage=False, experts="per-layer")
         if any(u.kind in EXPERT_KINDS and u.name in plan.layers for u in stacks):
             units = stacks
-    units = [u for u in units if u.name in plan.layers]
     plan.check_units(units)
     return units
 
@@ -77,13 +83,16 @@ def _pack_experts(model: nn.Module, units, packed: dict) -> None:
 
 def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str = "rtn",
           calibration: torch.Tensor | None = None, progress: bool = True,
-          compute_device: str | torch.device | None = None) -> nn.Module:
+          compute_device: str | torch.device | None = None, force: bool = False,
+          info: dict | None = None) -> nn.Module:
     """Quantize ``model`` by ``plan`` (a BitPlan or a plan JSON path) and replace each planned layer by a
     packed QuantLinear, in place. ``compute_device``: the weights stay on the host and the quantization runs
     there (GPTQ one decoder block at a time, alloc/models/stream.py); the packed layers stay on the host.
 
     Layers planned at 16 bits stay ordinary layers with fp16-rounded weights. Returns the model, which
-    carries the plan as ``model.bitalloc_plan``."""
+    carries the plan as ``model.bitalloc_plan``. A plan made for another model (alloc/provenance.py: its
+    hash, or its layers' weights when read in another dtype) is refused unless ``force``, which records it in
+    the plan; ``info``: the model's model_info when already computed."""
     if not isinstance(model, nn.Module):
         raise BitallocError(f"apply needs an nn.Module, got {type(model).__name__}: load the model first")
     if isinstance(plan, (str, os.PathLike)):
@@ -91,6 +100,8 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
     if not isinstance(plan, BitPlan):
         raise BitallocError(f"plan must be a BitPlan or a plan JSON path, got {type(plan).__name__}")
     units = planned_units(model, plan)
+    from .provenance import check_plan_model
+    plan = check_plan_model(plan, model, units, info, force=force)
     rowwise = [u.name for u in units if u.name in plan.row_bits and u.kind != "linear"]
     if rowwise:
         raise BitallocError(f"the plan mixes widths inside {len(rowwise)} non-Linear unit(s) ({few(rowwise)}): "
@@ -131,6 +142,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def check_new_folder(path: str | os.PathLike) -> Path:
     """A checkpoint folder to create: its parent must exist and it must not hold anything yet."""
     out = check_parent(path)
+    check_writable(out.parent, try_it=True)
     if out.exists() and not out.is_dir():
         raise BitallocError(f"{str(out)!r} is a file: give a new folder name for the packed checkpoint")
     if out.exists() and any(out.iterdir()):
@@ -141,12 +153,15 @@ def check_new_folder(path: str | os.PathLike) -> Path:
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write a packed model (see the module docstring). The folder appears whole or not at all."""
     from safetensors.torch import save_model
+
+    from .files import clean_stale, is_write_error, os_error_line, temp_prefix
     plan = getattr(model, "bitalloc_plan", None)
     if plan is None:
         raise BitallocError("this model is not packed: call bitalloc.apply(model, plan) first")
     out = check_new_folder(out_dir)
     model, dtype = _in_source_dtype(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    clean_stale(out.parent)                      # what a killed save left behind (tens of GB on a 70B model)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
     try:
         save_model(model, str(tmp / WEIGHTS), metadata={"bitalloc_format": str(FORMAT_VERSION),
                                                         "dtype": str(dtype).removeprefix("torch.")})
@@ -166,8 +181,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_write_error(e):
+            need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            raise BitallocError(os_error_line(e, out, need_bytes=need)) from None
         raise
     return out
 
@@ -192,13 +210,19 @@ def _in_source_dtype(model: nn.Module) -> tuple[nn.Module, torch.dtype]:
     return copy_, source
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def _read_header(path: Path) -> tuple[dict, dict]:
-    """(metadata, {tensor name: shape}) from a safetensors header, without reading the tensors."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    meta = header.pop("__metadata__", {}) or {}
-    return meta, {k: tuple(v["shape"]) for k, v in header.items()}
+    """(metadata, {tensor name: shape}) through safetensors' own reader (it bounds and validates the header),
+    without reading the tensors."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise BitallocError(f"{path} is not a readable safetensors file ({first}): re-run `bitalloc apply`") from None
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
@@ -217,11 +241,16 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -
     version = meta.get("bitalloc_format")
     if version is None:
         raise BitallocError(f"{weights} has no bitalloc_format in its metadata: it was not written by bitalloc")
+    if not str(version).isdigit():
+        raise BitallocError(f"{weights} has bitalloc_format {str(version)[:20]!r}, not a number: it was not written by bitalloc")
     if int(version) > FORMAT_VERSION:
         raise BitallocError(f"{weights} is packed format {version}, newer than this bitalloc reads ({FORMAT_VERSION}): "
                             "upgrade bitalloc")
     plan = BitPlan.load(folder / PLAN)
-    dtype = getattr(torch, meta.get("dtype", "float32"))
+    if meta.get("dtype", "float32") not in DTYPES:
+        raise BitallocError(f"{weights} names dtype {str(meta.get('dtype'))[:40]!r}, not one of {', '.join(DTYPES)}: "
+                            "it was not written by bitalloc")
+    dtype = DTYPES[meta.get("dtype", "float32")]
     transformers.logging.set_verbosity_error()
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     archs = getattr(config, "architectures", None) or []
@@ -265,6 +294,18 @@ def _empty_experts(model: nn.Module, units, plan: BitPlan) -> None:
     """Unfilled QuantExperts in place of each planned 3-D expert parameter (for loading a checkpoint)."""
     from .kernels.qexperts import empty_part
     _attach_experts(model, units, lambda u, modules: empty_part(plan.layers[u.name], *u.shape))
+
+
+def checkpoint_bytes(model: nn.Module, units, plan: BitPlan) -> float:
+    """About what the checkpoint of ``model`` packed by ``plan`` takes: the packed layers plus every other
+    tensor in the source dtype (checked against the free space before the slow part)."""
+    source = getattr(model, "bitalloc_source_dtype", None)
+    modules = dict(model.named_modules())
+    planned = {id(getattr(modules[u.module_name], u.param)) if u.kind in EXPERT_KINDS
+               else id(getattr(modules[u.name], "weight", None)) for u in units}
+    rest = sum(p.numel() * (source.itemsize if source is not None else p.element_size())
+               for p in model.parameters() if id(p) not in planned)
+    return plan.size_bytes() + rest
 
 
 def checkpoint_report(model: nn.Module, folder: str | os.PathLike) -> dict:

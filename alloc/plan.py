@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -172,7 +173,11 @@ class BitPlan:
         return entry
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
+        text = json.dumps(self.to_json(), indent=1)
+        # short lists of numbers (shapes, weight fingerprints) on one line each
+        text = re.sub(r"\[\s+(-?[\d.eE+-]+(?:,\s+-?[\d.eE+-]+)*)\s+\]",
+                      lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+        atomic_write_text(path, text + "\n")
 
     @classmethod
     def from_json(cls, data: Any, *, source: str = "plan") -> "BitPlan":
@@ -284,7 +289,8 @@ class BitPlan:
         missing = [u.name for u in units if u.name not in self.layers]
         if missing:
             raise BitallocError(f"plan lacks {len(missing)} layer(s) of this model ({few(missing)}): "
-                                "it was made for another model or with other --include settings")
+                                "a plan covers every unit of its model; keep layers in full precision with "
+                                "--exclude when making the plan (or it was made for another model)")
         reshaped = [n for n in self.layers if tuple(by_name[n].shape) != tuple(self.shapes[n])]
         if reshaped:
             raise BitallocError(f"plan shapes differ from the model's for {few(reshaped)}: it was made for another model")

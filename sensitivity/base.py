@@ -59,6 +59,8 @@ class Probe(ABC):
     # torchrun each rank measures its share and the tables are summed with these weights (alloc/models/distributed.py).
     samples_meta: ClassVar[str | None] = None
     gives_rows: ClassVar[bool] = False      # the table carries per-row costs (for --granularity row)
+    # settings that do not change the numbers (block streaming computes the same costs), left out of the cache key
+    same_numbers: ClassVar[tuple[str, ...]] = ("stream",)
 
     def __post_init__(self) -> None:
         if hasattr(self, "stream"):
@@ -72,10 +74,10 @@ class Probe(ABC):
         return as_quantizer(getattr(self, "quantizer", "rtn"))
 
     def settings(self) -> dict[str, Any]:
-        """What the table depends on (its cache key): block streaming gives the same numbers, so ``stream``
-        is left out."""
+        """What the table depends on (its cache key): every field but those in ``same_numbers``."""
         settings = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
-        settings.pop("stream", None)
+        for name in self.same_numbers:
+            settings.pop(name, None)
         return settings
 
     @abstractmethod

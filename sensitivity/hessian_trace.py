@@ -84,10 +84,7 @@ class HessianTraceProbe(Probe):
     micro_batch: int = 1
     seed: int = 0
     stream: str = "auto"              # on: the block-local Fisher-trace estimate, one decoder block at a time
-
-    def settings(self) -> dict:
-        """Unlike the other probes, streaming changes the estimator: ``stream`` is part of the cache key."""
-        return {**super().settings(), "stream": self.stream}
+    same_numbers = ()                 # unlike the other probes, streaming changes the estimator: it is keyed
 
     def measure(self, workload: Workload, units: list[Unit], options: list[QuantSpec]) -> SensitivityTable:
         if streams(workload, units, self.stream):

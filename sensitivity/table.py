@@ -75,6 +75,12 @@ class SensitivityTable:
         off = self.row_offsets()
         return self.row_cost[off[i]:off[i + 1]]
 
+    def plan_extra(self) -> dict:
+        """What a plan made from this table records of how its units were chosen (include/exclude/experts),
+        so that apply and eval find the same units (packed.planned_units)."""
+        scope = self.meta.get("scope")
+        return {"scope": scope} if isinstance(scope, dict) else {}
+
     @property
     def probe(self) -> str:
         return self.meta.get("probe", "unknown")
@@ -124,7 +130,13 @@ class SensitivityTable:
         return buf.getvalue()
 
     def save_csv(self, path: str | os.PathLike) -> None:
+        """The CSV, and beside it ``path + '.json'``: the model and unit scope it was measured on, so that a plan
+        solved from the CSV names its model (what apply and eval check)."""
         atomic_write_text(path, self.to_csv())
+        side = {k: self.meta[k] for k in ("model", "scope", "probe") if k in self.meta}
+        if side:
+            atomic_write_text(str(path) + ".json", json.dumps({"format": "bitalloc.table-csv-meta", "version": 1,
+                                                               "meta": side}, indent=1))
 
     @classmethod
     def load_csv(cls, path: str | os.PathLike) -> "SensitivityTable":
@@ -176,4 +188,15 @@ class SensitivityTable:
             raise BitallocError(f"table {str(path)!r} lacks options for some units, e.g. {missing[:3]}: every unit "
                                 "needs a row for every option")
         cost = torch.tensor([[costs[(n, o)] for o in options] for n in units], dtype=torch.float64)
-        return cls(list(units.values()), options, cost, {"probe": "csv", "source": str(path)})
+        meta = {"probe": "csv", **_csv_meta(path), "source": str(path)}
+        return cls(list(units.values()), options, cost, meta)
+
+
+def _csv_meta(path) -> dict:
+    """The sidecar save_csv writes beside a table CSV (model, scope, probe); {} when absent or unreadable."""
+    try:
+        side = json.loads(Path(str(path) + ".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    meta = side.get("meta") if isinstance(side, dict) and side.get("format") == "bitalloc.table-csv-meta" else None
+    return {k: v for k, v in meta.items() if k in ("model", "scope", "probe")} if isinstance(meta, dict) else {}

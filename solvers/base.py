@@ -91,7 +91,7 @@ class Problem:
         return BitPlan.from_choice(
             self.table.units, specs, budget_bits=self.budget_bits, solver=solver, probe=self.table.probe,
             objective=objective, model=meta.get("model", {}), costs=costs,
-            extra={"count_overhead": self.count_overhead, "fuse": self.fuse, **extra})
+            extra={"count_overhead": self.count_overhead, "fuse": self.fuse, **self.table.plan_extra(), **extra})
 
 
 def _ceil4(x: float) -> float:

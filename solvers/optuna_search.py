@@ -23,6 +23,7 @@ a worker whose settings differ is refused.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -59,10 +60,10 @@ def make_storage(url: str, *, heartbeat: int | None = None, grace: int | None = 
             return RDBStorage(url, **kwargs)
     except Exception as e:  # sqlalchemy.exc.OperationalError, ArgumentError, missing driver, …
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BitallocError(f"cannot open the study storage {_redact(url)}: {first[:200]}") from None
+        raise BitallocError(f"cannot open the study storage {redact(url)}: {first[:200]}") from None
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://…@{rest.split('@', 1)[1]}"
@@ -160,8 +161,12 @@ class OptunaSolver(Solver):
         directions = ["minimize", "minimize"] if self.multi_objective else ["minimize"]
         name = self.study_name or f"bitalloc-{int(time.time())}"
         settings = dict(self.settings or {})
+        unit_names = hashlib.blake2b(json.dumps([[u.name, list(u.shape), u.fused_group] for u in units]).encode(),
+                                     digest_size=8).hexdigest()
         settings.update(budget=None if self.multi_objective else problem.budget_bits, options=labels,
-                        units=len(groups), multi_objective=self.multi_objective, windows=self.windows, space=space)
+                        units=len(groups), unit_names=unit_names, multi_objective=self.multi_objective,
+                        windows=self.windows, space=space, count_overhead=problem.count_overhead, fuse=problem.fuse,
+                        table=problem.table.meta.get("data_hash"))
         if space == "reweight":
             settings["spread"] = self.spread
         try:

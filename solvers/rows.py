@@ -258,7 +258,7 @@ def to_plan(problem: Problem, items: Items, choice: torch.Tensor, solver: str, *
     plan = BitPlan(layers, {u.name: u.shape for u in table.units}, budget_bits=problem.budget_bits, solver=solver,
                    probe=table.probe, objective=sum(costs.values()), model=table.meta.get("model", {}),
                    extra={"count_overhead": problem.count_overhead, "fuse": problem.fuse, "granularity": "row",
-                          **extra},
+                          **table.plan_extra(), **extra},
                    costs=costs, row_bits=row_bits)
     return plan
 

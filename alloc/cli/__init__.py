@@ -24,9 +24,22 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
           warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, a container stop): unwinds like Ctrl-C, so temporary files go away."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:                          # not the main thread (main() called from a thread): leave it
+        previous = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)             # third-party chatter
@@ -36,9 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     except BitallocError as e:
         print(f"bitalloc: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("bitalloc: terminated (SIGTERM): nothing partial was left behind", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("bitalloc: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from ..files import is_write_error, os_error_line
+        if not is_write_error(e):
+            raise
+        print(f"bitalloc: error: {os_error_line(e, getattr(e, 'filename', None) or 'a file')}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -110,7 +110,9 @@ def check_model_args(args) -> None:
         else:
             checks.one_of(args.solver, list(SOLVERS), "solver")
     if hasattr(args, "options"):
-        parse_options(args.options, group_size=args.group_size, symmetric=args.symmetric)
+        options = parse_options(args.options, group_size=args.group_size, symmetric=args.symmetric)
+        if getattr(args, "budget", None) is not None:
+            checks.feasible(args.budget, options, count_overhead=not getattr(args, "nominal", False))
     if getattr(args, "device", None) and not args.device.split(":")[0] in ("cpu", "cuda"):
         raise BitallocError(f"--device {args.device!r} is not understood: use cpu or cuda")
     if getattr(args, "eval", None):

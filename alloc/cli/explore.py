@@ -43,10 +43,7 @@ def _row(kind: str, label: str, p, budget=None) -> dict:
 
 
 def cmd_sweep(args) -> None:
-    import csv
-
     from ..api import measure, solve
-    from ..files import atomic_path
     from ..plan import BitPlan
     budgets = parse_budgets(args.budgets)
     out = checks.output_folder(args.out_dir)
@@ -74,24 +71,17 @@ def cmd_sweep(args) -> None:
         entries += [e for pair in pairs for e in pair]
     rows = [r for r, _ in entries]
     fp = tokens = None
+    out.mkdir(exist_ok=True)
     if args.eval:
-        from ..evaluate import score_plans
         tokens = eval_tokens(prepared, args.eval, args.eval_windows, args.seq_len)
-        scored = score_plans(prepared, tokens, [(r["label"], p) for r, p in entries], "rtn", args.stream)
-        fp = scored[0][2].ppl
-        for row, (_, _, s) in zip(rows, scored[1:]):
-            row["ppl"], row["kl"] = s.ppl, s.kl
+        fp = _score_sweep(args, prepared, table, tokens, entries, out)
         uniform_rows = [r for r in rows if r["kind"] == "uniform"]
         for row in rows:
             if row["kind"] != "uniform":
                 row["uniform_ppl_at_bpw"] = uniform_curve_at(uniform_rows, row["true_bpw"])
         for (base, _), (mine, _) in pairs:
             base["plan_ppl_same_bits"] = mine["ppl"]
-    out.mkdir(exist_ok=True)
-    with atomic_path(out / "sweep.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _write_csv(out / "sweep.csv", rows)
     _print_sweep(rows, tokens, [(b, m) for (b, _), (m, _) in pairs])
     if args.eval:
         from ..reporting.plots import pareto_plot
@@ -100,6 +90,69 @@ def cmd_sweep(args) -> None:
                     title=f"{prepared.info['id']}: {len(tokens)} windows × {tokens.shape[1]} tokens, RTN")
     print(f"sweep of {len(budgets)} budgets -> {out / 'sweep.csv'}" + (f", {out / 'pareto.png'}" if args.eval else "")
           + f" ({time.time() - t0:.1f} s)")
+
+
+def _write_csv(path, rows: list[dict]) -> None:
+    import csv
+
+    from ..files import atomic_path
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+STATE = "sweep-state.json"
+
+
+def _score_sweep(args, prepared, table, tokens, entries, out) -> float:
+    """Score every plan of the sweep on ``tokens``, writing sweep.csv and sweep-state.json after each one, so a
+    killed sweep keeps what it scored and the next run with the same settings goes on from there. fp ppl."""
+    import json
+
+    from ..calibration import data_hash
+    from ..evaluate import score_plans
+    from ..files import atomic_write_text
+    key = {"model": prepared.info["hash"], "calibration": data_hash(prepared.tokens), "eval": data_hash(tokens),
+           "probe": table.probe, "settings": table.meta.get("settings"), "solver": args.solver,
+           "granularity": args.granularity, "nominal": args.nominal, "fuse": args.fuse,
+           "plans": [[r["label"], round(p.true_bpw, 6)] for r, p in entries]}
+    key = json.loads(json.dumps(key, default=str))
+    state = {"key": key, "fp": None, "scored": {}}
+    try:
+        old = json.loads((out / STATE).read_text(encoding="utf-8"))
+        if old.get("key") == key:
+            state = old
+    except (OSError, ValueError):
+        pass
+    rows = [r for r, _ in entries]
+    for row in rows:
+        got = state["scored"].get(row["label"] + "|" + row["kind"])
+        if got:
+            row["ppl"], row["kl"] = got
+    todo = [(r, p) for r, p in entries if r["ppl"] is None]
+    if state["scored"]:
+        print(f"sweep: {len(rows) - len(todo)} of {len(rows)} plans already scored in {out / STATE}: going on with "
+              f"the other {len(todo)}")
+    if not todo and state["fp"] is not None:
+        return state["fp"]
+    pending = [r for r, _ in todo]
+
+    def each(scored_row):
+        label, _, s = scored_row
+        if scored_row[1] is None:                 # the fp row comes first
+            state["fp"] = s.ppl
+        else:
+            row = pending.pop(0)
+            row["ppl"], row["kl"] = s.ppl, s.kl
+            state["scored"][row["label"] + "|" + row["kind"]] = [s.ppl, s.kl]
+            done = len(rows) - len(pending)
+            print(f"sweep: {done} of {len(rows)} plans scored ({row['kind']} {row['label']}: ppl {s.ppl:.4f})",
+                  flush=True)
+        _write_csv(out / "sweep.csv", rows)
+        atomic_write_text(out / STATE, json.dumps(state))
+    score_plans(prepared, tokens, [(r["label"], p) for r, p in todo], "rtn", args.stream, each=each)
+    return state["fp"]
 
 
 def _print_sweep(rows: list[dict], tokens, pairs: list[tuple[dict, dict]]) -> None:
@@ -134,7 +187,8 @@ def cmd_search(args) -> None:
     from ..api import measure, with_fitness
     from ..plan import BitPlan
     from ..solvers import Problem
-    from ..solvers.optuna_search import OptunaSolver, make_storage
+    from ..calibration import data_hash
+    from ..solvers.optuna_search import OptunaSolver, make_storage, redact
     if args.out:
         checks.output_file(args.out)
     check_model_args(args)
@@ -149,12 +203,15 @@ def cmd_search(args) -> None:
                           seed=args.seed, windows=args.windows, heartbeat=args.heartbeat, grace=args.grace,
                           timeout=args.timeout, multi_objective=args.budget is None, trial_delay=args.trial_delay,
                           space=args.space, spread=args.spread,
-                          settings={"model": prepared.info["hash"], "probe": args.probe})
+                          settings={"model": prepared.info["hash"], "probe": args.probe,
+                                    "probe_settings": table.meta.get("settings"),
+                                    "calibration": {"file": args.calib, "windows": list(prepared.tokens.shape),
+                                                    "data": data_hash(prepared.tokens)}})
     solver.fitness = with_fitness(prepared, "optuna", {}, max_windows=args.windows)["fitness"]
     study = solver.run(problem)
     import optuna
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    print(f"study {args.study!r} on {solver.storage}: {len(complete)} complete trials")
+    print(f"study {args.study!r} on {redact(solver.storage)}: {len(complete)} complete trials")
     if args.budget is None:
         print(f"{'true bpw':>9}  {'KL':>9}  trial")
         for t in sorted(study.best_trials, key=lambda t: t.values[0]):
@@ -162,6 +219,9 @@ def cmd_search(args) -> None:
         return
     best = study.best_trial
     plan = BitPlan.from_json(json.loads(best.user_attrs["plan"]))
+    if plan.true_bpw > budget + 1e-9 and not args.nominal:
+        raise BitallocError(f"the study's best plan takes {plan.true_bpw:.4f} true bits per weight, over the budget "
+                            f"{budget}: its trials were made under other settings; use a new --study")
     print(f"best trial {best.number}: KL {best.value:.5f} · true {plan.true_bpw:.4f} bits/weight")
     if args.out:
         plan.save(args.out)
@@ -169,7 +229,7 @@ def cmd_search(args) -> None:
 
 
 def cmd_dashboard(args) -> None:
-    from ..solvers.optuna_search import make_storage
+    from ..solvers.optuna_search import make_storage, redact
     checks.require("optuna_dashboard", "search", "bitalloc dashboard")
     if not 1 <= args.port <= 65535:
         raise BitallocError(f"--port {args.port} is not a TCP port: give 1–65535 (e.g. 8080)")
@@ -177,6 +237,6 @@ def cmd_dashboard(args) -> None:
         checks.require("psycopg", "search", "a PostgreSQL study storage")
     storage = make_storage(args.storage)
     from optuna_dashboard import run_server
-    print(f"optuna-dashboard for {args.storage} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    print(f"optuna-dashboard for {redact(args.storage)} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
     run_server(storage, host=args.host, port=args.port)
 

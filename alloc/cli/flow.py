@@ -113,18 +113,30 @@ def _discard(name, q) -> None:
     """quantize_model sink for fake quantization only: the codes are not needed."""
 
 
-def cmd_eval(args) -> None:
+def prepare_for_plan(args, plan):
+    """The model of ``args`` with the units the plan was made with (its include/exclude/experts; every one
+    planned, packed.planned_units), calibrated on --n-windows × --seq-len tokens of --calib."""
     from ..api import prepare
+    from ..packed import planned_units
+    scope = plan.extra.get("scope") if isinstance(plan.extra.get("scope"), dict) else {}
+    prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len,
+                       dtype=args.dtype, experts=scope.get("experts", plan.extra.get("experts", "per-expert")),
+                       exclude=tuple(scope.get("exclude", ())), include=tuple(scope.get("include", ())))
+    prepared.units = planned_units(prepared.model, plan)
+    return prepared
+
+
+def cmd_eval(args) -> None:
     from ..evaluate import score_plans
+    from ..provenance import check_plan_model
     from ..plan import BitPlan
     checks.input_file(args.text, "--text", "UTF-8 text file")
     check_model_args(args)
     plan = BitPlan.load(args.plan)
     args.quantizer = args.quantizer or plan.extra.get("quantizer", "rtn")
-    prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, dtype=args.dtype,
-                       experts=plan.extra.get("experts", "per-expert"))
+    prepared = prepare_for_plan(args, plan)          # GPTQ calibrates on --seq-len windows, as apply does
     place_model(prepared, args, can_stream=args.quantizer == "rtn" and args.stream != "off")
-    plan.check_units(prepared.units)
+    plan = check_plan_model(plan, prepared.model, prepared.units, prepared.info, force=args.force, what="eval")
     tokens = eval_tokens(prepared, args.text, args.eval_windows, args.seq_len)
     rows = score_plans(prepared, tokens, [("plan", plan)], args.quantizer, args.stream)
     print_scores(rows, prepared.kind, tokens, args.quantizer)
@@ -133,17 +145,19 @@ def cmd_eval(args) -> None:
 def cmd_apply(args) -> None:
     import copy
 
-    from ..api import prepare
     from ..evaluate import perplexity
-    from ..packed import apply, check_new_folder, checkpoint_report, planned_units, save
+    from ..packed import apply, check_new_folder, checkpoint_bytes, checkpoint_report, planned_units, save
     from ..plan import BitPlan
+    from ..files import check_space
+    from ..provenance import check_plan_model
     from ..quantize_model import quantize_model
     out = check_new_folder(args.out)           # fail before the slow part; save() checks again
     check_model_args(args)
     plan = BitPlan.load(args.plan)
     args.quantizer = args.quantizer or plan.extra.get("quantizer", "rtn")
-    prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len,
-                       dtype=args.dtype, experts=plan.extra.get("experts", "per-expert"))
+    prepared = prepare_for_plan(args, plan)
+    plan = check_plan_model(plan, prepared.model, prepared.units, prepared.info, force=args.force)
+    check_space(out.parent, checkpoint_bytes(prepared.model, prepared.units, plan))
     place_model(prepared, args, can_stream=True)
     model, host_weights = prepared.model, prepared.compute_device is not None
     if args.eval and host_weights:
@@ -158,7 +172,8 @@ def cmd_apply(args) -> None:
         ppl_fake = perplexity(fake, tokens, desc="ppl fake-quantized")
         del fake
         ppl_device = next(model.parameters()).device
-    apply(model, plan, quantizer=args.quantizer, calibration=prepared.tokens, compute_device=prepared.compute_device)
+    apply(model, plan, quantizer=args.quantizer, calibration=prepared.tokens, compute_device=prepared.compute_device,
+          info=prepared.info, force=True)                # checked above, before the slow part
     save(model.cpu(), out, tokenizer=prepared.tokenizer)
     r = checkpoint_report(model, out)
     print(f"packed {len(plan.layers)} layers ({r['quantized_params']:,} params at {r['true_bpw']:.4f} true bpw) "

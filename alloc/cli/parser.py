@@ -22,6 +22,11 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def add_force_arg(p, verb: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"{verb} a plan made for another model (its hash or weights "
+                   "differ) anyway; the output's plan.json records it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from ..api import DEFAULT_PROBE
@@ -84,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score plans one decoder block at a time (RTN, or GPTQ on calibration windows carried along) (auto: when the whole-model copies pass 1 GiB, "
                         "or the model does not fit the GPU: its weights then stay on the host)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_force_arg(p, "score")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("apply", help="quantize and pack a model by a plan; write safetensors + plan JSON")
@@ -100,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dtype_arg(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; a model that does "
                    "not fit the GPU stays on the host and is quantized one decoder block at a time on the GPU)")
+    add_force_arg(p, "pack")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("search", help="run one worker of an Optuna study over plans (start several to scale out)")

@@ -59,7 +59,7 @@ def measure_distributed(prepared, probe: str, settings: dict | None, cache: bool
     """The probe's table over all ranks' windows: the table on rank 0, None elsewhere."""
     import torch.distributed as dist
 
-    from ..api import cache_dir, table_key
+    from ..table_cache import lookup, store, table_path
     from ..calibration import data_hash
     from ..sensitivity import SensitivityTable, get_probe
     rank, size = dist.get_rank(), dist.get_world_size()
@@ -70,16 +70,12 @@ def measure_distributed(prepared, probe: str, settings: dict | None, cache: bool
     check_agreement({"model hash": prepared.info["hash"], "calibration data": data_hash(prepared.tokens),
                      "units": str([(u.name, u.shape) for u in prepared.units]),
                      "options": str(prepared.options), "probe": f"{probe} {probe_obj.settings()}"})
-    key = table_key(prepared, probe, probe_obj.settings())
-    path = cache_dir() / "tables" / f"{probe}-{key}.safetensors"
-    hit = [cache and rank == 0 and path.is_file() and path.with_name(path.name + ".json").is_file()]
-    dist.broadcast_object_list(hit, src=0)
-    if hit[0]:
-        if rank != 0:
-            return None
-        table = SensitivityTable.load(path)
-        table.meta["cached"] = str(path)
-        return table
+    path = table_path(prepared, probe, probe_obj.settings())
+    hit = [lookup(path, prepared, probe_obj.gives_rows) if cache and rank == 0 else None]
+    found = [hit[0] is not None]
+    dist.broadcast_object_list(found, src=0)
+    if found[0]:                  # validated as measure() validates a hit (table_cache.lookup)
+        return hit[0] if rank == 0 else None
     tokens = prepared.tokens
     max_windows = getattr(probe_obj, "max_windows", None)
     if max_windows is not None:
@@ -101,11 +97,10 @@ def measure_distributed(prepared, probe: str, settings: dict | None, cache: bool
     if rank != 0:
         return None
     meta = {**local.meta, probe_obj.samples_meta: int(count.item()), "ranks": size, "model": prepared.info,
-            "data_hash": data_hash(prepared.tokens), "n_windows": len(prepared.tokens),
+            "scope": prepared.scope, "data_hash": data_hash(prepared.tokens), "n_windows": len(prepared.tokens),
             "seq_len": prepared.tokens.shape[1]}
     table = SensitivityTable(prepared.units, prepared.options, (weighted / count).cpu(), meta,
                              (rows / count).cpu() if rows is not None else None)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table.save(path)
+        store(table, path)
     return table

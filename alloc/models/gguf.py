@@ -67,7 +67,9 @@ def converted_folder(path: str | os.PathLike, dtype_name: str, cache: Path) -> t
     folder.parent.mkdir(parents=True, exist_ok=True)
     print(f"bitalloc: converting {path.name} once into {folder} ({dtype_name}; later loads use it)",
           file=sys.stderr)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    from ..files import clean_stale, temp_prefix
+    clean_stale(folder.parent)                            # a conversion killed half-way
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), dir=folder.parent))
     try:
         done = subprocess.run([sys.executable, "-m", "bitalloc.models.gguf", str(path.resolve()), str(tmp), dtype_name],
                               capture_output=True, text=True)

@@ -121,18 +121,31 @@ def check_model_path(path: str | os.PathLike) -> Path:
     if not (path / "config.json").is_file():
         raise BitallocError(f"{str(path)!r} is not a model folder (no config.json): give a Hugging Face model folder "
                             "or a .gguf file")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise BitallocError(f"model folder {str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, …): "
+                            "copy tokenizer.json (or tokenizer.model) and tokenizer_config.json from the original model")
     return path
 
 
-def model_info(model: nn.Module) -> dict:
+# what a folder needs for AutoTokenizer to build a tokenizer (one of them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def model_info(model: nn.Module, units=None) -> dict:
     """What a plan records of its model: id (folder or GGUF file name), content hash (of a GGUF: of the file
     and the dtype it was read in), architecture, and the path only when the user gave one, exactly as given
-    (never the install location of the default model)."""
+    (never the install location of the default model); with ``units``, each one's weight fingerprint
+    (alloc/provenance.py: what ``apply`` and ``eval`` check a plan against)."""
     source = getattr(model, "name_or_path", "") or ""
     given = getattr(model, "bitalloc_given_path", source if source and Path(source).is_dir() else None)
     info = {"id": Path(source).name if source else type(model).__name__,
             "architecture": type(model).__name__,
-            "hash": getattr(model, "bitalloc_file_hash", None) or model_hash(model)}
+            "hash": getattr(model, "bitalloc_file_hash", None) or model_hash(model),
+            "dtype": str(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))}
     if given:
         info["path"] = given
+    if units is not None:
+        from ..provenance import fingerprint
+        info["fingerprint"] = fingerprint(model, units)
     return info

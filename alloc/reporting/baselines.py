@@ -112,7 +112,7 @@ def llama_cpp_plan(preset: str, table, config=None) -> BitPlan:
         i_v += role == "attn_v"
         specs.append(_nearest_option(table.options, GGML_WIDTH[t], group))
     plan = BitPlan.from_choice(table.units, specs, budget_bits=None, solver=f"llama.cpp {preset}",
-                               probe=table.probe, model=table.meta.get("model", {}))
+                               probe=table.probe, model=table.meta.get("model", {}), extra=table.plan_extra())
     idx = {o: j for j, o in enumerate(table.options)}
     plan.costs = {u.name: float(table.cost[k, idx[s]]) for k, (u, s) in enumerate(zip(table.units, specs))}
     plan.objective = sum(plan.costs.values())

@@ -13,10 +13,18 @@ def _plt():
 
 
 def _save(plt, fig, path: str | Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Write the figure whole or not at all (a temporary file renamed onto ``path``)."""
+    from ..files import atomic_path
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return Path(path)
+
+
+MAX_HEAT_ROWS, MAX_HEAT_COLS = 200, 40     # a heat map past these is unreadable (and a crafted plan costs no memory)
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -28,29 +36,34 @@ def _split(name: str) -> tuple[str, str]:
 def bits_heatmap(plan, path: str | Path) -> Path:
     """Layers (rows) x projection type (columns), coloured by true bits per weight, annotated with the format."""
     plt = _plt()
-    rows, cols = [], []
+    rows: dict[str, int] = {}
+    cols: dict[str, int] = {}
     for n in plan.layers:
         r, c = _split(n)
-        rows.append(r) if r not in rows else None
-        cols.append(c) if c not in cols else None
+        if r not in rows and len(rows) < MAX_HEAT_ROWS:
+            rows[r] = len(rows)
+        if c not in cols and len(cols) < MAX_HEAT_COLS:
+            cols[c] = len(cols)
+    shown = [n for n in plan.layers if _split(n)[0] in rows and _split(n)[1] in cols]
     import numpy as np
-    grid = np.full((len(rows), len(cols)), np.nan)
+    grid = np.full((len(rows), len(cols)), np.nan, dtype=np.float32)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 0.8 + 0.32 * len(rows)))
     cells = []
-    for n, spec in plan.layers.items():
+    for n in shown:
         r, c = _split(n)
-        i, j = rows.index(r), cols.index(c)
+        i, j = rows[r], cols[c]
         grid[i, j] = plan.layer_size_bits(n) / (plan.shapes[n][0] * plan.shapes[n][1])
         cells.append((i, j, plan.format_label(n)))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     for i, j, label in cells:  # white on the dark (low-bit) end of viridis, black elsewhere
         colour = "white" if im.norm(grid[i, j]) < 0.45 else "black"
         ax.text(j, i, label, ha="center", va="center", fontsize=7, color=colour)
-    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xticks(range(len(cols)), list(cols), rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), list(rows), fontsize=8)
     ax.set_ylabel("layer")
     budget = f", budget {plan.budget_bits:g}" if plan.budget_bits is not None else ""
-    ax.set_title(f"bits per layer ({plan.solver}{budget}, true {plan.true_bpw:.4f} bpw)")
+    part = f"; {len(shown):,} of {len(plan.layers):,} layers shown" if len(shown) < len(plan.layers) else ""
+    ax.set_title(f"bits per layer ({plan.solver}{budget}, true {plan.true_bpw:.4f} bpw{part})")
     fig.colorbar(im, ax=ax, label="true bits/weight")
     return _save(plt, fig, path)
 
