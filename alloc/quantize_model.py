@@ -17,7 +17,7 @@ from .errors import BitallocError, BitallocWarning, few
 from .models.expert_inputs import expert_hessians
 from .models.stream import BlockStream
 from .plan import BitPlan
-from .quantize import DEFAULTS, QUANTIZERS, QuantizedWeight, Quantizer, as_quantizer
+from .quantize import DEFAULTS, QuantizedWeight, Quantizer, as_quantizer
 from .units import EXPERT_KINDS, Unit, find_blocks, set_unit_weight, unit_weight
 
 def unit_weights(model: nn.Module, units: Iterable[Unit]) -> dict[str, torch.Tensor]:

@@ -106,26 +106,43 @@ def cost_heatmap(table, path: str | Path) -> Path:
     return _save(plt, fig, path)
 
 
+ZOOM_BPW = 5.5      # the x axis stops here; wider uniform plans (W8) are listed in a note, not plotted
+
+
 def pareto_plot(points: list[dict], uniform: list[dict], path: str | Path, fp: float | None = None,
                 baselines: list[dict] = (), title: str = "bitalloc plans vs uniform widths") -> Path:
     """Allocated plans, uniform plans and baseline mixes (e.g. llama.cpp's): true bpw (x) vs perplexity
-    (y, log scale)."""
+    (y, log scale). Plans solved at a baseline's own bits (label "=Q3_K_M") are drawn as open diamonds beside
+    their baseline; the x axis stops at ZOOM_BPW so W8 does not squeeze the 2–5 bpw range (a note gives it)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    u = sorted(uniform, key=lambda p: p["true_bpw"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    inside = [p for p in uniform if p["true_bpw"] <= ZOOM_BPW]
+    outside = [p for p in uniform if p["true_bpw"] > ZOOM_BPW]
+    u = sorted(inside, key=lambda p: p["true_bpw"])
     ax.plot([p["true_bpw"] for p in u], [p["ppl"] for p in u], "s--", color="gray", label="uniform")
     for p in u:
-        ax.annotate(p["label"], (p["true_bpw"], p["ppl"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    a = sorted(points, key=lambda p: p["true_bpw"])
-    ax.plot([p["true_bpw"] for p in a], [p["ppl"] for p in a], "o-", color="C0", label="bitalloc plans")
+        ax.annotate(p["label"], (p["true_bpw"], p["ppl"]), fontsize=7, color="gray", textcoords="offset points",
+                    xytext=(4, 4))
+    curve = sorted((p for p in points if not str(p["label"]).startswith("=")), key=lambda p: p["true_bpw"])
+    same_bits = [p for p in points if str(p["label"]).startswith("=")]
+    ax.plot([p["true_bpw"] for p in curve], [p["ppl"] for p in curve], "o-", color="C0", label="bitalloc plans")
+    if same_bits:
+        ax.plot([p["true_bpw"] for p in same_bits], [p["ppl"] for p in same_bits], "D", mfc="none", color="C0",
+                label="bitalloc at a mix's bits")
     if baselines:
         ax.plot([p["true_bpw"] for p in baselines], [p["ppl"] for p in baselines], "^", color="C3",
                 label="llama.cpp mixes")
-        for p in baselines:
+        for k, p in enumerate(sorted(baselines, key=lambda p: p["true_bpw"])):
+            # labels below the marker, alternating left and right so neighbours (Q3_K_S, Q3_K_M) do not overlap
             ax.annotate(p["label"], (p["true_bpw"], p["ppl"]), fontsize=7, color="C3", textcoords="offset points",
-                        xytext=(3, -9))
+                        xytext=(6 if k % 2 == 0 else -6, -12), ha="left" if k % 2 == 0 else "right")
     if fp is not None:
         ax.axhline(fp, color="C2", lw=0.8, label=f"fp ({fp:.2f})")
+    if outside:
+        note = ", ".join(f"{p['label']} {p['true_bpw']:.2f} bpw: ppl {p['ppl']:.4g}" for p in outside
+                         if p["ppl"] is not None)
+        ax.text(0.99, 0.99, f"not shown: {note}", transform=ax.transAxes, fontsize=7, ha="right", va="top",
+                color="gray")
     ax.set_title(title)
     ax.set_yscale("log")
     from matplotlib.ticker import FuncFormatter
@@ -134,6 +151,6 @@ def pareto_plot(points: list[dict], uniform: list[dict], path: str | Path, fp: f
     ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("true bits per weight")
     ax.set_ylabel("perplexity (log scale)")
-    ax.legend()
+    ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     return _save(plt, fig, path)

@@ -1,12 +1,11 @@
 """Exports to other tools' configs, sweep, plots and the report."""
 import json
-import warnings
 
 import pytest
 
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
-from bitalloc.export import export, gguf_name, gptqmodel_resolve, to_compressed_tensors, to_gptqmodel, to_llama_cpp
+from bitalloc.export import gguf_name, gptqmodel_resolve, to_compressed_tensors, to_gptqmodel, to_llama_cpp
 from bitalloc.options import QuantSpec
 from bitalloc.plan import BitPlan
 

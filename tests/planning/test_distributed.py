@@ -144,3 +144,16 @@ def test_dashboard_answers_http(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_the_storage_password_is_never_printed(postgres_url, tiny_llama_dir, calib_file, capsys):
+    """Item 10: `search --storage postgresql://user:PASSWORD@…` printed the password in clear."""
+    from bitalloc.cli import main
+    url = postgres_url.replace("postgres@", "postgres:s3cr3t-pw@")          # the server trusts loopback: any password
+    assert main(["search", "--model", str(tiny_llama_dir), "--calib", str(calib_file), "--seq-len", "32",
+                 "--n-windows", "2", "--windows", "1", "--study", "pw", "--storage", url, "--n-trials", "2",
+                 "--budget", "4.0"]) == 0
+    bad = f"postgresql://postgres:s3cr3t-pw@127.0.0.1:{_free_port()}/bitalloc"
+    assert main(["search", "--model", str(tiny_llama_dir), "--study", "pw", "--storage", bad, "--budget", "4"]) == 2
+    out = capsys.readouterr()
+    assert "s3cr3t-pw" not in out.out + out.err and "study 'pw'" in out.out

@@ -19,7 +19,7 @@ def random_table(n_units: int, seed: int, fused: bool = False) -> SensitivityTab
     units = []
     for i in range(n_units):
         shape = SHAPES[int(torch.randint(len(SHAPES), (1,), generator=g))]
-        group = f"blk.qkv" if fused and i < 3 else None
+        group = "blk.qkv" if fused and i < 3 else None
         units.append(Unit(f"layer{i}", shape if not group else (128, 128), "linear", group))
     base = torch.rand(n_units, 1, generator=g, dtype=torch.float64) * 10 + 0.1
     decay = torch.rand(n_units, 1, generator=g, dtype=torch.float64) + 0.5

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from bitalloc import BitallocError
 from bitalloc.units import find_blocks, find_units
