@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -36,6 +37,21 @@ import torch
 from ..errors import BitallocError
 from ..plan import BitPlan
 from .base import Problem, Solver, get_solver
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Optuna logs a trial ended by Ctrl-C or SIGTERM with its traceback; the user asked it to stop, so the
+    line is kept and the traceback dropped (the command then says in one line what was left)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_TRIAL_LOG = logging.getLogger("optuna.study._optimize")
+if not any(isinstance(f, _NoInterruptTraceback) for f in _TRIAL_LOG.filters):
+    _TRIAL_LOG.addFilter(_NoInterruptTraceback())
 
 DEFAULT_STORAGE = "sqlite:///bitalloc-search.db"
 
