@@ -23,11 +23,16 @@ class QuantSpec:
     group_size: weights along the input dimension that share one scale (and zero); a multiple of 32, or -1
                 for one group per output row.
     symmetric:  True stores no zero point (codes centred on 2**(bits-1)); False stores one per group.
+    ggml:       a llama.cpp weight type (``--options ggml``: Q2_K … Q8_0, alloc/ggml/types.py) instead of our
+                packed format: its own blocks, its true size, our importance-weighted quantizer; written by
+                ``apply --format gguf``. On rows that are not a multiple of its block it is stored as
+                llama.cpp's fallback type (``ggml_for``), whose size and rounding it then has.
     """
 
     bits: int
     group_size: int = DEFAULT_GROUP_SIZE
     symmetric: bool = False
+    ggml: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
@@ -41,6 +46,31 @@ class QuantSpec:
                 f"{self.bits}-bit weights cannot be stored: choose bits from {list(SUPPORTED_BITS)} (or 16 = fp16)")
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 32):
             raise BitallocError(f"group_size {self.group_size} is not storable: use a multiple of 32, or -1 per row")
+        if self.ggml:
+            from .ggml.types import get_type
+            t = get_type(self.ggml)
+            if (self.bits, self.group_size, self.symmetric) != (t.bits, t.block, not t.affine):
+                raise BitallocError(f"ggml type {t.name} is {t.bits}-bit, blocks of {t.block}, "
+                                    f"{'asymmetric' if t.affine else 'symmetric'}: make it with QuantSpec.of_ggml")
+
+    @classmethod
+    def of_ggml(cls, name: str) -> "QuantSpec":
+        """The option of llama.cpp's type ``name`` (e.g. "Q4_K")."""
+        from .ggml.types import get_type
+        t = get_type(name)
+        return cls(t.bits, t.block, not t.affine, t.name)
+
+    def ggml_for(self, in_features: int) -> str:
+        """The ggml type a matrix with rows of ``in_features`` weights is stored in (llama.cpp's fallback when
+        the type's block does not divide them)."""
+        from .ggml.plan_types import FALLBACK
+        from .ggml.types import TYPES
+        name = self.ggml
+        if not TYPES[name].fits(in_features):
+            name = FALLBACK.get(name, name)
+        if not TYPES[name].fits(in_features):
+            raise BitallocError(f"rows of {in_features} weights fit no ggml block ({name}): keep this layer at 16 bits")
+        return name
 
     @property
     def is_float(self) -> bool:
@@ -49,6 +79,11 @@ class QuantSpec:
     def size_bits(self, shape: tuple[int, int], *, count_overhead: bool = True) -> int:
         """Bits needed to store a weight of ``shape`` = (out, in) in this format."""
         out_features, in_features = shape
+        if self.ggml:                               # the type its rows are stored in (a fallback's own size)
+            from .ggml.types import TYPES
+            t = TYPES[self.ggml_for(in_features)]
+            n = out_features * in_features
+            return n * t.bits if not count_overhead else n // t.block * t.block_bytes * 8
         if self.is_float or not count_overhead:
             return self.bits * out_features * in_features
         return packed_size_bits(out_features, in_features, self.bits, self.group_size, self.symmetric)
@@ -60,20 +95,32 @@ class QuantSpec:
     def label(self) -> str:
         if self.is_float:
             return "fp16"
+        if self.ggml:
+            return self.ggml
         group = "row" if self.group_size == -1 else f"g{self.group_size}"
         return f"W{self.bits}{group}{'s' if self.symmetric else ''}"
 
     def to_json(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        out = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        return {**out, "ggml": self.ggml} if self.ggml else out
+
+
+GGML_OPTIONS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")     # --options ggml
 
 
 def parse_options(text: str | None, *, group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool = False) -> list[QuantSpec]:
-    """``"2,3,4,8"`` -> QuantSpecs at ``group_size``; an item may carry its own group: ``"3g64"``."""
+    """``"2,3,4,8"`` -> QuantSpecs at ``group_size``; an item may carry its own group: ``"3g64"``. ``"ggml"``:
+    llama.cpp's K-quants and Q8_0 (GGML_OPTIONS); a ggml type may also be named alone: ``"q3_k,q4_k,q6_k"``."""
     if text is None or not text.strip():
         return [QuantSpec(b, group_size, symmetric) for b in DEFAULT_BITS]
+    if text.strip().lower() == "ggml":
+        return [QuantSpec.of_ggml(n) for n in GGML_OPTIONS]
     specs = []
     for item in text.split(","):
         item = item.strip().lower()
+        if item.startswith("q") or item.startswith("f16"):
+            specs.append(QuantSpec(16) if item == "f16" else QuantSpec.of_ggml(item))
+            continue
         bits_text, _, group_text = item.partition("g")
         try:
             bits = int(bits_text)

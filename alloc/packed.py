@@ -102,6 +102,10 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
     units = planned_units(model, plan)
     from .provenance import check_plan_model
     plan = check_plan_model(plan, model, units, info, force=force)
+    ggml = [u.name for u in units if plan.layers[u.name].ggml]
+    if ggml:
+        raise BitallocError(f"the plan stores {len(ggml)} layer(s) in llama.cpp types ({few(ggml)}): write it as a GGUF "
+                            "file with `bitalloc apply --format gguf --out model.gguf`")
     rowwise = [u.name for u in units if u.name in plan.row_bits and u.kind != "linear"]
     if rowwise:
         raise BitallocError(f"the plan mixes widths inside {len(rowwise)} non-Linear unit(s) ({few(rowwise)}): "

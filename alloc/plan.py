@@ -236,7 +236,8 @@ class BitPlan:
             if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
                 raise bad(f"layer {name!r}: 'shape' must be [out_features, in_features], got {shape!r}")
             try:
-                specs[name] = QuantSpec(entry["bits"], entry["group_size"], entry["symmetric"])
+                specs[name] = QuantSpec(entry["bits"], entry["group_size"], entry["symmetric"],
+                                        str(entry.get("ggml", "") or ""))
             except BitallocError as e:
                 raise bad(f"layer {name!r}: {e}") from None
             shapes[name] = (shape[0], shape[1])

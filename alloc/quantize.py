@@ -179,6 +179,8 @@ def fake_quantize(W: torch.Tensor, spec: QuantSpec, rows: int = 2048, grid=None)
     rows, so the result is the same): float32 temporaries stay small for large W."""
     if spec.is_float:
         return W.half().to(W.dtype)
+    if spec.ggml:
+        return ggml_quantize(W, spec).dequantize().to(W.dtype)
     grid = DEFAULTS["rtn"].grid if grid is None else grid
     if W.shape[0] <= rows:
         return rtn(W, spec, grid=grid).dequantize().to(W.dtype)
@@ -186,6 +188,14 @@ def fake_quantize(W: torch.Tensor, spec: QuantSpec, rows: int = 2048, grid=None)
     for r in range(0, W.shape[0], rows):
         out[r:r + rows] = rtn(W[r:r + rows], spec, grid=grid).dequantize().to(W.dtype)
     return out
+
+
+def ggml_quantize(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None):
+    """A ggml-type option (``spec.ggml``): llama.cpp's blocks by our importance-weighted search
+    (alloc/ggml/types.py), each column's error weighted by H's diagonal (its input's energy) when given."""
+    from .ggml.types import quantize as quantize_ggml
+    importance = None if H is None else torch.diagonal(H).float()
+    return quantize_ggml(W, spec.ggml_for(W.shape[1]), importance)
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
@@ -294,9 +304,14 @@ class Quantizer:
         return CLIP_GRID if self.clip else (1.0,)
 
     def rtn(self, W, spec, **kw):
+        if spec.ggml:
+            return ggml_quantize(W, spec) if not kw else _no_ggml_rows(spec)
         return rtn(W, spec, grid=self.grid) if not kw else rtn_rows(W, spec, kw["row_bits"], grid=self.grid)
 
     def gptq(self, W, H, spec, **kw):
+        """GPTQ; a ggml-type option is rounded by its own search, weighted by H's diagonal (no error feedback)."""
+        if spec.ggml:
+            return ggml_quantize(W, spec, H) if not kw else _no_ggml_rows(spec)
         return gptq(W, H, spec, damp=self.damp, act_order=self.act_order, grid=self.grid, **kw)
 
     def fake(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> torch.Tensor:
@@ -305,9 +320,16 @@ class Quantizer:
         W = W.detach().float()
         if spec.is_float:
             return W.half().float()
+        if spec.ggml:
+            return ggml_quantize(W, spec, H).dequantize()
         if self.method == "gptq" and H is not None:
             return self.gptq(W, H, spec).dequantize()
         return self.rtn(W, spec).dequantize()
+
+
+def _no_ggml_rows(spec: QuantSpec):
+    raise BitallocError(f"{spec.ggml} is one type per tensor: per-row widths need our formats (--options 2,3,4,8) "
+                        "or plan per layer (--granularity layer)")
 
 
 def as_quantizer(quantizer: "str | Quantizer") -> Quantizer:

@@ -2,7 +2,8 @@
 
 Saved as a safetensors file (the cost matrix) plus a JSON sidecar (units, options, which probe made it on
 which model and data), or as CSV with one row per unit × option:
-``unit,bits,group_size,symmetric,cost,size_bits,out_features,in_features,fused_group``.
+``unit,bits,group_size,symmetric,cost,size_bits,out_features,in_features,fused_group,ggml`` (ggml: the
+llama.cpp type of a ``--options ggml`` option, else empty).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from ..options import QuantSpec
 from ..units import Unit
 
 CSV_COLUMNS = ["unit", "bits", "group_size", "symmetric", "cost", "size_bits", "out_features", "in_features",
-               "fused_group"]
+               "fused_group", "ggml"]
 
 
 @dataclass
@@ -126,7 +127,7 @@ class SensitivityTable:
         for i, u in enumerate(self.units):
             for j, o in enumerate(self.options):
                 writer.writerow([u.name, o.bits, o.group_size, str(o.symmetric).lower(), repr(float(self.cost[i, j])),
-                                 int(sizes[i, j]), u.shape[0], u.shape[1], u.fused_group or ""])
+                                 int(sizes[i, j]), u.shape[0], u.shape[1], u.fused_group or "", o.ggml])
         return buf.getvalue()
 
     def save_csv(self, path: str | os.PathLike) -> None:
@@ -161,7 +162,7 @@ class SensitivityTable:
         for line, row in enumerate(rows, start=2):
             try:
                 spec = QuantSpec(int(row["bits"]), int(row["group_size"]),
-                                 row.get("symmetric", "false").strip().lower() == "true")
+                                 row.get("symmetric", "false").strip().lower() == "true", (row.get("ggml") or "").strip())
                 cost = float(row["cost"])
                 shape = (int(row["out_features"]), int(row["in_features"]))
             except (ValueError, TypeError):

@@ -62,6 +62,9 @@ class Items:
 
 def build_items(problem: Problem) -> Items:
     table = problem.table
+    if any(o.ggml for o in table.options):
+        raise BitallocError("--granularity row needs our formats (--options 2,3,4,8): a GGUF tensor has one ggml "
+                            "type, so plan ggml options per layer (--granularity layer)")
     fams = {(o.group_size, o.symmetric) for o in table.options}
     if len(fams) > 1:
         raise BitallocError("--granularity row needs options of one group size and symmetry (a layer's rows share "

@@ -151,6 +151,9 @@ def cmd_apply(args) -> None:
     from ..files import check_space
     from ..provenance import check_plan_model
     from ..quantize_model import quantize_model
+    if args.format == "gguf":
+        from .formats import apply_gguf
+        return apply_gguf(args)
     out = check_new_folder(args.out)           # fail before the slow part; save() checks again
     check_model_args(args)
     plan = BitPlan.load(args.plan)

@@ -95,9 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="quantize and pack a model by a plan; write safetensors + plan JSON")
     p.add_argument("--model", help="local Hugging Face model folder or .gguf file (default: the embedded refllama-s)")
     p.add_argument("--plan", required=True)
-    p.add_argument("--out", required=True, help="new folder for the packed checkpoint")
+    p.add_argument("--out", required=True, help="new folder for the packed checkpoint (--format gguf: a new .gguf file)")
+    p.add_argument("--format", default="bitalloc", choices=["bitalloc", "gguf"],
+                   help="bitalloc: our packed safetensors (Triton kernels); gguf: a llama.cpp file, each layer in the "
+                   "ggml type of its width (K-quants; llama.cpp's fallbacks on rows not a multiple of 256)")
+    p.add_argument("--embedding-type", default="Q8_0", metavar="TYPE",
+                   help="--format gguf: ggml type of the token embedding when the plan leaves it out (default Q8_0, "
+                   "as llama.cpp's presets store it where their K-quant does not fit; F16 keeps it)")
+    p.add_argument("--exact", action="store_true",
+                   help="--format gguf: refuse a row plan (GGUF has one type per tensor) instead of rounding rows up")
     p.add_argument("--quantizer", default=None, choices=["rtn", "gptq"],
-                   help="default: the quantizer the plan was made for (its JSON records it), else rtn")
+                   help="default: the quantizer the plan was made for (its JSON records it), else rtn "
+                   "(--format gguf rounds by its own importance-weighted search)")
     p.add_argument("--calib", help="calibration text for GPTQ (default: Python's own help topics)")
     p.add_argument("--seq-len", type=count_type, default=512)
     p.add_argument("--n-windows", type=count_type, default=128, help="GPTQ calibration windows (default 128)")
@@ -141,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a plan as another tool's config")
     p.add_argument("plan")
     p.add_argument("--to", required=True, help="gptqmodel, llama.cpp or compressed-tensors")
+    p.add_argument("--embedding-type", default="Q8_0", metavar="TYPE",
+                   help="--format gguf: ggml type of the token embedding when the plan leaves it out (default Q8_0, "
+                   "as llama.cpp's presets store it where their K-quant does not fit; F16 keeps it)")
     p.add_argument("--exact", action="store_true",
                    help="refuse a row plan (widths inside a layer) instead of rounding each layer up to its widest row")
     p.add_argument("--out", required=True)

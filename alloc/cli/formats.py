@@ -1,0 +1,69 @@
+"""`bitalloc apply --format gguf`: the plan written as a llama.cpp file (alloc/ggml/), checked with --eval by
+reading the file back through transformers' GGUF loader."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from ..errors import BitallocError
+from .common import check_model_args, eval_tokens
+
+
+def apply_gguf(args) -> None:
+    from ..evaluate import perplexity
+    from ..files import check_parent, check_space, check_writable
+    from ..ggml.checkpoint import fake_quantize, save_gguf
+    from ..ggml.plan_types import plan_types
+    from ..plan import BitPlan
+    from .flow import prepare_for_plan
+    out = check_parent(args.out)
+    if out.suffix != ".gguf":
+        raise BitallocError(f"--out {str(out)!r}: --format gguf writes one file; give it a name ending in .gguf")
+    if out.exists():
+        raise BitallocError(f"{str(out)!r} exists: give a new file name (apply never overwrites a checkpoint)")
+    check_writable(out.parent, try_it=True)
+    check_model_args(args)
+    plan = BitPlan.load(args.plan)
+    if args.quantizer == "gptq":
+        print("note: --format gguf rounds each layer by its own importance-weighted search, not GPTQ")
+    prepared = prepare_for_plan(args, plan)
+    model = prepared.model
+    types = plan_types(plan, prepared.units, exact=args.exact)          # refuses a row plan with --exact early
+    from ..ggml.checkpoint import embedding_type
+    check_space(out.parent, _estimate(model, {**types, **embedding_type(model, types, args.embedding_type)}))
+    tokens = eval_tokens(prepared, args.eval, args.eval_windows, args.seq_len) if args.eval else None
+    report = save_gguf(model, plan, out, tokenizer=prepared.tokenizer, calibration=prepared.tokens,
+                       exact=args.exact, force=args.force, info=prepared.info, types=types,
+                       embedding=args.embedding_type)
+    mix = ", ".join(f"{t} ×{n}" for t, n in sorted(report["types"].items()))
+    rest = report["bytes"] - report["tensor_bytes"]
+    print(f"wrote {len(report['units'])} tensors as {mix}: {report['bpw']:.4f} bpw in ggml types "
+          f"(the plan: {report['plan_bpw']:.4f} true bpw) -> {args.out}\n"
+          f"file {report['bytes']:,} bytes: tensors {report['tensor_bytes']:,} + metadata and tokenizer {rest:,}")
+    if tokens is not None:
+        fake = copy.deepcopy(model)
+        fake_quantize(fake, report["units"], report["importance"])
+        ppl_fake = perplexity(fake, tokens, desc="ppl fake-quantized")
+        del fake
+        read = read_gguf(out, next(model.parameters()).dtype)
+        ppl_file = perplexity(read, tokens, desc="ppl from the gguf file")
+        print(f"perplexity ({len(tokens)} windows of {tokens.shape[1]} tokens): read from the file {ppl_file:.6f} · "
+              f"fake-quantized {ppl_fake:.6f} · relative difference {abs(ppl_file / ppl_fake - 1):.2e}")
+
+
+def read_gguf(path: Path, dtype):
+    """The GGUF file as transformers' own GGUF loader reads it (dequantized through the ``gguf`` package)."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+
+
+def _estimate(model, types: dict[str, str]) -> float:
+    """About the file's bytes: each planned unit in its type, every other tensor in F16 (1-D in F32)."""
+    from ..ggml.types import TYPES
+    total = 0.0
+    for name, p in model.named_parameters():
+        owner = name.removesuffix(".weight")
+        t = types.get(owner, "F16")
+        total += p.numel() * (TYPES[t].bpw / 8 if t in TYPES else 2 if p.dim() > 1 else 4)
+    return total

@@ -1,0 +1,70 @@
+"""Stage 4 for llama.cpp: a plan applied as a GGUF file (``apply --format gguf``, ``bitalloc.save_gguf``),
+and the same weights in memory (``fake_quantize``) to check the file against."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..plan import BitPlan
+from .imatrix import input_energy
+from .plan_types import plan_types, types_bits
+from .types import quantize
+
+
+def save_gguf(model: nn.Module, plan: BitPlan | str | os.PathLike, out: str | os.PathLike, *, tokenizer,
+              calibration: torch.Tensor | None = None, exact: bool = False, force: bool = False,
+              info: dict | None = None, progress: bool = True, types: dict[str, str] | None = None,
+              embedding: str = "Q8_0") -> dict:
+    """Write ``model`` quantized by ``plan`` as the GGUF file ``out``; ``calibration`` token windows weight the
+    rounding by each column's input energy; ``types``: plan_types' answer when already computed;
+    ``embedding``: the ggml type of the token embedding when the plan leaves it out (llama.cpp's presets
+    quantize it too, Q8_0 where their K-quant does not fit; "F16" keeps it).
+
+    Returns what was written: {"types": {type: count}, "bpw" of the planned units in their ggml types,
+    "plan_bpw", "bytes" of the file, "tensor_bytes" of its tensors, "units": {tensor's module: type}, the
+    embedding included, "importance": the input energies (or None)}."""
+    from ..packed import planned_units
+    from ..provenance import check_plan_model
+    from .writer import write
+    if not isinstance(plan, BitPlan):
+        plan = BitPlan.load(plan)
+    units = planned_units(model, plan)
+    plan = check_plan_model(plan, model, units, info, force=force)
+    types = plan_types(plan, units, exact=exact) if types is None else types
+    types = {**types, **embedding_type(model, types, embedding)}
+    importance = None if calibration is None else input_energy(model, units, calibration, progress=progress)
+    tensor_bytes = write(model, tokenizer, types, out, importance=importance, progress=progress)
+    return {"types": dict(Counter(types.values())), "bpw": types_bits({u.name: types[u.name] for u in units}, units), "plan_bpw": plan.true_bpw,
+            "bytes": Path(out).stat().st_size, "tensor_bytes": tensor_bytes, "units": types, "importance": importance}
+
+
+def embedding_type(model: nn.Module, types: dict[str, str], embedding: str) -> dict[str, str]:
+    """{the token embedding's module name: ``embedding``} when the plan leaves it out, else {}."""
+    from .types import TYPES
+    name = next((n for n, m in model.named_modules() if m is model.get_input_embeddings()), None) \
+        if hasattr(model, "get_input_embeddings") else None
+    embedding = embedding.upper()
+    if name is None or name in types or embedding == "F16":
+        return {}
+    if embedding not in TYPES:
+        from ..errors import BitallocError
+        raise BitallocError(f"embedding type {embedding!r} is not a ggml type: choose F16 or one of {', '.join(TYPES)}")
+    width = model.get_input_embeddings().weight.shape[1]
+    return {name: embedding if TYPES[embedding].fits(width) else "Q8_0"}
+
+
+@torch.no_grad()
+def fake_quantize(model: nn.Module, units: dict[str, str], importance: dict[str, torch.Tensor] | None = None) -> None:
+    """In place: each unit of ``units`` ({name: ggml type}) holds the weights its type decodes to, and every
+    other matrix is rounded to fp16 as the GGUF stores it: the numbers a reader of the file computes with."""
+    for name, p in model.named_parameters():
+        owner = name.removesuffix(".weight")
+        if owner in units and units[owner] != "F16":
+            W = quantize(p.detach(), units[owner], None if importance is None else importance.get(owner))
+            p.copy_(W.dequantize().to(p.dtype))
+        elif p.dim() == 2 or owner in units:
+            p.copy_(p.half().to(p.dtype))

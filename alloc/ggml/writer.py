@@ -1,0 +1,210 @@
+"""A complete llama.cpp checkpoint: ``apply --format gguf`` writes the model, its metadata and tokenizer
+through the ``gguf`` package's writer, every planned weight in a ggml type quantized by our own quantizers
+(ggml/types.py, weighted by the calibration's input energy), everything else in F16 (norms in F32).
+
+Metadata: a model read from a GGUF file keeps that file's metadata and tokenizer (only the file type
+changes); a Hugging Face model of a supported architecture (ARCHS) gets llama.cpp's keys from its config and
+its byte-level BPE tokenizer from tokenizer.json. Tensors are named by the package's own name map and laid out
+as llama.cpp's converter lays them (llama: q/k rows permuted for its rope; gemma: norms stored as 1 + w).
+Tensors are quantized and written one at a time: the file never sits in memory whole.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import BitallocError
+from ..files import atomic_path
+from . import layout
+from .types import TYPES, quantize
+
+ARCHS = ("llama", "qwen2", "qwen3")          # from a Hugging Face config; any architecture from a GGUF file
+PERMUTED = ("llama",)                        # llama.cpp's rope wants q/k rows interleaved per head
+PLUS_ONE_NORMS = ("gemma", "gemma2", "gemma3")
+SKIP_KEYS = ("GGUF.", "general.file_type", "general.quantization_version", "split.")
+
+
+def write(model: nn.Module, tokenizer, types: dict[str, str], out: str | os.PathLike, *,
+          importance: dict[str, torch.Tensor] | None = None, progress: bool = True) -> int:
+    """Write ``model`` with each unit of ``types`` ({module name: ggml type}) quantized to the GGUF ``out``;
+    returns the bytes of its tensor data (the file adds the metadata and tokenizer)."""
+    import gguf
+    source = _source_gguf(model)
+    arch = _arch(model, source)
+    n_blocks = getattr(model.config, "num_hidden_layers", 0)
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_blocks)
+    tensors = _tensor_list(model, types, names, arch)
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        if source is not None:
+            _copy_metadata(w, source)
+        else:
+            _hf_metadata(w, model.config, arch)
+            _hf_tokenizer(w, tokenizer, model.config.vocab_size)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_file_type(_file_type(types))
+        for name, _, shape, type_name, _ in tensors:
+            qtype = getattr(gguf.GGMLQuantizationType, type_name)
+            nbytes = _nbytes(shape, type_name)
+            w.add_tensor_info(name, shape, np.float32 if type_name == "F32" else np.float16, nbytes, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name, tensor, shape, type_name, unit in tqdm(tensors, desc="write gguf", leave=False, disable=not progress):
+            w.write_tensor_data(_data(tensor, type_name, unit, importance, model.config, arch, name))
+        w.close()
+    return sum(_nbytes(shape, type_name) for _, _, shape, type_name, _ in tensors)
+
+
+def _source_gguf(model: nn.Module) -> Path | None:
+    from ..models.gguf import is_gguf
+    path = getattr(model, "bitalloc_given_path", None) or getattr(model, "name_or_path", None)
+    return Path(path) if path and is_gguf(path) else None
+
+
+def _arch(model: nn.Module, source: Path | None) -> str:
+    if source is not None:
+        from gguf import GGUFReader
+        return str(GGUFReader(source).fields["general.architecture"].contents())
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHS:
+        raise BitallocError(f"GGUF output is written for {', '.join(ARCHS)} models from a Hugging Face folder (this "
+                            f"one is {model_type!r}) or for any model read from a .gguf file: use --format bitalloc")
+    return model_type
+
+
+def _tensor_list(model, types, names, arch):
+    """(gguf name, tensor, numpy shape (rows, cols), type name, unit name or None) of every tensor to write."""
+    out, seen, missing = [], set(), []
+    params = dict(model.named_parameters())
+    for hf_name, t in model.state_dict().items():
+        if t.data_ptr() in seen and hf_name.endswith("lm_head.weight"):
+            continue                                  # tied to the embeddings: llama.cpp reuses token_embd
+        seen.add(t.data_ptr())
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            if hf_name not in params:
+                continue                              # a buffer (rotary frequencies): not a weight of the file
+            missing.append(hf_name)
+            continue
+        unit = hf_name.removesuffix(".weight") if hf_name.endswith(".weight") else None
+        if unit in types:
+            type_name = types[unit]
+        else:
+            type_name = "F32" if t.dim() == 1 else "F16"
+        out.append((name, t, tuple(t.shape), type_name, unit if unit in types else None))
+    if missing:
+        raise BitallocError(f"{len(missing)} tensor(s) have no llama.cpp name for architecture {arch!r} "
+                            f"({', '.join(missing[:3])}): this model cannot be written as GGUF; use --format bitalloc")
+    return out
+
+
+def _nbytes(shape, type_name: str) -> int:
+    n = int(np.prod(shape))
+    if type_name in ("F32", "F16"):
+        return n * (4 if type_name == "F32" else 2)
+    t = TYPES[type_name]
+    return n // t.block * t.block_bytes
+
+
+def _data(t: torch.Tensor, type_name: str, unit, importance, config, arch: str, name: str) -> np.ndarray:
+    t = t.detach().float().cpu()
+    if t.dim() == 1 and arch in PLUS_ONE_NORMS and name.endswith("norm.weight"):
+        t = t + 1                                      # gemma computes x * (1 + w); llama.cpp stores 1 + w
+    if arch in PERMUTED and name.endswith(("attn_q.weight", "attn_k.weight")):
+        heads = config.num_attention_heads if name.endswith("attn_q.weight") else config.num_key_value_heads
+        t = t[rope_rows(t.shape[0], heads)]
+    if type_name == "F32":
+        return t.numpy().astype(np.float32)
+    if type_name == "F16":
+        return t.half().numpy()
+    h = None if importance is None else importance.get(unit)
+    return layout.pack(quantize(t, type_name, h))
+
+
+def rope_rows(rows: int, heads: int) -> torch.Tensor:
+    """The row order llama.cpp's converter gives q/k of the llama architecture: within each head, the two
+    halves of the rotary dimensions interleaved (row i of the result is row ``index[i]`` of the HF weight)."""
+    half = rows // heads // 2
+    return torch.arange(rows).reshape(heads, 2, half).transpose(1, 2).reshape(-1)
+
+
+def _file_type(types: dict[str, str]) -> int:
+    """llama.cpp's ``general.file_type`` of the most common type (informational: readers use tensor types)."""
+    import gguf
+    common = Counter(types.values()).most_common(1)[0][0] if types else "F16"
+    ftypes = {"F16": "MOSTLY_F16", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M",
+              "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
+              "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0"}
+    return int(getattr(gguf.LlamaFileType, ftypes[common]))
+
+
+def _copy_metadata(w, source: Path) -> None:
+    from gguf import GGUFReader, GGUFValueType
+    reader = GGUFReader(source)
+    for key, field in reader.fields.items():
+        if key.startswith(SKIP_KEYS) or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+def _hf_metadata(w, config, arch: str) -> None:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    w.add_name(getattr(config, "_name_or_path", "") or arch)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(getattr(config, "num_key_value_heads", heads))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(theta))
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    w.add_vocab_size(config.vocab_size)
+
+
+def _hf_tokenizer(w, tokenizer, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style, as refllama-s, Llama 3 and Qwen use) as llama.cpp's "gpt2"."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise BitallocError("GGUF output writes byte-level BPE tokenizers only (this one is "
+                            f"{model.get('type', 'unknown')}{' with byte fallback' if model.get('byte_fallback') else ''}):"
+                            " convert the model with llama.cpp's convert_hf_to_gguf.py, then give bitalloc the .gguf")
+    vocab = dict(model["vocab"])
+    special = {}
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+        special[added["id"]] = added.get("special", False)
+    size = max(max(vocab.values()) + 1, vocab_size)          # the embedding's rows, padding included
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [5] * size                                # UNUSED until named
+    for token, i in vocab.items():
+        tokens[i] = token
+        types[i] = 3 if special.get(i) else (4 if i in special else 1)     # CONTROL / USER_DEFINED / NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for what, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                      ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
+        value = getattr(tokenizer, what, None)
+        if value is not None:
+            add(int(value))
