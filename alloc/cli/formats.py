@@ -37,8 +37,9 @@ def apply_gguf(args) -> None:
                        embedding=args.embedding_type)
     mix = ", ".join(f"{t} ×{n}" for t, n in sorted(report["types"].items()))
     rest = report["bytes"] - report["tensor_bytes"]
-    print(f"wrote {len(report['units'])} tensors as {mix}: {report['bpw']:.4f} bpw in ggml types "
-          f"(the plan: {report['plan_bpw']:.4f} true bpw) -> {args.out}\n"
+    embedding = f"; token embedding {report['embedding']}" if report["embedding"] else ""
+    print(f"wrote {sum(report['types'].values())} layers as {mix}: {report['bpw']:.4f} bpw in ggml types "
+          f"(the plan: {report['plan_bpw']:.4f} true bpw){embedding} -> {args.out}\n"
           f"file {report['bytes']:,} bytes: tensors {report['tensor_bytes']:,} + metadata and tokenizer {rest:,}")
     if tokens is not None:
         fake = copy.deepcopy(model)

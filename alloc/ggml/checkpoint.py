@@ -24,7 +24,8 @@ def save_gguf(model: nn.Module, plan: BitPlan | str | os.PathLike, out: str | os
     ``embedding``: the ggml type of the token embedding when the plan leaves it out (llama.cpp's presets
     quantize it too, Q8_0 where their K-quant does not fit; "F16" keeps it).
 
-    Returns what was written: {"types": {type: count}, "bpw" of the planned units in their ggml types,
+    Returns what was written: {"types": {type: count of planned units}, "embedding": its type when added
+    here (else None), "bpw" of the planned units in their ggml types,
     "plan_bpw", "bytes" of the file, "tensor_bytes" of its tensors, "units": {tensor's module: type}, the
     embedding included, "importance": the input energies (or None)}."""
     from ..packed import planned_units
@@ -35,10 +36,12 @@ def save_gguf(model: nn.Module, plan: BitPlan | str | os.PathLike, out: str | os
     units = planned_units(model, plan)
     plan = check_plan_model(plan, model, units, info, force=force)
     types = plan_types(plan, units, exact=exact) if types is None else types
-    types = {**types, **embedding_type(model, types, embedding)}
+    embedded = embedding_type(model, types, embedding)
+    types = {**types, **embedded}
     importance = None if calibration is None else input_energy(model, units, calibration, progress=progress)
     tensor_bytes = write(model, tokenizer, types, out, importance=importance, progress=progress)
-    return {"types": dict(Counter(types.values())), "bpw": types_bits({u.name: types[u.name] for u in units}, units), "plan_bpw": plan.true_bpw,
+    return {"types": dict(Counter(types[u.name] for u in units)), "embedding": next(iter(embedded.values()), None),
+            "bpw": types_bits({u.name: types[u.name] for u in units}, units), "plan_bpw": plan.true_bpw,
             "bytes": Path(out).stat().st_size, "tensor_bytes": tensor_bytes, "units": types, "importance": importance}
 
 
