@@ -32,6 +32,17 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def k_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama whose rows are multiples of 256 (every K-quant and group size fits every layer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    return _save_with_tokenizer(LlamaForCausalLM(config).eval(), tmp_path_factory.mktemp("k_llama"))
+
+
+@pytest.fixture(scope="session")
 def calib_text() -> str:
     from bitalloc.calibration import default_text
     return default_text()[:60000]

@@ -42,7 +42,8 @@ def add_eval_windows(p: argparse.ArgumentParser) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local Hugging Face model folder or .gguf file (default: the embedded refllama-s)")
     p.add_argument("--calib", help="calibration text file (default: Python's own help topics)")
-    p.add_argument("--options", help="candidate widths, e.g. 2,3,4,8 or 3g64 (default 2,3,4,8 at --group-size)")
+    p.add_argument("--options", help="candidate widths, e.g. 2,3,4,8 or 3g64 (default 2,3,4,8 at --group-size); ggml: llama.cpp's "
+                   "Q2_K…Q6_K and Q8_0 at their true sizes, for apply --format gguf")
     p.add_argument("--group-size", type=count_type, default=128, help="weights per scale along the input (default 128)")
     p.add_argument("--symmetric", action="store_true", help="symmetric codes (no zero points)")
     p.add_argument("--include", default="", help="also quantize these modules (comma list of names or globs, e.g. lm_head)")

@@ -151,9 +151,9 @@ def cmd_apply(args) -> None:
     from ..files import check_space
     from ..provenance import check_plan_model
     from ..quantize_model import quantize_model
-    if args.format == "gguf":
-        from .formats import apply_gguf
-        return apply_gguf(args)
+    if args.format != "bitalloc":
+        from .formats import apply_compressed_tensors, apply_gguf
+        return (apply_gguf if args.format == "gguf" else apply_compressed_tensors)(args)
     out = check_new_folder(args.out)           # fail before the slow part; save() checks again
     check_model_args(args)
     plan = BitPlan.load(args.plan)

@@ -1,5 +1,6 @@
-"""`bitalloc apply --format gguf`: the plan written as a llama.cpp file (alloc/ggml/), checked with --eval by
-reading the file back through transformers' GGUF loader."""
+"""`bitalloc apply --format gguf|compressed-tensors`: the plan written as a llama.cpp file (alloc/ggml/) or
+a compressed-tensors checkpoint (alloc/formats/), checked with --eval by reading the output back through
+that format's own reader."""
 from __future__ import annotations
 
 import copy
@@ -49,6 +50,38 @@ def apply_gguf(args) -> None:
         read = read_gguf(out, next(model.parameters()).dtype)
         ppl_file = perplexity(read, tokens, desc="ppl from the gguf file")
         print(f"perplexity ({len(tokens)} windows of {tokens.shape[1]} tokens): read from the file {ppl_file:.6f} · "
+              f"fake-quantized {ppl_fake:.6f} · relative difference {abs(ppl_file / ppl_fake - 1):.2e}")
+
+
+def apply_compressed_tensors(args) -> None:
+    from ..evaluate import perplexity
+    from ..formats.compressed_tensors import read, save
+    from ..packed import check_new_folder
+    from ..plan import BitPlan
+    from ..quantize_model import quantize_model
+    from .flow import _discard, prepare_for_plan
+    out = check_new_folder(args.out)                  # fail before the slow part
+    check_model_args(args)
+    plan = BitPlan.load(args.plan)
+    args.quantizer = args.quantizer or plan.extra.get("quantizer", "rtn")
+    prepared = prepare_for_plan(args, plan)
+    model = prepared.model
+    tokens = eval_tokens(prepared, args.eval, args.eval_windows, args.seq_len) if args.eval else None
+    r = save(model, plan, out, tokenizer=prepared.tokenizer, quantizer=args.quantizer, calibration=prepared.tokens,
+             exact=args.exact, force=args.force, info=prepared.info)
+    groups = {s.label() for s in r["specs"].values() if not s.is_float}
+    print(f"wrote {len(r['specs'])} layers ({', '.join(sorted(groups))}; {args.quantizer}) as compressed-tensors "
+          f"pack-quantized -> {args.out}\nmodel.safetensors {r['bytes']:,} bytes; the stored plan's layers take "
+          f"{r['plan'].true_bpw:.4f} true bpw (the plan: {plan.true_bpw:.4f})")
+    if tokens is not None:
+        fake = copy.deepcopy(model)
+        quantize_model(fake, prepared.units, r["plan"], quantizer=args.quantizer, calibration=prepared.tokens,
+                       sink=_discard, progress=False)
+        ppl_fake = perplexity(fake, tokens, desc="ppl fake-quantized")
+        del fake
+        read_back, how = read(out, next(model.parameters()).dtype)
+        ppl_file = perplexity(read_back, tokens, desc="ppl from the checkpoint")
+        print(f"perplexity ({len(tokens)} windows of {tokens.shape[1]} tokens): read back by {how} {ppl_file:.6f} · "
               f"fake-quantized {ppl_fake:.6f} · relative difference {abs(ppl_file / ppl_fake - 1):.2e}")
 
 

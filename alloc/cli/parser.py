@@ -96,14 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local Hugging Face model folder or .gguf file (default: the embedded refllama-s)")
     p.add_argument("--plan", required=True)
     p.add_argument("--out", required=True, help="new folder for the packed checkpoint (--format gguf: a new .gguf file)")
-    p.add_argument("--format", default="bitalloc", choices=["bitalloc", "gguf"],
+    p.add_argument("--format", default="bitalloc", choices=["bitalloc", "gguf", "compressed-tensors"],
                    help="bitalloc: our packed safetensors (Triton kernels); gguf: a llama.cpp file, each layer in the "
-                   "ggml type of its width (K-quants; llama.cpp's fallbacks on rows not a multiple of 256)")
+                   "ggml type of its width (K-quants; llama.cpp's fallbacks on rows not a multiple of 256); "
+                   "compressed-tensors: pack-quantized, for vLLM and transformers")
     p.add_argument("--embedding-type", default="Q8_0", metavar="TYPE",
                    help="--format gguf: ggml type of the token embedding when the plan leaves it out (default Q8_0, "
                    "as llama.cpp's presets store it where their K-quant does not fit; F16 keeps it)")
     p.add_argument("--exact", action="store_true",
-                   help="--format gguf: refuse a row plan (GGUF has one type per tensor) instead of rounding rows up")
+                   help="--format gguf / compressed-tensors: refuse a row plan (one type per tensor) instead of rounding rows up")
     p.add_argument("--quantizer", default=None, choices=["rtn", "gptq"],
                    help="default: the quantizer the plan was made for (its JSON records it), else rtn "
                    "(--format gguf rounds by its own importance-weighted search)")

@@ -1,7 +1,5 @@
 """apply --format gguf: a llama.cpp file that transformers' own GGUF loader reads back to the logits of our
 fake-quantized model, with the tokenizer intact and the size the plan's ggml types say."""
-import shutil
-
 import pytest
 import torch
 
@@ -10,26 +8,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.plan import BitPlan
 
 gguf = pytest.importorskip("gguf")
-REFLLAMA = "alloc/model-data/refllama-s"
 FAST = ["--n-windows", "4", "--seq-len", "64"]
-
-
-@pytest.fixture(scope="module")
-def k_llama_dir(tmp_path_factory):
-    """A 2-layer Llama whose rows are multiples of 256 (K-quants fit every layer)."""
-    from pathlib import Path
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("k_llama")
-    LlamaForCausalLM(config).eval().save_pretrained(path)
-    root = Path(__file__).resolve().parents[2]
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(root / REFLLAMA / name, path / name)
-    return path
 
 
 def _read_back(path):

@@ -1,0 +1,202 @@
+"""``apply --format compressed-tensors``: the plan as a compressed-tensors ``pack-quantized`` checkpoint,
+the format vLLM and transformers (with the ``compressed-tensors`` package) load.
+
+Each planned layer keeps bitalloc's own codes, scales and zeros (RTN or GPTQ, exactly what the fake-quantized
+model computes with), written as the package defines them:
+
+    <layer>.weight_packed       int32, the signed codes (code − 2^(b−1)) packed by the package's own
+                                ``pack_to_int32`` (the installed version's layout: dense since 2026-06)
+    <layer>.weight_scale        (out, groups) float32 (our scales are fp16 values; bf16 cannot hold them)
+    <layer>.weight_zero_point   asymmetric formats: the signed zeros, packed along the output dimension
+    <layer>.weight_shape        int64 [out, in]
+
+``quantization_config`` has one config group per (width, group size, symmetry) whose ``targets`` are the
+layers' exact names, and ``ignore`` lists the layers kept in 16 bits. Row plans cannot be stored (a layer has
+one scheme): each layer takes its widest row's width, or ``exact`` refuses.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import BitallocError, BitallocWarning, few
+from ..files import clean_stale, temp_prefix
+from ..options import QuantSpec
+from ..plan import BitPlan
+from ..units import EXPERT_KINDS
+
+WEIGHTS = "model.safetensors"
+
+
+def storable_specs(plan: BitPlan, units, *, exact: bool) -> dict[str, QuantSpec]:
+    """{unit: the spec it is stored in}: rows rounded up to the widest (or refused with ``exact``)."""
+    bad = [u.name for u in units if u.kind in EXPERT_KINDS or u.kind == "embedding"]
+    bad += [u.name for u in units if plan.layers[u.name].ggml]
+    if bad:
+        raise BitallocError(f"compressed-tensors output stores Linear layers in our formats; {len(bad)} planned unit(s) "
+                            f"are experts, embeddings or ggml types ({few(bad)}): plan them out or use --format gguf")
+    specs, rounded = {}, []
+    for u in units:
+        spec = plan.layers[u.name]
+        if u.name in plan.row_bits:
+            widths = set(plan.row_bits[u.name].unique().tolist())
+            if len(widths) > 1:
+                if exact:
+                    raise BitallocError(f"{u.name} mixes widths {sorted(widths)} across rows; a compressed-tensors layer "
+                                        "has one scheme: plan per layer or drop --exact to round rows up")
+                rounded.append(u.name)
+            spec = QuantSpec(max(widths), spec.group_size, spec.symmetric)
+        if not spec.is_float and spec.group_size != -1 and u.shape[1] % spec.group_size:
+            raise BitallocError(f"{u.name} has {u.shape[1]} inputs, not a multiple of its group size "
+                                f"{spec.group_size}: compressed-tensors groups must divide the rows")
+        specs[u.name] = spec
+    if rounded:
+        warnings.warn(f"{len(rounded)} layer(s) mix widths across rows ({few(rounded)}); compressed-tensors stores one "
+                      "width per layer, so each takes its widest row's (the checkpoint is larger than the plan)",
+                      BitallocWarning, stacklevel=3)
+    return specs
+
+
+def scheme_args(spec: QuantSpec) -> dict:
+    from compressed_tensors.quantization import QuantizationArgs
+    strategy = "channel" if spec.group_size == -1 else "group"
+    args = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy=strategy,
+                            group_size=None if spec.group_size == -1 else spec.group_size)
+    return args.model_dump(mode="json")
+
+
+def quantization_config(specs: dict[str, QuantSpec]) -> dict:
+    import compressed_tensors
+    groups: dict[QuantSpec, list[str]] = defaultdict(list)
+    for name, spec in specs.items():
+        if not spec.is_float:
+            groups[spec].append(name)
+    config_groups = {f"group_{i}": {"targets": sorted(names), "weights": scheme_args(spec),
+                                    "input_activations": None, "output_activations": None}
+                     for i, (spec, names) in enumerate(sorted(groups.items()))}
+    ignore = [n for n, s in specs.items() if s.is_float] + ([] if "lm_head" in specs else ["lm_head"])
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": config_groups, "ignore": sorted(set(ignore)),
+            "version": compressed_tensors.__version__ if hasattr(compressed_tensors, "__version__") else None}
+
+
+def pack_layer(q, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Our QuantizedWeight as the package's tensors (see the module docstring)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    half = 2 ** (spec.bits - 1)
+    out = {"weight_packed": pack_to_int32((q.codes - half).to(torch.int8), spec.bits),
+           "weight_scale": q.scales.float().contiguous(),
+           "weight_shape": torch.tensor(list(q.codes.shape), dtype=torch.int64)}
+    if not spec.symmetric:
+        out["weight_zero_point"] = pack_to_int32((q.zeros - half).to(torch.int8), spec.bits, packed_dim=0)
+    return out
+
+
+def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokenizer=None, quantizer="rtn",
+         calibration: torch.Tensor | None = None, exact: bool = False, force: bool = False, info: dict | None = None,
+         progress: bool = True) -> dict:
+    """Write ``model`` quantized by ``plan`` as a compressed-tensors folder ``out_dir`` (appears whole or not at
+    all). The model's own weights are left as they are. Returns {"specs": {layer: spec}, "bytes": file size}."""
+    from safetensors.torch import save_file
+
+    from ..packed import _in_source_dtype, check_new_folder, planned_units
+    from ..provenance import check_plan_model
+    from ..quantize_model import quantize_model
+    out = check_new_folder(out_dir)
+    units = planned_units(model, plan)
+    plan = check_plan_model(plan, model, units, info, force=force)
+    specs = storable_specs(plan, units, exact=exact)
+    stored = BitPlan({n: specs[n] for n in plan.layers}, dict(plan.shapes), plan.budget_bits, solver=plan.solver,
+                     probe=plan.probe, model=plan.model, extra=plan.extra)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def sink(name, q):
+        for k, t in pack_layer(q, specs[name]).items():
+            tensors[f"{name}.{k}"] = t
+    # quantize_model writes GPTQ's weights back and rounds 16-bit layers to fp16 in place: keep what it changes
+    saved = {u.name: model.get_submodule(u.name).weight.detach().clone() for u in units
+             if quantizer != "rtn" or specs[u.name].is_float}
+    try:
+        quantize_model(model, units, stored, quantizer=quantizer, calibration=calibration, progress=progress,
+                       sink=sink, write_back=quantizer != "rtn")
+    finally:
+        with torch.no_grad():                      # give the caller's model back as it was
+            for name, w in saved.items():
+                model.get_submodule(name).weight.copy_(w)
+    source, dtype = _in_source_dtype(model)
+    packed = {f"{n}.weight" for n, s in specs.items() if not s.is_float}
+    seen = set()
+    for name, t in source.state_dict().items():
+        if name in packed or t.data_ptr() in seen and name.endswith("lm_head.weight"):
+            continue
+        seen.add(t.data_ptr())
+        if name.removesuffix(".weight") in specs and specs[name.removesuffix(".weight")].is_float:
+            t = t.half().to(t.dtype)                   # a 16-bit layer of the plan: fp16-rounded, as everywhere
+        tensors[name] = t.detach().contiguous()
+    clean_stale(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config["quantization_config"] = quantization_config(specs)
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        stored.save(tmp / "bitalloc_plan.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"specs": specs, "bytes": (out / WEIGHTS).stat().st_size, "plan": stored}
+
+
+def read(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, str]:
+    """The checkpoint as the compressed-tensors package reads it, and which reader: transformers'
+    ``from_pretrained`` when every group is symmetric; otherwise the package's own decompressor per layer
+    (``PackedQuantizationCompressor.decompress``) into the model built from the config, because with
+    compressed-tensors 0.20 transformers prepares unpacked zero-point placeholders that the packed zero points
+    the package itself writes do not fit."""
+    import transformers
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    transformers.logging.set_verbosity_error()
+    config = json.loads((folder / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"]
+    if all(g["weights"]["symmetric"] for g in groups.values()):
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+        return model, "transformers from_pretrained"
+    tensors = load_file(str(folder / WEIGHTS))
+    plain = transformers.AutoConfig.from_pretrained(str(folder))
+    plain.quantization_config = None
+    del plain.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(plain, dtype=dtype).eval()
+    state = {}
+    for group in groups.values():
+        scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"])
+        for name in group["targets"]:
+            local = {k.removeprefix(f"{name}."): tensors.pop(k) for k in
+                     [f"{name}.{p}" for p in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")]
+                     if k in tensors}
+            state[f"{name}.weight"] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+    state.update(tensors)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
+                                                 for k, v in state.items()}, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise BitallocError(f"{folder} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if missing:
+        model.tie_weights()
+    return model, "compressed-tensors decompress"

@@ -1,0 +1,88 @@
+"""apply --format compressed-tensors: bitalloc's own codes in the package's pack-quantized layout, read back
+by the package (transformers' from_pretrained for symmetric schemes, its decompressor for asymmetric ones) to
+exactly the fake-quantized model's logits."""
+import copy
+import json
+
+import pytest
+import torch
+
+from bitalloc import api
+from bitalloc.cli import main
+from bitalloc.errors import BitallocError
+from bitalloc.options import QuantSpec, parse_options
+from bitalloc.plan import BitPlan
+from bitalloc.quantize_model import quantize_model
+
+ct = pytest.importorskip("compressed_tensors")
+FAST = ["--n-windows", "4", "--seq-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def prepared(k_llama_dir):
+    return api.prepare(str(k_llama_dir), n_windows=4, seq_len=64)
+
+
+def _plan(prepared, symmetric):
+    units = prepared.units
+    specs = [QuantSpec((2, 3, 4, 8)[i % 4], 128, symmetric) for i in range(len(units))]
+    specs[1] = QuantSpec(16)                                     # a layer the plan keeps in 16 bits
+    return BitPlan.from_choice(units, specs, solver="manual", model=prepared.info)
+
+
+@pytest.mark.parametrize("symmetric,reader", [(True, "transformers from_pretrained"),
+                                              (False, "compressed-tensors decompress")])
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_the_package_reads_back_our_codes(prepared, tmp_path, symmetric, reader, quantizer):
+    from bitalloc.formats.compressed_tensors import read, save
+    plan = _plan(prepared, symmetric)
+    model = prepared.model
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    r = save(model, plan, tmp_path / "ct", tokenizer=prepared.tokenizer, quantizer=quantizer,
+             calibration=prepared.tokens, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())      # the caller's model is intact
+    fake = copy.deepcopy(model)
+    quantize_model(fake, prepared.units, plan, quantizer=quantizer, calibration=prepared.tokens, progress=False)
+    back, how = read(tmp_path / "ct")
+    assert how == reader
+    x = prepared.tokens[:2]
+    with torch.no_grad():
+        assert torch.equal(fake.float()(x).logits, back(x).logits)
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and len(config["config_groups"]) == 4
+    assert prepared.units[1].name in config["ignore"]
+    rest = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if n.removesuffix(".weight") not in plan.layers or plan.layers[n.removesuffix(".weight")].is_float)
+    assert abs(r["bytes"] / (plan.size_bytes() + rest) - 1) < 0.02
+
+
+def test_row_plans_round_up_or_are_refused(prepared):
+    from bitalloc.formats.compressed_tensors import storable_specs
+    plan = _plan(prepared, False)
+    name = prepared.units[0].name
+    rows = torch.full((prepared.units[0].shape[0],), plan.layers[name].bits, dtype=torch.int8)
+    rows[0] = 4
+    plan.row_bits[name] = rows
+    with pytest.raises(BitallocError, match="one scheme"):
+        storable_specs(plan, prepared.units, exact=True)
+    with pytest.warns(UserWarning, match="widest row"):
+        assert storable_specs(plan, prepared.units, exact=False)[name].bits == 4
+
+
+def test_unstorable_plans_are_refused_in_one_line(tiny_llama_dir, k_llama_dir, calib_file, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["allocate", "--model", str(tiny_llama_dir), "--calib", str(calib_file), "--budget", "3.5",
+                 "--out", str(plan), *FAST]) == 0          # 64-wide rows: a 128 group does not divide them
+    capsys.readouterr()
+    assert main(["apply", "--model", str(tiny_llama_dir), "--plan", str(plan), "--format", "compressed-tensors",
+                 "--out", str(tmp_path / "ct"), *FAST]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a multiple of its group size" in err[0] and not (tmp_path / "ct").exists()
+    ggml = tmp_path / "ggml.json"
+    assert main(["allocate", "--model", str(k_llama_dir), "--calib", str(calib_file), "--budget", "4",
+                 "--options", "ggml", "--out", str(ggml), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["apply", "--model", str(k_llama_dir), "--plan", str(ggml), "--format", "compressed-tensors",
+                 "--out", str(tmp_path / "ct"), *FAST]) != 0
+    assert "--format gguf" in capsys.readouterr().err and not (tmp_path / "ct").exists()
+    assert parse_options("ggml")[0].ggml == "Q2_K"
