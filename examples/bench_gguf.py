@@ -23,6 +23,7 @@ from bitalloc.cli.formats import read_gguf
 from bitalloc.evaluate import perplexity
 from bitalloc.ggml.checkpoint import fake_quantize
 from bitalloc.reporting.baselines import llama_cpp_plan
+from bitalloc.sensitivity.table import SensitivityTable
 
 
 def main() -> None:
@@ -36,7 +37,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--presets", default="Q3_K_M,Q4_K_M")
+    ap.add_argument("--only-ours", action="store_true", help="skip scoring the llama.cpp mixes themselves")
     ap.add_argument("--work", default=None, help="folder for the .gguf files (default: a temporary one)")
+    ap.add_argument("--without", default="Q2_K", help="also solve without these ggml options (comma list; '' skips)")
     args = ap.parse_args()
     t0 = time.time()
     p = api.prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len,
@@ -65,8 +68,14 @@ def main() -> None:
 
     for preset in args.presets.split(","):
         mix = llama_cpp_plan(preset, table, getattr(p.model, "config", None))
-        score(f"llama.cpp {preset}", mix)
+        if not args.only_ours:
+            score(f"llama.cpp {preset}", mix)
         score(f"bitalloc @{preset}", api.solve(table, mix.true_bpw + 1e-9, "ilp"))
+        if args.without:
+            drop = set(args.without.upper().split(","))
+            keep = [j for j, o in enumerate(table.options) if o.ggml not in drop]
+            sub = SensitivityTable(table.units, [table.options[j] for j in keep], table.cost[:, keep], dict(table.meta))
+            score(f"bitalloc @{preset} -{'-'.join(sorted(drop))}", api.solve(sub, mix.true_bpw + 1e-9, "ilp"))
     print(f"total {time.time() - t0:.0f} s; files in {work}")
 
 

@@ -76,6 +76,40 @@ def add_solver_args(p: argparse.ArgumentParser) -> None:
                         "fisher, kfac, output_error) (default layer)")
 
 
+# What each serving engine runs fast (peers' users' reports; issue #22): --target chooses the options and ties.
+#   vllm          the Marlin kernels take symmetric 4- and 8-bit only (W2/W3 fall back to slow kernels and
+#                 asymmetric W2/W3 is not served); q/k/v and gate/up must share a scheme; so must a layer's experts
+#   llama.cpp     ggml types at their true sizes (--options ggml), llama.cpp's fallbacks on narrow rows
+#   transformers  symmetric formats (its compressed-tensors reader takes no packed zero points)
+TARGETS = {"vllm": {"options": "4,8", "symmetric": True, "fuse": True},     # MoE: experts per layer (prepare_model)
+           "llama.cpp": {"options": "ggml"},
+           "transformers": {"symmetric": True}}
+TARGET_FORMAT = {"vllm": "compressed-tensors", "llama.cpp": "gguf", "transformers": "compressed-tensors"}
+
+
+def add_target_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", choices=list(TARGETS), default=None,
+                   help="choose only what this engine serves fast: vllm (symmetric W4/W8, fused q/k/v and gate/up, "
+                        "one width per layer's experts), llama.cpp (ggml types), transformers (symmetric formats)")
+
+
+def apply_target(args) -> None:
+    """--target's settings, refusing the flags it overrides (one line naming both)."""
+    target = getattr(args, "target", None)
+    if target is None:
+        return
+    if getattr(args, "granularity", "layer") == "row":
+        raise BitallocError(f"--target {target} stores one format per layer: drop --granularity row")
+    if target == "vllm" and getattr(args, "experts", "per-expert") != "per-expert":
+        raise BitallocError("--target vllm plans MoE experts per layer itself: drop --experts")
+    for key, value in TARGETS[target].items():
+        given = getattr(args, key, None)
+        default = {"options": None, "symmetric": False, "fuse": False}[key]
+        if given not in (default, value):
+            raise BitallocError(f"--target {target} sets --{key} {value}: drop --{key} {given}")
+        setattr(args, key, value)
+
+
 def resolve_solver(args) -> None:
     """--solver's default depends on --granularity."""
     if getattr(args, "granularity", None) is not None and args.solver is None:
@@ -90,6 +124,7 @@ def split_list(text: str) -> tuple[str, ...]:
 def check_model_args(args) -> None:
     """Everything about the model/calibration arguments that can be checked without loading the model."""
     from ..options import parse_options
+    apply_target(args)
     from ..sensitivity.base import PROBES
     if getattr(args, "model", None):
         from ..models.loading import check_model_path
@@ -130,10 +165,18 @@ def prepare_model(args, strict: bool = False):
     """Load the model, find its units, tokenize the calibration text; place the model on its device."""
     from ..api import prepare
     from ..options import parse_options
+    from ..units import EXPERT_KINDS
     options = parse_options(args.options, group_size=args.group_size, symmetric=args.symmetric)
     prepared = prepare(args.model, calib_file=args.calib, options=options, include=split_list(args.include),
                        seq_len=args.seq_len, n_windows=args.n_windows, strict_windows=strict, experts=args.experts,
                        exclude=split_list(args.exclude), dtype=args.dtype)
+    if getattr(args, "target", None) == "vllm" and any(u.kind in EXPERT_KINDS for u in prepared.units):
+        from ..models.loading import model_info
+        from ..units import find_units                 # vLLM's MoE kernels take one scheme for a layer's experts
+        prepared.units = find_units(prepared.model, include=split_list(args.include), exclude=split_list(args.exclude),
+                                    experts="per-layer")
+        prepared.info = model_info(prepared.model, prepared.units)
+        prepared.scope["experts"] = "per-layer"
     can_stream = getattr(args, "probe", None) is not None and getattr(args, "stream", "auto") != "off"
     place_model(prepared, args, can_stream)
     return prepared

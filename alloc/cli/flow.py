@@ -34,6 +34,9 @@ def cmd_allocate(args) -> None:
                  granularity=args.granularity)
     plan = finish(prepared, table, plan, quantizer=args.quantizer, refine=args.refine, fitness=search.get("fitness"),
                   check=getattr(args, "check", False))
+    if getattr(args, "target", None):
+        from .common import TARGET_FORMAT
+        plan.extra["target"] = args.target
     print_plan(plan)
     print(f"\nbudget {args.budget} {'nominal' if args.nominal else 'true'} bits/weight · "
           f"true {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver}"
@@ -46,6 +49,8 @@ def cmd_allocate(args) -> None:
         _evaluate_plans(args, prepared, table, plan)
     plan.save(args.out)
     print(f"plan written to {args.out} ({time.time() - t0:.1f} s)")
+    if getattr(args, "target", None):
+        print(f"for {args.target}: bitalloc apply --plan {args.out} --format {TARGET_FORMAT[args.target]} --out …")
 
 
 def _evaluate_plans(args, prepared, table, plan) -> None:

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from .common import (add_dtype_arg, add_eval_windows, add_model_args, add_search_solver_args, add_solver_args,
-                     budget_type, count_type, seconds_type)
+                     add_target_arg, budget_type, count_type, seconds_type)
 from .explore import cmd_dashboard, cmd_search, cmd_sweep
 from .flow import cmd_allocate, cmd_apply, cmd_eval, cmd_probe, cmd_solve
 from .publish import cmd_export, cmd_report
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the plan on calibration windows against the plan without widths below the budget's "
                         "floor (2 bits at 3.25) and keep the better (always on with --granularity row or --refine)")
     p.add_argument("--fuse", action="store_true", help="q/k/v and gate/up share one width")
+    add_target_arg(p)
     p.add_argument("--nominal", action="store_true", help="budget counts code bits only (count_overhead=False)")
     p.add_argument("--eval", help="text file: report perplexity of fp, the plan and the best uniform plan")
     add_eval_windows(p)
