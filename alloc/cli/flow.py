@@ -157,8 +157,8 @@ def cmd_apply(args) -> None:
     from ..provenance import check_plan_model
     from ..quantize_model import quantize_model
     if args.format != "bitalloc":
-        from .formats import apply_compressed_tensors, apply_gguf
-        return (apply_gguf if args.format == "gguf" else apply_compressed_tensors)(args)
+        from .formats import apply_folder_format, apply_gguf
+        return apply_gguf(args) if args.format == "gguf" else apply_folder_format(args)
     out = check_new_folder(args.out)           # fail before the slow part; save() checks again
     check_model_args(args)
     plan = BitPlan.load(args.plan)

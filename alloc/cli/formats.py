@@ -1,6 +1,6 @@
-"""`bitalloc apply --format gguf|compressed-tensors`: the plan written as a llama.cpp file (alloc/ggml/) or
-a compressed-tensors checkpoint (alloc/formats/), checked with --eval by reading the output back through
-that format's own reader."""
+"""`bitalloc apply --format gguf|compressed-tensors|gptq`: the plan written as a llama.cpp file (alloc/ggml/),
+a compressed-tensors or a GPTQ checkpoint (alloc/formats/), checked with --eval by reading the output back
+through that format's own reader where it is installed."""
 from __future__ import annotations
 
 import copy
@@ -53,13 +53,15 @@ def apply_gguf(args) -> None:
               f"fake-quantized {ppl_fake:.6f} · relative difference {abs(ppl_file / ppl_fake - 1):.2e}")
 
 
-def apply_compressed_tensors(args) -> None:
+def apply_folder_format(args) -> None:
+    """--format compressed-tensors or gptq: a checkpoint folder of bitalloc's own codes in that layout."""
     from ..evaluate import perplexity
-    from ..formats.compressed_tensors import read, save
+    from ..formats import compressed_tensors, gptq
     from ..packed import check_new_folder
     from ..plan import BitPlan
     from ..quantize_model import quantize_model
     from .flow import _discard, prepare_for_plan
+    writer = {"compressed-tensors": compressed_tensors, "gptq": gptq}[args.format]
     out = check_new_folder(args.out)                  # fail before the slow part
     check_model_args(args)
     plan = BitPlan.load(args.plan)
@@ -67,22 +69,30 @@ def apply_compressed_tensors(args) -> None:
     prepared = prepare_for_plan(args, plan)
     model = prepared.model
     tokens = eval_tokens(prepared, args.eval, args.eval_windows, args.seq_len) if args.eval else None
-    r = save(model, plan, out, tokenizer=prepared.tokenizer, quantizer=args.quantizer, calibration=prepared.tokens,
-             exact=args.exact, force=args.force, info=prepared.info)
-    groups = {s.label() for s in r["specs"].values() if not s.is_float}
-    print(f"wrote {len(r['specs'])} layers ({', '.join(sorted(groups))}; {args.quantizer}) as compressed-tensors "
-          f"pack-quantized -> {args.out}\nmodel.safetensors {r['bytes']:,} bytes; the stored plan's layers take "
-          f"{r['plan'].true_bpw:.4f} true bpw (the plan: {plan.true_bpw:.4f})")
-    if tokens is not None:
-        fake = copy.deepcopy(model)
-        quantize_model(fake, prepared.units, r["plan"], quantizer=args.quantizer, calibration=prepared.tokens,
-                       sink=_discard, progress=False)
-        ppl_fake = perplexity(fake, tokens, desc="ppl fake-quantized")
-        del fake
-        read_back, how = read(out, next(model.parameters()).dtype)
-        ppl_file = perplexity(read_back, tokens, desc="ppl from the checkpoint")
-        print(f"perplexity ({len(tokens)} windows of {tokens.shape[1]} tokens): read back by {how} {ppl_file:.6f} · "
-              f"fake-quantized {ppl_fake:.6f} · relative difference {abs(ppl_file / ppl_fake - 1):.2e}")
+    extra = {"exact": args.exact} if writer is compressed_tensors else {}
+    r = writer.save(model, plan, out, tokenizer=prepared.tokenizer, quantizer=args.quantizer,
+                    calibration=prepared.tokens, force=args.force, info=prepared.info, **extra)
+    stored = r.get("plan", plan)
+    formats = sorted({s.label() for s in stored.layers.values() if not s.is_float})
+    layout = r["config"]["checkpoint_format"] if "config" in r else "pack-quantized"
+    print(f"wrote {len(stored.layers)} layers ({', '.join(formats)}; {args.quantizer}) as {args.format} ({layout}) -> "
+          f"{args.out}\nmodel.safetensors {r['bytes']:,} bytes; its layers take {stored.true_bpw:.4f} true bpw "
+          f"(the plan: {plan.true_bpw:.4f})")
+    if tokens is None:
+        return
+    fake = copy.deepcopy(model)
+    quantize_model(fake, prepared.units, stored, quantizer=args.quantizer, calibration=prepared.tokens,
+                   sink=_discard, progress=False)
+    ppl_fake = perplexity(fake, tokens, desc="ppl fake-quantized")
+    del fake
+    if writer is gptq:
+        print(f"perplexity ({len(tokens)} windows of {tokens.shape[1]} tokens): fake-quantized {ppl_fake:.6f}; "
+              "the GPTQ files are read by GPTQModel or vLLM, neither installed here: not read back")
+        return
+    read_back, how = compressed_tensors.read(out, next(model.parameters()).dtype)
+    ppl_file = perplexity(read_back, tokens, desc="ppl from the checkpoint")
+    print(f"perplexity ({len(tokens)} windows of {tokens.shape[1]} tokens): read back by {how} {ppl_file:.6f} · "
+          f"fake-quantized {ppl_fake:.6f} · relative difference {abs(ppl_file / ppl_fake - 1):.2e}")
 
 
 def read_gguf(path: Path, dtype):

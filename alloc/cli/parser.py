@@ -97,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local Hugging Face model folder or .gguf file (default: the embedded refllama-s)")
     p.add_argument("--plan", required=True)
     p.add_argument("--out", required=True, help="new folder for the packed checkpoint (--format gguf: a new .gguf file)")
-    p.add_argument("--format", default="bitalloc", choices=["bitalloc", "gguf", "compressed-tensors"],
+    p.add_argument("--format", default="bitalloc", choices=["bitalloc", "gguf", "compressed-tensors", "gptq"],
                    help="bitalloc: our packed safetensors (Triton kernels); gguf: a llama.cpp file, each layer in the "
                    "ggml type of its width (K-quants; llama.cpp's fallbacks on rows not a multiple of 256); "
-                   "compressed-tensors: pack-quantized, for vLLM and transformers")
+                   "compressed-tensors: pack-quantized, for vLLM and transformers; gptq: GPTQModel/AutoGPTQ layout "
+                   "with per-module `dynamic` widths, for vLLM and GPTQModel")
     p.add_argument("--embedding-type", default="Q8_0", metavar="TYPE",
                    help="--format gguf: ggml type of the token embedding when the plan leaves it out (default Q8_0, "
                    "as llama.cpp's presets store it where their K-quant does not fit; F16 keeps it)")

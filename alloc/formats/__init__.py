@@ -1,1 +1,1 @@
-"""Checkpoints for other serving engines, written from bitalloc's own codes: compressed-tensors."""
+"""Checkpoints for other serving engines, written from bitalloc's own codes: compressed-tensors, GPTQ."""
