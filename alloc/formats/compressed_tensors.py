@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -28,12 +26,11 @@ import torch
 from torch import nn
 
 from ..errors import BitallocError, BitallocWarning, few
-from ..files import clean_stale, temp_prefix
 from ..options import QuantSpec
 from ..plan import BitPlan
 from ..units import EXPERT_KINDS
 
-WEIGHTS = "model.safetensors"
+from .folder import WEIGHTS
 
 
 def storable_specs(plan: BitPlan, units, *, exact: bool) -> dict[str, QuantSpec]:
@@ -104,62 +101,21 @@ def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokeniz
          calibration: torch.Tensor | None = None, exact: bool = False, force: bool = False, info: dict | None = None,
          progress: bool = True) -> dict:
     """Write ``model`` quantized by ``plan`` as a compressed-tensors folder ``out_dir`` (appears whole or not at
-    all). The model's own weights are left as they are. Returns {"specs": {layer: spec}, "bytes": file size}."""
-    from safetensors.torch import save_file
-
-    from ..packed import _in_source_dtype, check_new_folder, planned_units
+    all). The model's own weights are left as they are. Returns {"specs": {layer: spec}, "bytes": file size,
+    "plan": the plan as stored (rows rounded up)}."""
+    from ..packed import check_new_folder, planned_units
     from ..provenance import check_plan_model
-    from ..quantize_model import quantize_model
+    from .folder import checkpoint_tensors, write_folder
     out = check_new_folder(out_dir)
     units = planned_units(model, plan)
     plan = check_plan_model(plan, model, units, info, force=force)
     specs = storable_specs(plan, units, exact=exact)
     stored = BitPlan({n: specs[n] for n in plan.layers}, dict(plan.shapes), plan.budget_bits, solver=plan.solver,
                      probe=plan.probe, model=plan.model, extra=plan.extra)
-    tensors: dict[str, torch.Tensor] = {}
-
-    def sink(name, q):
-        for k, t in pack_layer(q, specs[name]).items():
-            tensors[f"{name}.{k}"] = t
-    # quantize_model writes GPTQ's weights back and rounds 16-bit layers to fp16 in place: keep what it changes
-    saved = {u.name: model.get_submodule(u.name).weight.detach().clone() for u in units
-             if quantizer != "rtn" or specs[u.name].is_float}
-    try:
-        quantize_model(model, units, stored, quantizer=quantizer, calibration=calibration, progress=progress,
-                       sink=sink, write_back=quantizer != "rtn")
-    finally:
-        with torch.no_grad():                      # give the caller's model back as it was
-            for name, w in saved.items():
-                model.get_submodule(name).weight.copy_(w)
-    source, dtype = _in_source_dtype(model)
-    packed = {f"{n}.weight" for n, s in specs.items() if not s.is_float}
-    seen = set()
-    for name, t in source.state_dict().items():
-        if name in packed or t.data_ptr() in seen and name.endswith("lm_head.weight"):
-            continue
-        seen.add(t.data_ptr())
-        if name.removesuffix(".weight") in specs and specs[name.removesuffix(".weight")].is_float:
-            t = t.half().to(t.dtype)                   # a 16-bit layer of the plan: fp16-rounded, as everywhere
-        tensors[name] = t.detach().contiguous()
-    clean_stale(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        config = model.config.to_dict()
-        config["quantization_config"] = quantization_config(specs)
-        config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        stored.save(tmp / "bitalloc_plan.json")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"specs": specs, "bytes": (out / WEIGHTS).stat().st_size, "plan": stored}
+    tensors = checkpoint_tensors(model, units, stored, lambda name, q: pack_layer(q, specs[name]),
+                                 quantizer=quantizer, calibration=calibration, progress=progress)
+    size = write_folder(out, model, tensors, quantization_config(specs), stored, tokenizer)
+    return {"specs": specs, "bytes": size, "plan": stored}
 
 
 def read(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, str]:

@@ -21,21 +21,15 @@ vLLM's GPTQ kernels are fast for symmetric codes only (``--symmetric`` or ``--ta
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import __version__
 from ..errors import BitallocError, few
-from ..files import clean_stale, temp_prefix
 from ..plan import BitPlan
 
-WEIGHTS = "model.safetensors"
 BITS = (2, 3, 4, 8)
 
 
@@ -96,12 +90,10 @@ def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokeniz
          progress: bool = True) -> dict:
     """Write ``model`` quantized by ``plan`` as a GPTQ folder ``out_dir`` (whole or not at all); the model's own
     weights are left as they are. Returns {"bytes": the weights file's size, "config": quantization_config}."""
-    from safetensors.torch import save_file
-
     from ..export import to_gptqmodel
-    from ..packed import _in_source_dtype, check_new_folder, planned_units
+    from ..packed import check_new_folder, planned_units
     from ..provenance import check_plan_model
-    from ..quantize_model import quantize_model
+    from .folder import checkpoint_tensors, write_folder
     out = check_new_folder(out_dir)
     units = planned_units(model, plan)
     plan = check_plan_model(plan, model, units, info, force=force)
@@ -113,48 +105,7 @@ def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokeniz
     if not v1:                 # GPTQModel reads asymmetric v1 only from its own files (old v1 writers overflowed)
         config["checkpoint_format"] = "gptq_v2"
     config["meta"] = {"quantizer": [f"bitalloc:{__version__}"]}
-    tensors: dict[str, torch.Tensor] = {}
-
-    def sink(name, q):
-        for k, t in pack_layer(q, plan.layers[name], v1).items():
-            tensors[f"{name}.{k}"] = t
-    saved = {u.name: model.get_submodule(u.name).weight.detach().clone() for u in units
-             if quantizer != "rtn" or plan.layers[u.name].is_float}
-    try:
-        quantize_model(model, units, plan, quantizer=quantizer, calibration=calibration, progress=progress,
-                       sink=sink, write_back=quantizer != "rtn")
-    finally:
-        with torch.no_grad():                       # give the caller's model back as it was
-            for name, w in saved.items():
-                model.get_submodule(name).weight.copy_(w)
-    source, dtype = _in_source_dtype(model)
-    packed = {f"{n}.weight" for n, s in plan.layers.items() if not s.is_float}
-    seen = set()
-    for name, t in source.state_dict().items():
-        if name in packed or (t.data_ptr() in seen and name.endswith("lm_head.weight")):
-            continue
-        seen.add(t.data_ptr())
-        owner = name.removesuffix(".weight")
-        if owner in plan.layers and plan.layers[owner].is_float:
-            t = t.half().to(t.dtype)
-        tensors[name] = t.detach().contiguous()
-    clean_stale(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        hf = model.config.to_dict()
-        hf["quantization_config"] = config
-        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2, default=str))
-        (tmp / "quantize_config.json").write_text(json.dumps(config, indent=2))
-        plan.save(tmp / "bitalloc_plan.json")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"bytes": (out / WEIGHTS).stat().st_size, "config": config}
+    tensors = checkpoint_tensors(model, units, plan, lambda name, q: pack_layer(q, plan.layers[name], v1),
+                                 quantizer=quantizer, calibration=calibration, progress=progress)
+    size = write_folder(out, model, tensors, config, plan, tokenizer, {"quantize_config.json": config})
+    return {"bytes": size, "config": config}
