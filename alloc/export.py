@@ -69,6 +69,21 @@ def _map_up(plan: BitPlan, supported: tuple[int, ...], target: str) -> dict[str,
     return out
 
 
+def round_up_rows(plan: BitPlan, names, *, exact: bool, one_per: str) -> list[str]:
+    """The row-plan layers among ``names``: a format with one width per layer (``one_per`` says so, e.g. "GGUF
+    stores one type per tensor") stores each at its widest row, which is the plan's own spec for that layer
+    (BitPlan keeps it so); ``exact`` refuses instead. Warns once; returns the layers rounded up."""
+    rows = [n for n in names if n in plan.row_bits]
+    if rows and exact:
+        widths = sorted(set(plan.row_bits[rows[0]].tolist()))
+        raise BitallocError(f"{rows[0]} mixes widths {widths} across rows; {one_per}: plan per layer "
+                            "(--granularity layer) or drop --exact to round rows up")
+    if rows:
+        warnings.warn(f"{len(rows)} layer(s) mix widths across rows ({few(rows)}); {one_per}, so each takes its "
+                      "widest row's (the output is larger than the plan)", BitallocWarning, stacklevel=3)
+    return rows
+
+
 def _spec_args(spec: QuantSpec) -> dict:
     return {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.symmetric}
 

@@ -20,26 +20,26 @@ def _save_with_tokenizer(model, path: Path) -> Path:
     return path
 
 
+def _llama_dir(tmp_path_factory, name: str, hidden: int, intermediate: int) -> Path:
+    """A 2-layer Llama (4 heads, 2 KV heads) with refllama-s's tokenizer and random weights, saved as a folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    return _save_with_tokenizer(LlamaForCausalLM(config).eval(), tmp_path_factory.mktemp(name))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama with refllama-s's tokenizer and random weights, saved as a model folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    return _save_with_tokenizer(LlamaForCausalLM(config).eval(), tmp_path_factory.mktemp("tiny_llama"))
+    return _llama_dir(tmp_path_factory, "tiny_llama", 64, 128)
 
 
 @pytest.fixture(scope="session")
 def k_llama_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama whose rows are multiples of 256 (every K-quant and group size fits every layer)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    return _save_with_tokenizer(LlamaForCausalLM(config).eval(), tmp_path_factory.mktemp("k_llama"))
+    return _llama_dir(tmp_path_factory, "k_llama", 256, 512)
 
 
 @pytest.fixture(scope="session")

@@ -104,10 +104,6 @@ def read_gguf(path: Path, dtype):
 
 def _estimate(model, types: dict[str, str]) -> float:
     """About the file's bytes: each planned unit in its type, every other tensor in F16 (1-D in F32)."""
-    from ..ggml.types import TYPES
-    total = 0.0
-    for name, p in model.named_parameters():
-        owner = name.removesuffix(".weight")
-        t = types.get(owner, "F16")
-        total += p.numel() * (TYPES[t].bpw / 8 if t in TYPES else 2 if p.dim() > 1 else 4)
-    return total
+    from ..ggml.writer import nbytes
+    return sum(nbytes(tuple(p.shape), types.get(name.removesuffix(".weight"), "F16" if p.dim() > 1 else "F32"))
+               for name, p in model.named_parameters())

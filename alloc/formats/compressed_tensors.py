@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import BitallocError, BitallocWarning, few
+from ..errors import BitallocError, few
 from ..options import QuantSpec
 from ..plan import BitPlan
 from ..units import EXPERT_KINDS
@@ -34,31 +33,21 @@ from .folder import WEIGHTS
 
 
 def storable_specs(plan: BitPlan, units, *, exact: bool) -> dict[str, QuantSpec]:
-    """{unit: the spec it is stored in}: rows rounded up to the widest (or refused with ``exact``)."""
+    """{unit: the spec it is stored in}: row-plan layers at their widest row (or refused with ``exact``)."""
     bad = [u.name for u in units if u.kind in EXPERT_KINDS or u.kind == "embedding"]
     bad += [u.name for u in units if plan.layers[u.name].ggml]
     if bad:
         raise BitallocError(f"compressed-tensors output stores Linear layers in our formats; {len(bad)} planned unit(s) "
                             f"are experts, embeddings or ggml types ({few(bad)}): plan them out or use --format gguf")
-    specs, rounded = {}, []
+    from ..export import round_up_rows
+    round_up_rows(plan, [u.name for u in units], exact=exact, one_per="a compressed-tensors layer has one scheme")
+    specs = {}
     for u in units:
-        spec = plan.layers[u.name]
-        if u.name in plan.row_bits:
-            widths = set(plan.row_bits[u.name].unique().tolist())
-            if len(widths) > 1:
-                if exact:
-                    raise BitallocError(f"{u.name} mixes widths {sorted(widths)} across rows; a compressed-tensors layer "
-                                        "has one scheme: plan per layer or drop --exact to round rows up")
-                rounded.append(u.name)
-            spec = QuantSpec(max(widths), spec.group_size, spec.symmetric)
+        spec = plan.layers[u.name]                   # a row plan's layer: its widest row (round_up_rows)
         if not spec.is_float and spec.group_size != -1 and u.shape[1] % spec.group_size:
             raise BitallocError(f"{u.name} has {u.shape[1]} inputs, not a multiple of its group size "
                                 f"{spec.group_size}: compressed-tensors groups must divide the rows")
         specs[u.name] = spec
-    if rounded:
-        warnings.warn(f"{len(rounded)} layer(s) mix widths across rows ({few(rounded)}); compressed-tensors stores one "
-                      "width per layer, so each takes its widest row's (the checkpoint is larger than the plan)",
-                      BitallocWarning, stacklevel=3)
     return specs
 
 
@@ -137,8 +126,7 @@ def read(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple
         return model, "transformers from_pretrained"
     tensors = load_file(str(folder / WEIGHTS))
     plain = transformers.AutoConfig.from_pretrained(str(folder))
-    plain.quantization_config = None
-    del plain.quantization_config
+    del plain.quantization_config                    # the plain model: the weights are decompressed here
     model = transformers.AutoModelForCausalLM.from_config(plain, dtype=dtype).eval()
     state = {}
     for group in groups.values():

@@ -36,27 +36,17 @@ def ggml_type(bits: int, in_features: int) -> str:
 
 def plan_types(plan: BitPlan, units, *, exact: bool = False) -> dict[str, str]:
     """{unit name: ggml type name} for every planned unit; warns once about fallbacks and rounded-up rows."""
-    out, fell, rounded = {}, [], []
+    from ..export import round_up_rows
+    round_up_rows(plan, [u.name for u in units], exact=exact, one_per="GGUF stores one type per tensor")
+    out, fell = {}, []
     for u in units:
-        spec = plan.layers[u.name]
+        spec = plan.layers[u.name]                   # a row plan's layer: its widest row (round_up_rows)
         if spec.ggml:
             out[u.name] = spec.ggml_for(u.shape[1])
             continue
-        bits = spec.bits
-        if u.name in plan.row_bits:
-            widths = set(plan.row_bits[u.name].unique().tolist())
-            if exact and len(widths) > 1:
-                raise BitallocError(f"{u.name} mixes widths {sorted(widths)} across rows; GGUF stores one type per "
-                                    "tensor: plan per layer (--granularity layer) or drop --exact to round up")
-            rounded += [u.name] if len(widths) > 1 else []
-            bits = max(widths)
-        out[u.name] = ggml_type(bits, u.shape[1])
-        if bits != 16 and out[u.name] != BY_BITS[bits]:
-            fell.append((u.name, f"{BY_BITS[bits]}->{out[u.name]}"))
-    if rounded:
-        warnings.warn(f"{len(rounded)} unit(s) mix widths across rows ({few(rounded)}); GGUF stores one type per "
-                      "tensor, so each takes its widest row's type (the file is larger than the plan)",
-                      BitallocWarning, stacklevel=3)
+        out[u.name] = ggml_type(spec.bits, u.shape[1])
+        if not spec.is_float and out[u.name] != BY_BITS[spec.bits]:
+            fell.append((u.name, f"{BY_BITS[spec.bits]}->{out[u.name]}"))
     if fell:
         kinds = Counter(k for _, k in fell)
         warnings.warn(f"{len(fell)} unit(s) have rows that are not a multiple of 256 weights and take llama.cpp's "

@@ -52,15 +52,15 @@ def write(model: nn.Module, tokenizer, types: dict[str, str], out: str | os.Path
         w.add_file_type(_file_type(types))
         for name, _, shape, type_name, _ in tensors:
             qtype = getattr(gguf.GGMLQuantizationType, type_name)
-            nbytes = _nbytes(shape, type_name)
-            w.add_tensor_info(name, shape, np.float32 if type_name == "F32" else np.float16, nbytes, raw_dtype=qtype)
+            w.add_tensor_info(name, shape, np.float32 if type_name == "F32" else np.float16, nbytes(shape, type_name),
+                              raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for name, tensor, shape, type_name, unit in tqdm(tensors, desc="write gguf", leave=False, disable=not progress):
             w.write_tensor_data(_data(tensor, type_name, unit, importance, model.config, arch, name))
         w.close()
-    return sum(_nbytes(shape, type_name) for _, _, shape, type_name, _ in tensors)
+    return sum(nbytes(shape, type_name) for _, _, shape, type_name, _ in tensors)
 
 
 def _source_gguf(model: nn.Module) -> Path | None:
@@ -106,7 +106,8 @@ def _tensor_list(model, types, names, arch):
     return out
 
 
-def _nbytes(shape, type_name: str) -> int:
+def nbytes(shape, type_name: str) -> int:
+    """Bytes a tensor of ``shape`` takes in the ggml type (or F16/F32)."""
     n = int(np.prod(shape))
     if type_name in ("F32", "F16"):
         return n * (4 if type_name == "F32" else 2)

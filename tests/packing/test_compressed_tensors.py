@@ -58,11 +58,11 @@ def test_the_package_reads_back_our_codes(prepared, tmp_path, symmetric, reader,
 
 def test_row_plans_round_up_or_are_refused(prepared):
     from bitalloc.formats.compressed_tensors import storable_specs
-    plan = _plan(prepared, False)
+    layers = _plan(prepared, False)
     name = prepared.units[0].name
-    rows = torch.full((prepared.units[0].shape[0],), plan.layers[name].bits, dtype=torch.int8)
+    rows = torch.full((prepared.units[0].shape[0],), layers.layers[name].bits, dtype=torch.int8)
     rows[0] = 4
-    plan.row_bits[name] = rows
+    plan = BitPlan(dict(layers.layers), dict(layers.shapes), layers.budget_bits, row_bits={name: rows})
     with pytest.raises(BitallocError, match="one scheme"):
         storable_specs(plan, prepared.units, exact=True)
     with pytest.warns(UserWarning, match="widest row"):

@@ -113,10 +113,10 @@ def test_exact_refuses_a_row_plan(tiny_llama_dir):
     from bitalloc.units import find_units
     model, _, _ = load_model(tiny_llama_dir)
     units = find_units(model)
-    plan = BitPlan({u.name: QuantSpec(4) for u in units}, {u.name: u.shape for u in units}, 4.0)
     rows = torch.full((units[0].shape[0],), 4, dtype=torch.int8)
     rows[0] = 3
-    plan.row_bits[units[0].name] = rows
+    plan = BitPlan({u.name: QuantSpec(4) for u in units}, {u.name: u.shape for u in units}, 4.0,
+                   row_bits={units[0].name: rows})
     with pytest.raises(BitallocError, match="one type per tensor"):
         plan_types(plan, units, exact=True)
     with pytest.warns(UserWarning, match="widest row"):
