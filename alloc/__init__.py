@@ -6,7 +6,9 @@ from .ggml.checkpoint import save_gguf
 from .options import QuantSpec
 from .packed import apply
 from .plan import BitPlan
+from .service.client import Client
 from .units import Unit
 
-__all__ = ["allocate", "apply", "measure", "prepare", "solve", "save_gguf", "BitallocError", "QuantSpec", "BitPlan", "Unit"]
+__all__ = ["allocate", "apply", "measure", "prepare", "solve", "save_gguf", "BitallocError", "QuantSpec", "BitPlan", "Unit",
+           "Client"]
 __version__ = "0.1.0"

@@ -167,17 +167,21 @@ class BitPlan:
         entry = {**self.layers[name].to_json(), "shape": list(self.shapes[name])}
         if name in self.row_bits:
             del entry["bits"]
-            entry = {"row_bits": "".join(str(b) for b in self.row_bits[name].tolist()), **entry}
+            entry = {"row_bits": _digits(self.row_bits[name]), **entry}
         if name in self.costs:
             entry["cost"] = self.costs[name]
         return entry
 
-    def save(self, path: str | os.PathLike) -> None:
+    def dumps(self) -> str:
+        """The plan file's text (what ``save`` writes and the service returns)."""
         text = json.dumps(self.to_json(), indent=1)
         # short lists of numbers (shapes, weight fingerprints) on one line each
         text = re.sub(r"\[\s+(-?[\d.eE+-]+(?:,\s+-?[\d.eE+-]+)*)\s+\]",
                       lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
-        atomic_write_text(path, text + "\n")
+        return text + "\n"
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, self.dumps())
 
     @classmethod
     def from_json(cls, data: Any, *, source: str = "plan") -> "BitPlan":
@@ -303,3 +307,8 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _digits(row_bits: torch.Tensor) -> str:
+    """One digit per row ("3324…"): widths are 1–9 bits."""
+    return (row_bits.to(torch.uint8) + ord("0")).numpy().tobytes().decode("ascii")

@@ -36,6 +36,8 @@ class SensitivityTable:
     # (R, O) float64, R = the units' output rows one after another: the cost of each row under each option,
     # for probes that can split their cost by row (fisher, output_error); each unit's rows sum to its cost.
     row_cost: torch.Tensor | None = None
+    # what solvers derive from the costs alone and keep for the next budget (solvers/rows.py: the row knapsack)
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.cost = torch.as_tensor(self.cost, dtype=torch.float64)

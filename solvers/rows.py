@@ -54,13 +54,34 @@ class Items:
     row: torch.Tensor
     forced: list
     capacity: float
+    _hull: tuple | None = None
 
     @property
     def n_rows(self) -> int:
         return self.unit.numel()
 
+    def hull(self):
+        """(start, steps, flat steps, prefix sums) of hull_steps, _flat_steps and _prefix_sums: they depend on the costs and sizes only,
+        not on the budget, so they are computed once per table (build_items shares them)."""
+        if self._hull is None:
+            start, steps = hull_steps(self.cost, self.size)
+            flat = _flat_steps(steps) if steps else None
+            self._hull = (start, steps, flat, _prefix_sums(flat) if steps else None)
+        return self._hull
+
 
 def build_items(problem: Problem) -> Items:
+    """The knapsack of ``problem``; its items (and their hull) are kept on the table for the next budget."""
+    key = ("row_items", problem.count_overhead, problem.fuse)
+    kept = problem.table.derived.get(key)
+    if kept is None:
+        kept = problem.table.derived[key] = _build_items(problem)
+    return Items(kept.cost, kept.size, kept.unit, kept.row, kept.forced,
+                 problem.capacity - kept.capacity, kept._hull)
+
+
+def _build_items(problem: Problem) -> Items:
+    """Items with ``capacity`` = the padding reserve (what build_items takes off the budget)."""
     table = problem.table
     if any(o.ggml for o in table.options):
         raise BitallocError("--granularity row needs our formats (--options 2,3,4,8): a GGUF tensor has one ggml "
@@ -89,8 +110,10 @@ def build_items(problem: Problem) -> Items:
         costs.append(problem.cost[g].sum(0, keepdim=True))
         sizes.append(problem.size[g].sum(0, keepdim=True))
     empty = torch.zeros(0, dtype=torch.long)
-    return Items(torch.cat(costs), torch.cat(sizes), torch.cat(unit) if unit else empty,
-                 torch.cat(row) if row else empty, forced, problem.capacity - slack)
+    items = Items(torch.cat(costs), torch.cat(sizes), torch.cat(unit) if unit else empty,
+                  torch.cat(row) if row else empty, forced, slack)
+    items.hull()
+    return items
 
 
 def _layer_only(u) -> bool:
@@ -132,9 +155,15 @@ def _flat_steps(steps):
     return item, frm, to, gain, bits, level, torch.argsort(-gain, stable=True)
 
 
+def _prefix_sums(flat):
+    """Along the gain order: bits taken and cost saved after each step (closed_form, lp_bound)."""
+    gain, bits, order = flat[3], flat[4], flat[6]
+    return torch.cumsum(bits[order], 0), torch.cumsum(gain[order] * bits[order], 0)
+
+
 def closed_form(items: Items) -> torch.Tensor:
     """(I,) chosen option per item: the longest prefix of hull steps by gain per bit that fits, then a fill."""
-    start, steps = hull_steps(items.cost, items.size)
+    start, steps, flat, sums = items.hull()
     choice = start.clone()
     used = float(items.size[torch.arange(len(start)), start].sum())
     if used > items.capacity * (1 + 1e-12):
@@ -142,8 +171,8 @@ def closed_form(items: Items) -> torch.Tensor:
                             f"{used:.0f} bits of {items.capacity:.0f}")
     if not steps:
         return choice
-    item, frm, to, gain, bits, level, order = _flat_steps(steps)
-    total = torch.cumsum(bits[order], 0) + used
+    item, frm, to, gain, bits, level, order = flat
+    total = sums[0] + used                        # bits used after each step, best gain per bit first
     take = int((total <= items.capacity).sum())
     taken = torch.zeros(len(gain), dtype=torch.bool)
     taken[order[:take]] = True
@@ -154,18 +183,23 @@ def closed_form(items: Items) -> torch.Tensor:
     rest = order[take:]
     rest = rest[choice[item[rest]] == frm[rest]]          # fill: steps that start where their item stands
     smallest = float(bits[rest].min()) if rest.numel() else math.inf
-    for k in rest.tolist():                             # in gain order, while anything could still fit
+    for start in range(0, rest.numel(), 4096):          # in gain order, while anything could still fit
         if items.capacity - used < smallest:
             break
-        if int(choice[item[k]]) == int(frm[k]) and used + float(bits[k]) <= items.capacity:
-            choice[item[k]] = to[k]
-            used += float(bits[k])
+        chunk = rest[start:start + 4096]
+        for k, i, f, t, b in zip(chunk.tolist(), item[chunk].tolist(), frm[chunk].tolist(), to[chunk].tolist(),
+                                 bits[chunk].tolist()):
+            if items.capacity - used < smallest:
+                break
+            if int(choice[i]) == f and used + b <= items.capacity:
+                choice[i] = t
+                used += b
     return choice
 
 
 def greedy(items: Items) -> torch.Tensor:
     """The reference: repeatedly take the hull step with the largest gain per bit that still fits."""
-    start, steps = hull_steps(items.cost, items.size)
+    start, steps, _, _ = items.hull()
     walk: dict[int, list] = {}
     for idx, frm, to, gain, bits in steps:
         for k, f, t, g, b in zip(idx.tolist(), frm.tolist(), to.tolist(), gain.tolist(), bits.tolist()):
@@ -189,19 +223,19 @@ def greedy(items: Items) -> torch.Tensor:
 def lp_bound(items: Items, capacity: float) -> float:
     """A lower bound on the knapsack's optimum within ``capacity`` bits: the LP relaxation (hull greedy with a
     fractional last step)."""
-    start, steps = hull_steps(items.cost, items.size)
+    start, steps, flat, sums = items.hull()
     obj = float(items.cost[torch.arange(len(start)), start].sum())
     used = float(items.size[torch.arange(len(start)), start].sum())
     if not steps:
         return obj
-    _, _, _, gain, bits, _, order = _flat_steps(steps)
-    for g, b in zip(gain[order].tolist(), bits[order].tolist()):
-        if used + b <= capacity:
-            obj -= g * b
-            used += b
-        else:
-            obj -= g * (capacity - used)
-            break
+    gain, order = flat[3], flat[6]
+    cum_bits, cum_saved = sums                             # best gain per bit first
+    total = cum_bits + used
+    k = int((total <= capacity).sum())                     # the steps that fit whole
+    if k:
+        obj -= float(cum_saved[k - 1])
+    if k < len(order):                                     # and a fraction of the next
+        obj -= float(gain[order[k]]) * (capacity - (float(total[k - 1]) if k else used))
     return obj
 
 

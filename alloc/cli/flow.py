@@ -21,6 +21,9 @@ def print_calibration(prepared, args) -> None:
 def cmd_allocate(args) -> None:
     from ..api import finish, measure, quantizer_settings, solve
     checks.output_file(args.out)
+    if getattr(args, "server", None):
+        from .service import allocate_on_server
+        return allocate_on_server(args)
     check_model_args(args)
     if args.baselines and not args.eval:
         raise BitallocError("--baselines scores mixes on held-out text: add --eval FILE")

@@ -9,6 +9,7 @@ from .common import (add_dtype_arg, add_eval_windows, add_model_args, add_search
 from .explore import cmd_dashboard, cmd_search, cmd_sweep
 from .flow import cmd_allocate, cmd_apply, cmd_eval, cmd_probe, cmd_solve
 from .publish import cmd_export, cmd_report
+from .service import add_service_commands
 
 BASELINES = ["llama.cpp"]
 
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "Q3_K_M and Q4_K_M tensor-type mixes")
     p.add_argument("--out", default="plan.json", help="plan JSON to write (default plan.json)")
     add_search_solver_args(p)
+    p.add_argument("--server", metavar="URL", help="ask a running `bitalloc serve` for the plan (--model is then a "
+                   "registered model's id, default refllama-s); the plan comes from its stored table")
+    p.add_argument("--token", help="--server: the write token (default $BITALLOC_TOKEN)")
     p.set_defaults(func=cmd_allocate)
 
     p = sub.add_parser("probe", help="measure a sensitivity table and write it as CSV")
@@ -189,4 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_dashboard)
+
+    add_service_commands(sub)
     return parser

@@ -110,7 +110,8 @@ ZOOM_BPW = 5.5      # the x axis stops here; wider uniform plans (W8) are listed
 
 
 def pareto_plot(points: list[dict], uniform: list[dict], path: str | Path, fp: float | None = None,
-                baselines: list[dict] = (), title: str = "bitalloc plans vs uniform widths") -> Path:
+                baselines: list[dict] = (), title: str = "bitalloc plans vs uniform widths",
+                ylabel: str = "perplexity (log scale)") -> Path:
     """Allocated plans, uniform plans and baseline mixes (e.g. llama.cpp's): true bpw (x) vs perplexity
     (y, log scale). Plans solved at a baseline's own bits (label "=Q3_K_M") are drawn as open diamonds beside
     their baseline; the x axis stops at ZOOM_BPW so W8 does not squeeze the 2–5 bpw range (a note gives it)."""
@@ -139,7 +140,7 @@ def pareto_plot(points: list[dict], uniform: list[dict], path: str | Path, fp: f
     if fp is not None:
         ax.axhline(fp, color="C2", lw=0.8, label=f"fp ({fp:.2f})")
     if outside:
-        note = ", ".join(f"{p['label']} {p['true_bpw']:.2f} bpw: ppl {p['ppl']:.4g}" for p in outside
+        note = ", ".join(f"{p['label']} {p['true_bpw']:.2f} bpw: {p['ppl']:.4g}" for p in outside
                          if p["ppl"] is not None)
         ax.text(0.99, 0.99, f"not shown: {note}", transform=ax.transAxes, fontsize=7, ha="right", va="top",
                 color="gray")
@@ -148,9 +149,11 @@ def pareto_plot(points: list[dict], uniform: list[dict], path: str | Path, fp: f
     from matplotlib.ticker import FuncFormatter
     plain = FuncFormatter(lambda v, _: f"{v:g}")  # 12, 14, 20 rather than 1.2×10¹
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+    values = [p["ppl"] for p in [*u, *curve, *same_bits, *baselines] if p.get("ppl")]
+    if values and max(values) < 10 * min(values):       # within a decade: label the minor ticks too
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("true bits per weight")
-    ax.set_ylabel("perplexity (log scale)")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     return _save(plt, fig, path)

@@ -2,64 +2,28 @@
 
 Also: `bitalloc dashboard` answers HTTP. PostgreSQL comes from Debian's `postgresql` package (.ci/run installs
 it); as root, the server runs as the `postgres` user."""
-import glob
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.servers import Postgres, free_port as _free_port
+
 optuna = pytest.importorskip("optuna")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    cands = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return cands[-1] if cands else None
 
 
 @pytest.fixture(scope="module")
 def postgres_url():
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not initdb or not pg_ctl:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not installed: .ci/run must install Debian's postgresql package")
-        pytest.skip("PostgreSQL binaries not found (apt-get install postgresql)")
-    as_user: list[str] = []
-    data = Path(tempfile.mkdtemp(prefix="bitalloc-pg-"))
-    if os.geteuid() == 0:               # initdb refuses root: run the server as the postgres user
-        shutil.chown(data, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    env = {**os.environ, "LC_ALL": "C"}
-    subprocess.run(as_user + [initdb, "-D", str(data / "db"), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True, env=env)
-    subprocess.run(as_user + [pg_ctl, "-D", str(data / "db"), "-l", str(data / "log"), "-w", "-o",
-                              f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True, env=env)
+    server = Postgres()
     try:
-        import psycopg
-        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as c:
-            c.execute("CREATE DATABASE bitalloc")
-        yield f"postgresql://postgres@127.0.0.1:{port}/bitalloc"
+        yield server.url
     finally:
-        subprocess.run(as_user + [pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(data, ignore_errors=True)
+        server.remove()
 
 
 def _worker(args, log: Path):

@@ -29,6 +29,8 @@ def test_wheel_installs_and_runs_the_main_job(tmp_path):
     import zipfile
     names = zipfile.ZipFile(wheel).namelist()
     assert "bitalloc/model-data/refllama-s/config.json" in names, "the default model is not in the wheel"
+    assert "bitalloc/service/templates/plan.html" in names, "the service's pages are not in the wheel"
+    assert "bitalloc/service/migrations/versions/0001_initial.py" in names, "the store's migrations are not in the wheel"
     assert not any(n.startswith(("tests/", "examples/")) for n in names)
 
     venv.create(tmp_path / "venv", with_pip=True)

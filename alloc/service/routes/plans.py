@@ -1,0 +1,121 @@
+"""/v1/plans: a plan from the stored table at once (200), or a job that measures the table first (202)."""
+from __future__ import annotations
+
+import time
+import warnings
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import select
+
+from ... import checks
+from ...errors import BitallocError, BitallocWarning
+from .. import catalog, charts, jobs
+from ..errors import NotFound, Unprocessable
+from ..schemas import PlanIn
+from ..store import ExportRow, JobRow, PlanRow, new_id
+from . import service, writer
+from .jobs import job_out
+
+router = APIRouter(prefix="/v1/plans", tags=["plans"])
+
+
+def plan_response(row: PlanRow, status: int = 200) -> Response:
+    return Response(row.plan, status_code=status, media_type="application/json",
+                    headers={"Location": f"/v1/plans/{row.id}", "X-Bitalloc-Plan-Id": row.id})
+
+
+def _check_request(body: PlanIn, treq: dict) -> None:
+    """What can be refused before any table exists: the options' cheapest width, row costs of the probe."""
+    from ...options import parse_options
+    from ...sensitivity import get_probe
+    options = parse_options(treq["options"], group_size=treq["group_size"], symmetric=treq["symmetric"])
+    try:
+        checks.feasible(body.budget_bits, options)
+    except BitallocError as e:
+        raise Unprocessable(str(e).replace("give --budget", "give budget_bits")) from None
+    if body.granularity == "row" and not get_probe(treq["probe"]).gives_rows:
+        raise Unprocessable(f"field 'probe': the {treq['probe']} probe gives no per-row costs: use fisher, kfac or "
+                            "output_error with granularity row")
+    if body.solver == "greedy" and body.granularity != "row":
+        raise Unprocessable("field 'solver': greedy works at row granularity: add \"granularity\": \"row\", or use ilp")
+
+
+@router.post("", dependencies=[Depends(writer)], status_code=200,
+             responses={202: {"description": "the table is being measured: poll the job"}})
+def create_plan(body: PlanIn, request: Request, wait: float = Query(0, ge=0, le=3600)):
+    """The plan of `bitalloc allocate` with these settings. 200 with the plan JSON (its id in the
+    X-Bitalloc-Plan-Id header) when the table is stored; 202 with the job measuring it otherwise
+    (``?wait=SECONDS``: wait that long for the job first)."""
+    svc = service(request)
+    model = catalog.get_model(svc.store, body.model)
+    request_fields = body.model_dump(exclude_none=True)
+    treq = catalog.table_request(model, request_fields)
+    _check_request(body, treq)
+    key = catalog.request_key(treq)
+    with svc.store.session() as s:
+        job = s.scalars(select(JobRow).where(JobRow.request_key == key)).first()
+    if job is None or job.state != "done":
+        job = jobs.submit(svc.store, model, treq, svc.queue.enqueue)
+        deadline = time.monotonic() + wait
+        while job.state in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
+            job = jobs.get_job(svc.store, job.id)
+    if job.state == "done" and job.table_id:
+        return plan_response(catalog.solve_plan(svc.store, svc.tables, model, job.table_id, request_fields))
+    return JSONResponse(job_out(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("")
+def list_plans(request: Request, model: str | None = None, limit: int = 100) -> list[dict]:
+    with service(request).store.session() as s:
+        q = select(PlanRow.id, PlanRow.model_id, PlanRow.request, PlanRow.true_bpw, PlanRow.created)
+        if model:
+            q = q.where(PlanRow.model_id == model)
+        rows = s.execute(q.order_by(PlanRow.created.desc()).limit(max(1, min(limit, 1000)))).all()
+    return [{"id": r.id, "model": r.model_id, "budget_bits": r.request.get("budget_bits"),
+             "granularity": r.request.get("granularity", "layer"), "true_bpw": round(r.true_bpw, 6),
+             "created": r.created.isoformat()} for r in rows]
+
+
+@router.get("/{plan_id}")
+def read_plan(plan_id: str, request: Request):
+    return plan_response(catalog.get_plan(service(request).store, plan_id))
+
+
+def load_plan(row: PlanRow):
+    import json
+
+    from ...plan import BitPlan
+    return BitPlan.from_json(json.loads(row.plan), source=f"plan {row.id}")
+
+
+@router.get("/{plan_id}/export/{fmt}", responses={200: {"content": {"text/plain": {}}}})
+def export_plan(plan_id: str, fmt: str, request: Request):
+    """The plan for another tool: gptqmodel (its `dynamic` config), llama.cpp (a --tensor-type file),
+    compressed-tensors (a quantization_config). Row plans are rounded up to one width per layer (the
+    X-Bitalloc-Warning header says so)."""
+    from ...export import FORMATS, export
+    svc = service(request)
+    row = catalog.get_plan(svc.store, plan_id)
+    if fmt not in FORMATS:
+        raise NotFound(f"no export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BitallocWarning)
+        text = export(load_plan(row), fmt)
+    with svc.store.session() as s:
+        s.add(ExportRow(id=new_id("exp"), plan_id=row.id, format=fmt, content=text))
+        s.commit()
+    said = [str(w.message) for w in caught if issubclass(w.category, BitallocWarning)]
+    media = "text/plain" if fmt == "llama.cpp" else "application/json"
+    filename = {"llama.cpp": "tensor-types.txt"}.get(fmt, f"{fmt}.json")
+    headers = {"Content-Disposition": f'attachment; filename="{plan_id}-{filename}"'}
+    if said:
+        headers["X-Bitalloc-Warning"] = said[0].encode("ascii", "replace").decode()[:300]
+    return Response(text, media_type=media, headers=headers)
+
+
+@router.get("/{plan_id}/heatmap.png", responses={200: {"content": {"image/png": {}}}})
+def heatmap(plan_id: str, request: Request):
+    row = catalog.get_plan(service(request).store, plan_id)
+    return Response(charts.heatmap_png(load_plan(row)), media_type="image/png")

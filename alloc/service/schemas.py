@@ -1,0 +1,83 @@
+"""Request and response bodies of the /v1 API (pydantic), mirroring the data model."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ModelIn(BaseModel):
+    """POST /v1/models: a folder or .gguf file under the server's --models-root."""
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(max_length=1024, description="relative to --models-root (or absolute inside it)")
+    name: str | None = Field(None, max_length=64, description="the model's id (default: the folder name)")
+
+
+class ModelOut(BaseModel):
+    id: str
+    architecture: str
+    hash: str
+    n_params: int
+    n_units: int
+    path: str
+
+
+class PlanIn(BaseModel):
+    """POST /v1/plans: the arguments of `bitalloc allocate` that a stored table can answer."""
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=64, description="a registered model's id")
+    budget_bits: float = Field(gt=0, le=32, description="average TRUE bits per weight")
+    granularity: Literal["layer", "row"] = "layer"
+    solver: str | None = Field(None, description="ilp, closed_form, uniform (row: closed_form, greedy, ilp); "
+                                                 "default ilp per layer, closed_form per row")
+    probe: str | None = Field(None, description="default fisher")
+    quantizer: Literal["rtn", "gptq"] | None = None
+    fuse: bool = False
+    experts: Literal["per-expert", "per-layer"] | None = None
+    options: str | None = Field(None, max_length=200, description="e.g. 2,3,4,8 or ggml (default 2,3,4,8)")
+    group_size: int | None = Field(None, ge=1, le=65536)
+    symmetric: bool | None = None
+    n_windows: int | None = Field(None, ge=1, le=100000)
+    seq_len: int | None = Field(None, ge=1, le=1 << 20)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] | None = None
+
+    @field_validator("probe")
+    @classmethod
+    def _probe(cls, v):
+        from ..sensitivity.base import PROBES
+        if v is not None and v not in PROBES:
+            raise ValueError(f"unknown probe {v!r}: choose one of {', '.join(PROBES)}")
+        return v
+
+    @field_validator("solver")
+    @classmethod
+    def _solver(cls, v):
+        from ..solvers.base import NEEDS_MODEL, SOLVERS
+        choices = [s for s in SOLVERS if s not in NEEDS_MODEL] + ["greedy"]
+        if v is not None and v not in choices:
+            raise ValueError(f"solver {v!r} cannot be served from a table: choose one of {', '.join(choices)}")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v):
+        if v is not None:
+            from ..errors import BitallocError
+            from ..options import parse_options
+            try:
+                parse_options(v)
+            except BitallocError as e:           # names the bad width
+                raise ValueError(str(e)) from None
+        return v
+
+
+class JobOut(BaseModel):
+    id: str
+    state: str
+    progress: dict
+    attempts: int
+    worker: str | None
+    error: str | None
+    table_id: str | None
+    model: str
+    poll: str
