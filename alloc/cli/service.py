@@ -97,7 +97,7 @@ def cmd_worker(args) -> None:
 
 
 # what allocate --server cannot send: the service serves plans from stored tables, with its own calibration
-LOCAL_ONLY = {"calib": None, "include": "", "exclude": "", "refine": None, "check": False, "eval": None,
+LOCAL_ONLY = {"calib": None, "include": "", "exclude": "", "eval": None,
               "baselines": None, "nominal": False, "target": None, "no_cache": False, "device": None}
 
 
@@ -111,7 +111,8 @@ def allocate_on_server(args) -> None:
     plan = client.allocate(args.model or "refllama-s", args.budget, granularity=args.granularity, solver=args.solver,
                            probe=args.probe, quantizer=args.quantizer, fuse=args.fuse or None, experts=args.experts,
                            options=args.options, group_size=args.group_size, symmetric=args.symmetric or None,
-                           n_windows=args.n_windows, seq_len=args.seq_len, dtype=args.dtype)
+                           n_windows=args.n_windows, seq_len=args.seq_len, dtype=args.dtype,
+                           check=args.check or None, refine=args.refine)
     from .common import print_plan
     print_plan(plan)
     print(f"\ntrue {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver} "

@@ -194,10 +194,22 @@ def solve_plan(store: Store, tables: TableCache, model: ModelRow, table_id: str,
 
 
 def _solve_plan(store: Store, tables: TableCache, model: ModelRow, table_id: str, request: dict) -> PlanRow:
-    from ..api import finish, solve
+    from ..api import finish
     table = tables.table(store, table_id)
+    plan = plan_from_table(table, model, request)
+    if plan.row_bits:
+        # the check of a row plan against the layer plan scores both on the model: a job (``"check": true``)
+        plan.extra["row_check"] = "not run (served from the stored table; ask with \"check\": true to run it)"
+    else:
+        plan = finish(None, table, plan, quantizer=table_request(model, request)["quantizer"])
+    return save_plan(store, model, table_id, request, plan)
+
+
+def plan_from_table(table, model: ModelRow, request: dict):
+    """``api.solve`` of the request on ``table`` (the solver and granularity defaults of `bitalloc allocate`)."""
+    from ..api import solve
     if table.meta.get("model", {}).get("hash") != model.hash:
-        raise Conflict(f"table {table_id} was measured on another model than {model.id!r} (hash "
+        raise Conflict(f"the table was measured on another model than {model.id!r} (hash "
                        f"{table.meta.get('model', {}).get('hash')} ≠ {model.hash}): measure it again")
     budget, granularity = request["budget_bits"], request.get("granularity") or "layer"
     solver = request.get("solver") or ("closed_form" if granularity == "row" else "ilp")
@@ -205,12 +217,10 @@ def _solve_plan(store: Store, tables: TableCache, model: ModelRow, table_id: str
     if budget < floor - 1e-9:
         raise Unprocessable(f"budget_bits {budget} is below the cheapest plan of {model.id!r}: the feasible "
                             f"minimum is {math.ceil(floor * 1e4) / 1e4} true bits per weight")
-    plan = solve(table, budget, solver, fuse=bool(request.get("fuse")), granularity=granularity)
-    if plan.row_bits:
-        # the check of a row plan against the layer plan scores both on the model: not done from a table
-        plan.extra["row_check"] = "not run (served from the stored table; `bitalloc allocate --granularity row` runs it)"
-    else:
-        plan = finish(None, table, plan, quantizer=table_request(model, request)["quantizer"])
+    return solve(table, budget, solver, fuse=bool(request.get("fuse")), granularity=granularity)
+
+
+def save_plan(store: Store, model: ModelRow, table_id: str, request: dict, plan) -> PlanRow:
     row = PlanRow(id=new_id("plan"), model_id=model.id, table_id=table_id, request=request, plan=plan.dumps(),
                   true_bpw=plan.true_bpw)
     with store.session() as s:

@@ -33,14 +33,16 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
 
 
-def submit(store: Store, model: ModelRow, treq: dict, enqueue) -> JobRow:
-    """The job that measures ``treq``'s table; enqueued when it is new or had failed."""
-    key = request_key(treq)
+def submit(store: Store, model: ModelRow, treq: dict, enqueue, plan: dict | None = None) -> JobRow:
+    """The job that measures ``treq``'s table (with ``plan``: and then makes that plan on the model, a "plan"
+    job); enqueued when it is new or had failed."""
+    request = treq if plan is None else {"table": treq, "plan": plan}
+    key = request_key(request)
     with store.session() as s:
         job = s.scalars(select(JobRow).where(JobRow.request_key == key)).first()
         if job is None:
-            job = JobRow(id=new_id("job"), kind="table", request_key=key, request=treq, model_id=model.id,
-                         state="queued", attempts=0, progress={})
+            job = JobRow(id=new_id("job"), kind="table" if plan is None else "plan", request_key=key,
+                         request=request, model_id=model.id, state="queued", attempts=0, progress={})
             s.add(job)
             try:
                 s.commit()
@@ -113,16 +115,16 @@ def run(store: Store, job_id: str, models_root, worker: str | None = None) -> st
     beat.start()
     t0 = time.time()
     try:
-        table_id = _measure(store, job_id, models_root, t0)
+        table_id, plan_id = _work(store, job_id, models_root, t0)
         state, error = "done", None
     except Exception as e:                    # recorded on the job, one line; the worker goes on
-        state, error, table_id = "failed", _one_line(e), None
+        state, error, table_id, plan_id = "failed", _one_line(e), None, None
     finally:
         beat.stop.set()
         beat.join()
     with store.session() as s:
         s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.worker == worker).values(
-            state=state, error=error, table_id=table_id, finished=now(), heartbeat=now(),
+            state=state, error=error, table_id=table_id, plan_id=plan_id, finished=now(), heartbeat=now(),
             progress={"stage": state, "seconds": round(time.time() - t0, 1)}))
         s.commit()
     return state
@@ -132,16 +134,33 @@ def _one_line(e: BaseException) -> str:
     return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:300]
 
 
-def _measure(store: Store, job_id: str, models_root, t0: float) -> str:
-    """prepare → measure exactly as `bitalloc allocate` does with these settings; the table row, written once."""
+def _work(store: Store, job_id: str, models_root, t0: float) -> tuple[str, str | None]:
+    """(table id, plan id): prepare → measure exactly as `bitalloc allocate` does with these settings; a "plan"
+    job then solves and finishes the plan on the model (the row check, --check, --refine: api.finish)."""
+    with store.session() as s:
+        job = s.get(JobRow, job_id)
+        model = s.get(ModelRow, job.model_id)
+    treq = job.request["table"] if job.kind == "plan" else job.request
+    prepared, table_id = _measure(store, model, treq, models_root, t0)
+    if job.kind != "plan":
+        return table_id, None
+    from ..api import finish
+    from .catalog import plan_from_table, save_plan, table_from_row
+    table = table_from_row(store.fetch(TableRow, table_id, f"no table {table_id!r}"))
+    request = job.request["plan"]
+    plan = plan_from_table(table, model, request)
+    plan = finish(prepared, table, plan, quantizer=treq["quantizer"], refine=request.get("refine"),
+                  check=bool(request.get("check")))
+    return table_id, save_plan(store, model, table_id, request, plan).id
+
+
+def _measure(store: Store, model: ModelRow, r: dict, models_root, t0: float):
+    """(prepared model, table id): the stored table of request ``r``, measured here if it is not stored yet
+    (written once)."""
     from ..api import prepare, measure, quantizer_settings
     from ..options import parse_options
     from ..sensitivity import get_probe
     from ..table_cache import key_inputs, table_key
-    with store.session() as s:
-        job = s.get(JobRow, job_id)
-        model = s.get(ModelRow, job.model_id)
-    r = job.request
     options = parse_options(r["options"], group_size=r["group_size"], symmetric=r["symmetric"])
     path = None if model.path == EMBEDDED else str(model_path(models_root, model))    # None: the embedded one
     prepared = prepare(path, options=options, seq_len=r["seq_len"],
@@ -155,11 +174,11 @@ def _measure(store: Store, job_id: str, models_root, t0: float) -> str:
     key = table_key(prepared, r["probe"], probe_settings)
     found = store_find(store, key)
     if found:                                  # measured before (another request key, or imported)
-        return found
+        return prepared, found
     table = measure(prepared, r["probe"], settings=settings, cache=False)
     row = table_row_from(table, key, key_inputs(prepared, r["probe"], probe_settings), model, r["quantizer"],
                          time.time() - t0)
-    return write_table(store, row)
+    return prepared, write_table(store, row)
 
 
 def store_find(store: Store, key: str) -> str | None:

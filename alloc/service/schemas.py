@@ -23,7 +23,9 @@ class ModelOut(BaseModel):
 
 
 class PlanIn(BaseModel):
-    """POST /v1/plans: the arguments of `bitalloc allocate` that a stored table can answer."""
+    """POST /v1/plans: the arguments of `bitalloc allocate`. A stored table answers at once; ``check`` (score the
+    plan on calibration windows against the plan without widths below the budget's floor; for a row plan also
+    against the layer plan) and ``refine`` make the plan on the model, in a job."""
     model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=64, description="a registered model's id")
     budget_bits: float = Field(gt=0, le=32, description="average TRUE bits per weight")
@@ -40,6 +42,8 @@ class PlanIn(BaseModel):
     n_windows: int | None = Field(None, ge=1, le=100000)
     seq_len: int | None = Field(None, ge=1, le=1 << 20)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] | None = None
+    check: bool = False
+    refine: float | None = Field(None, gt=0, le=3600, description="seconds of EvoPress search on the model")
 
     @field_validator("probe")
     @classmethod
@@ -79,5 +83,7 @@ class JobOut(BaseModel):
     worker: str | None
     error: str | None
     table_id: str | None
+    plan_id: str | None
+    kind: str
     model: str
     poll: str

@@ -79,10 +79,11 @@ class ExportRow(Base):
 
 
 class JobRow(Base):
-    """One measurement asked for. ``request_key`` is unique: identical requests share one job."""
+    """One measurement asked for (a table; or a plan scored on the model). ``request_key`` is unique: identical
+    requests share one job."""
     __tablename__ = "bitalloc_jobs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))                          # "table"
+    kind: Mapped[str] = mapped_column(String(16))                          # "table", or "plan" (check, refine)
     request_key: Mapped[str] = mapped_column(String(64), unique=True)
     request: Mapped[dict] = mapped_column(JSON)
     model_id: Mapped[str] = mapped_column(ForeignKey("bitalloc_models.id"))
@@ -92,6 +93,7 @@ class JobRow(Base):
     progress: Mapped[dict] = mapped_column(JSON, default=dict)             # {stage, done, total, eta_s}
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     table_id: Mapped[str | None] = mapped_column(ForeignKey("bitalloc_tables.id"), nullable=True)
+    plan_id: Mapped[str | None] = mapped_column(String(32), nullable=True)   # a "plan" job's plan (migration 0002)
     created: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
     started: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     heartbeat: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

@@ -170,6 +170,31 @@ def test_a_table_measured_on_another_model_is_a_conflict(server, small_plan):
 
 def test_allocate_server_refuses_what_it_cannot_send(server, capsys):
     from bitalloc.cli import main
-    assert main(["allocate", "--server", server.url, "--budget", "3.2", "--refine", "10"]) == 2
+    assert main(["allocate", "--server", server.url, "--budget", "3.2", "--eval", __file__]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--refine is not served by --server" in err
+    assert err.count("\n") == 1 and "--eval is not served by --server" in err
+
+
+def test_a_checked_row_plan_is_made_on_the_model_as_allocate_makes_it(server, small_plan, tmp_path):
+    from bitalloc.cli import main
+    body = {"model": "refllama-s", "budget_bits": 3.25, "granularity": "row", "check": True, **SMALL}
+    status, job = server.json("POST", "/v1/plans", body)
+    assert status == 202 and job["kind"] == "plan"
+    done = server.wait_job(job["id"])
+    assert done["state"] == "done" and done["plan_id"], done
+    status, headers, served = server.call("POST", "/v1/plans", body)
+    assert status == 200 and headers["x-bitalloc-plan-id"] == done["plan_id"]
+    out = tmp_path / "rows.json"
+    assert main(["allocate", "--budget", "3.25", "--granularity", "row", "--n-windows", "4", "--seq-len", "64",
+                 "--out", str(out)]) == 0
+    assert served == out.read_bytes()
+    assert "not run" not in str(json.loads(served)["extra"].get("row_check"))     # the check ran, as locally
+
+
+def test_a_refined_plan_comes_from_a_job(server, small_plan):
+    body = {"model": "refllama-s", "budget_bits": 3.2, "refine": 2, **SMALL}
+    status, headers, raw = server.call("POST", "/v1/plans?wait=300", body)
+    assert status == 200, raw
+    plan = json.loads(raw)
+    refine = plan["extra"]["refine"]
+    assert refine["kl"] <= refine["seed_kl"] and plan["true_bpw"] <= 3.2

@@ -7,9 +7,28 @@ def test_the_schema_is_alembics_head(tmp_path):
     from bitalloc.service.migrations import current
     from bitalloc.service.store import Store
     store = Store(f"sqlite:///{tmp_path}/s.db")
-    assert current(store.engine) == "0001"
+    assert current(store.engine) == "0002"
     Store(store.url)                         # opening again upgrades nothing and fails nothing
-    assert current(store.engine) == "0001"
+    assert current(store.engine) == "0002"
+
+
+def test_a_store_of_the_first_schema_is_upgraded_with_its_rows(tmp_path):
+    """A store made by the first release (schema 0001) opens: Alembic adds plan_id, the jobs stay."""
+    from sqlalchemy import text
+
+    from bitalloc.service.migrations import current, upgrade
+    from bitalloc.service.store import JobRow, Store
+    old = Store(f"sqlite:///{tmp_path}/s.db", upgrade=False)
+    upgrade(old.engine, "0001")
+    with old.engine.begin() as c:
+        c.execute(text("INSERT INTO bitalloc_models VALUES ('m', 'p', 'A', 'h', 1, '[]', '2026-01-01')"))
+        c.execute(text("INSERT INTO bitalloc_jobs (id, kind, request_key, request, model_id, state, attempts, "
+                       "progress, created) VALUES ('job_1', 'table', 'k', '{}', 'm', 'done', 1, '{}', '2026-01-01')"))
+    store = Store(old.url)
+    assert current(store.engine) == "0002"
+    with store.session() as s:
+        job = s.get(JobRow, "job_1")
+    assert job.state == "done" and job.plan_id is None
 
 
 def _measured(store, tmp_path):

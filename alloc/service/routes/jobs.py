@@ -14,7 +14,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 def job_out(job: JobRow) -> dict:
     return JobOut(id=job.id, state=job.state, progress=job.progress or {}, attempts=job.attempts, worker=job.worker,
-                  error=job.error, table_id=job.table_id, model=job.model_id, poll=f"/v1/jobs/{job.id}").model_dump()
+                  error=job.error, table_id=job.table_id, plan_id=job.plan_id, kind=job.kind, model=job.model_id,
+                  poll=f"/v1/jobs/{job.id}").model_dump()
 
 
 @router.get("")

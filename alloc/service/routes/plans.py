@@ -49,19 +49,24 @@ def create_plan(body: PlanIn, request: Request, wait: float = Query(0, ge=0, le=
     (``?wait=SECONDS``: wait that long for the job first)."""
     svc = service(request)
     model = catalog.get_model(svc.store, body.model)
-    request_fields = body.model_dump(exclude_none=True)
+    request_fields = body.model_dump(exclude_none=True, exclude_defaults=True)
+    request_fields["budget_bits"] = body.budget_bits
     treq = catalog.table_request(model, request_fields)
     _check_request(body, treq)
-    key = catalog.request_key(treq)
+    on_model = bool(body.check or body.refine)          # the plan is made on the model, by a worker
+    plan_fields = {k: v for k, v in request_fields.items() if k not in catalog.TABLE_FIELDS} if on_model else None
+    key = catalog.request_key(treq if plan_fields is None else {"table": treq, "plan": plan_fields})
     with svc.store.session() as s:
         job = s.scalars(select(JobRow).where(JobRow.request_key == key)).first()
     if job is None or job.state != "done":
-        job = jobs.submit(svc.store, model, treq, svc.queue.enqueue)
+        job = jobs.submit(svc.store, model, treq, svc.queue.enqueue, plan=plan_fields)
         deadline = time.monotonic() + wait
         while job.state in ("queued", "running") and time.monotonic() < deadline:
             time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
             job = jobs.get_job(svc.store, job.id)
-    if job.state == "done" and job.table_id:
+    if job.state == "done" and job.plan_id:
+        return plan_response(catalog.get_plan(svc.store, job.plan_id))
+    if job.state == "done" and job.table_id and not on_model:
         return plan_response(catalog.solve_plan(svc.store, svc.tables, model, job.table_id, request_fields))
     return JSONResponse(job_out(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
