@@ -101,6 +101,13 @@ LOCAL_ONLY = {"calib": None, "include": "", "exclude": "", "eval": None,
               "baselines": None, "nominal": False, "target": None, "no_cache": False, "device": None}
 
 
+def _search(args) -> dict:
+    """--generations/--time-limit/--seed, for the solvers that use them (as `bitalloc allocate` passes them)."""
+    if args.solver not in ("evolutionary", "optuna"):
+        return {}
+    return {"generations": args.generations, "time_limit": args.time_limit, "seed": args.seed}
+
+
 def allocate_on_server(args) -> None:
     from ..service.client import Client
     for key, default in LOCAL_ONLY.items():
@@ -112,7 +119,8 @@ def allocate_on_server(args) -> None:
                            probe=args.probe, quantizer=args.quantizer, fuse=args.fuse or None, experts=args.experts,
                            options=args.options, group_size=args.group_size, symmetric=args.symmetric or None,
                            n_windows=args.n_windows, seq_len=args.seq_len, dtype=args.dtype,
-                           check=args.check or None, refine=args.refine)
+                           check=args.check or None, refine=args.refine,
+                           **_search(args))
     from .common import print_plan
     print_plan(plan)
     print(f"\ntrue {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver} "

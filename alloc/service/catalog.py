@@ -205,8 +205,9 @@ def _solve_plan(store: Store, tables: TableCache, model: ModelRow, table_id: str
     return save_plan(store, model, table_id, request, plan)
 
 
-def plan_from_table(table, model: ModelRow, request: dict):
-    """``api.solve`` of the request on ``table`` (the solver and granularity defaults of `bitalloc allocate`)."""
+def plan_from_table(table, model: ModelRow, request: dict, settings: dict | None = None):
+    """``api.solve`` of the request on ``table`` (the solver and granularity defaults of `bitalloc allocate`);
+    ``settings``: the search solvers' (their fitness on the model: a plan job, jobs.py)."""
     from ..api import solve
     if table.meta.get("model", {}).get("hash") != model.hash:
         raise Conflict(f"the table was measured on another model than {model.id!r} (hash "
@@ -217,7 +218,7 @@ def plan_from_table(table, model: ModelRow, request: dict):
     if budget < floor - 1e-9:
         raise Unprocessable(f"budget_bits {budget} is below the cheapest plan of {model.id!r}: the feasible "
                             f"minimum is {math.ceil(floor * 1e4) / 1e4} true bits per weight")
-    return solve(table, budget, solver, fuse=bool(request.get("fuse")), granularity=granularity)
+    return solve(table, budget, solver, settings=settings, fuse=bool(request.get("fuse")), granularity=granularity)
 
 
 def save_plan(store: Store, model: ModelRow, table_id: str, request: dict, plan) -> PlanRow:

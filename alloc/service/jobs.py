@@ -144,14 +144,26 @@ def _work(store: Store, job_id: str, models_root, t0: float) -> tuple[str, str |
     prepared, table_id = _measure(store, model, treq, models_root, t0)
     if job.kind != "plan":
         return table_id, None
-    from ..api import finish
+    from ..api import finish, with_fitness
     from .catalog import plan_from_table, save_plan, table_from_row
     table = table_from_row(store.fetch(TableRow, table_id, f"no table {table_id!r}"))
     request = job.request["plan"]
-    plan = plan_from_table(table, model, request)
+    settings = with_fitness(prepared, request.get("solver") or "ilp", search_settings(request),
+                            quantizer=treq["quantizer"])
+    plan = plan_from_table(table, model, request, settings)
     plan = finish(prepared, table, plan, quantizer=treq["quantizer"], refine=request.get("refine"),
-                  check=bool(request.get("check")))
+                  check=bool(request.get("check")), fitness=settings.get("fitness"))
     return table_id, save_plan(store, model, table_id, request, plan).id
+
+
+def search_settings(request: dict) -> dict:
+    """The search solvers' settings from the request, with `bitalloc allocate`'s defaults (cli/common.py)."""
+    solver, seed = request.get("solver"), request.get("seed", 0)
+    if solver == "evolutionary":
+        return {"generations": request.get("generations", 50), "time_limit": request.get("time_limit"), "seed": seed}
+    if solver == "optuna":
+        return {"n_trials": request.get("generations", 50), "timeout": request.get("time_limit"), "seed": seed}
+    return {}
 
 
 def _measure(store: Store, model: ModelRow, r: dict, models_root, t0: float):

@@ -25,7 +25,8 @@ class ModelOut(BaseModel):
 class PlanIn(BaseModel):
     """POST /v1/plans: the arguments of `bitalloc allocate`. A stored table answers at once; ``check`` (score the
     plan on calibration windows against the plan without widths below the budget's floor; for a row plan also
-    against the layer plan) and ``refine`` make the plan on the model, in a job."""
+    against the layer plan) and ``refine`` make the plan on the model, in a job, as do the solvers that score plans on it
+    (evolutionary, optuna)."""
     model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=64, description="a registered model's id")
     budget_bits: float = Field(gt=0, le=32, description="average TRUE bits per weight")
@@ -44,6 +45,9 @@ class PlanIn(BaseModel):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] | None = None
     check: bool = False
     refine: float | None = Field(None, gt=0, le=3600, description="seconds of EvoPress search on the model")
+    generations: int | None = Field(None, ge=1, le=100000, description="evolutionary: generations; optuna: trials")
+    time_limit: float | None = Field(None, gt=0, le=3600, description="evolutionary/optuna: seconds")
+    seed: int | None = None
 
     @field_validator("probe")
     @classmethod
@@ -56,10 +60,10 @@ class PlanIn(BaseModel):
     @field_validator("solver")
     @classmethod
     def _solver(cls, v):
-        from ..solvers.base import NEEDS_MODEL, SOLVERS
-        choices = [s for s in SOLVERS if s not in NEEDS_MODEL] + ["greedy"]
+        from ..solvers.base import SOLVERS
+        choices = list(SOLVERS) + ["greedy"]
         if v is not None and v not in choices:
-            raise ValueError(f"solver {v!r} cannot be served from a table: choose one of {', '.join(choices)}")
+            raise ValueError(f"unknown solver {v!r}: choose one of {', '.join(choices)}")
         return v
 
     @field_validator("options")

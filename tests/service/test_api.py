@@ -99,7 +99,9 @@ def _line(body) -> str:
     ("POST", "/v1/plans", {"model": "refllama-s", "budget_bits": "lots"}, 422, "field 'budget_bits'"),
     ("POST", "/v1/plans", {"model": "refllama-s", "budget_bits": 3.2, "budjet": 1}, 422, "field 'budjet': is not a field"),
     ("POST", "/v1/plans", {"model": "refllama-s", "budget_bits": 3.2, "probe": "magic"}, 422, "unknown probe 'magic'"),
-    ("POST", "/v1/plans", {"model": "refllama-s", "budget_bits": 3.2, "solver": "evolutionary"}, 422, "cannot be served"),
+    ("POST", "/v1/plans", {"model": "refllama-s", "budget_bits": 3.2, "solver": "magic"}, 422, "unknown solver 'magic'"),
+    ("POST", "/v1/plans", {"model": "refllama-s", "budget_bits": 3.2, "granularity": "row", "solver": "evolutionary"},
+     422, "no row granularity"),
     ("POST", "/v1/plans", {"model": "refllama-s", "budget_bits": 3.2, "options": "3,5x"}, 422, "field 'options'"),
     ("POST", "/v1/models", {"path": "../etc"}, 403, "contains '..'"),
     ("POST", "/v1/models", {"path": "/etc"}, 403, "outside the server's --models-root"),
@@ -198,3 +200,16 @@ def test_a_refined_plan_comes_from_a_job(server, small_plan):
     plan = json.loads(raw)
     refine = plan["extra"]["refine"]
     assert refine["kl"] <= refine["seed_kl"] and plan["true_bpw"] <= 3.2
+
+
+def test_the_evolutionary_solver_runs_on_a_worker(server, small_plan, tmp_path):
+    from bitalloc.cli import main
+    body = {"model": "refllama-s", "budget_bits": 3.2, "solver": "evolutionary", "generations": 2, **SMALL}
+    status, headers, raw = server.call("POST", "/v1/plans?wait=300", body)
+    assert status == 200, raw
+    plan = json.loads(raw)
+    assert plan["solver"] == "evolutionary" and plan["true_bpw"] <= 3.2
+    out = tmp_path / "evo.json"
+    assert main(["allocate", "--server", server.url, "--token", server.token, "--budget", "3.2", "--solver",
+                 "evolutionary", "--generations", "2", "--n-windows", "4", "--seq-len", "64", "--out", str(out)]) == 0
+    assert out.read_bytes() == raw                   # the same request: the plan that job made

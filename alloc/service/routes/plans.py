@@ -37,6 +37,9 @@ def _check_request(body: PlanIn, treq: dict) -> None:
     if body.granularity == "row" and not get_probe(treq["probe"]).gives_rows:
         raise Unprocessable(f"field 'probe': the {treq['probe']} probe gives no per-row costs: use fisher, kfac or "
                             "output_error with granularity row")
+    from ...api import ROW_SOLVERS
+    if body.granularity == "row" and body.solver is not None and body.solver not in ROW_SOLVERS:
+        raise Unprocessable(f"field 'solver': {body.solver} has no row granularity: use {', '.join(ROW_SOLVERS)}")
     if body.solver == "greedy" and body.granularity != "row":
         raise Unprocessable("field 'solver': greedy works at row granularity: add \"granularity\": \"row\", or use ilp")
 
@@ -53,7 +56,11 @@ def create_plan(body: PlanIn, request: Request, wait: float = Query(0, ge=0, le=
     request_fields["budget_bits"] = body.budget_bits
     treq = catalog.table_request(model, request_fields)
     _check_request(body, treq)
-    on_model = bool(body.check or body.refine)          # the plan is made on the model, by a worker
+    from ...solvers.base import NEEDS_MODEL
+    on_model = bool(body.check or body.refine or body.solver in NEEDS_MODEL)   # made on the model, by a worker
+    if body.solver in NEEDS_MODEL:                       # allocate's defaults: equal searches, one job
+        request_fields.setdefault("generations", 50)
+        request_fields.setdefault("seed", 0)
     plan_fields = {k: v for k, v in request_fields.items() if k not in catalog.TABLE_FIELDS} if on_model else None
     key = catalog.request_key(treq if plan_fields is None else {"table": treq, "plan": plan_fields})
     with svc.store.session() as s:
