@@ -59,3 +59,19 @@ def test_wheel_installs_and_runs_the_main_job(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (empty / "r.bits.png").stat().st_size > 1000
+
+
+def test_a_python_started_in_the_clone_gets_hugging_faces_kernels_package():
+    """transformers imports Hugging Face's ``kernels``; the clone's ``kernels/`` folder (bitalloc.kernels) must not
+    stand in for it when Python runs in the repository's root (``python -c``, ``python -m pytest``)."""
+    import importlib.metadata
+    code = "import kernels, bitalloc.kernels as ours; print(kernels.__file__); print(ours.__file__)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:           # not installed: the name stays free
+        assert r.returncode != 0 and "kernels" in r.stderr
+        return
+    assert r.returncode == 0, r.stderr[-1500:]
+    hub, ours = r.stdout.split()
+    assert "site-packages" in hub and Path(ours).resolve() == REPO / "kernels" / "__init__.py"
