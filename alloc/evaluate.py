@@ -143,7 +143,8 @@ class Evaluator:
         """Scores of ``plan`` applied with ``quantizer`` (GPTQ on ``calibration``), as quantize_model writes it;
         the model holds its fp weights again afterwards."""
         from .quantize_model import quantize_model
-        try:
+        try:          # from the fp weights kept at the start, whatever the model holds now (a fitness may have loaded a plan)
+            set_unit_weights(self.model, self.units, self.fp_weights)
             quantize_model(self.model, self.units, plan, quantizer=quantizer, calibration=calibration,
                            progress=progress, sink=lambda name, q: None)
             weights = unit_weights(self.model, self.units)

@@ -170,3 +170,30 @@ def test_width_check_drops_low_widths_only_when_they_measure_worse():
     row_plan = solve_rows(Problem(table, 3.3), "closed_form")
     assert any(int(b) == 2 for r in row_plan.row_bits.values() for b in r.tolist())
     assert all(int(b) >= 3 for r in without_low_widths(table, row_plan).row_bits.values() for b in r.tolist())
+
+
+def test_the_fitness_fits_gptq_on_windows_it_does_not_score(tiny_llama_dir, calib_text):
+    """GPTQ fits the windows it sees: scored on them, every plan looks better than it is on other text."""
+    from bitalloc.fitness import HESSIAN_WINDOWS, KLFitness
+    prepared = api.prepare(tiny_llama_dir, calibration=calib_text, n_windows=6, seq_len=64)
+    fit = KLFitness(prepared, max_windows=2, quantizer="gptq")
+    assert torch.equal(fit._gptq_workload.tokens, prepared.tokens[2:2 + HESSIAN_WINDOWS])
+    first = prepared.units[0]
+    alone = KLFitness(prepared, quantizer="gptq")                 # scores all 6: nothing left, H from all of them
+    assert torch.equal(alone._gptq_workload.tokens, prepared.tokens)
+    assert not torch.allclose(fit.H[first.name], alone.H[first.name])
+
+
+def test_scoring_a_plan_starts_from_the_fp_weights_whatever_the_model_holds(tiny_llama_dir, calib_text):
+    """A fitness leaves its last plan loaded in the model; an Evaluator scoring after it must not quantize that."""
+    from bitalloc.evaluate import Evaluator
+    from bitalloc.fitness import KLFitness
+    prepared = api.prepare(tiny_llama_dir, calibration=calib_text, n_windows=4, seq_len=64)
+    ev = Evaluator(prepared.model, prepared.kind, prepared.units, prepared.tokens[:2], progress=False)
+    plan = api.solve(api.measure(prepared, "output_error", cache=False), 3.3)
+    before = ev.score_plan(plan, "rtn", prepared.tokens)
+    fit = KLFitness(prepared)
+    fit([0] * len(prepared.units))                                # every unit at 2 bits, left in the model
+    after = ev.score_plan(plan, "rtn", prepared.tokens)
+    fit.restore()
+    assert after.ppl == before.ppl and after.kl == before.kl
