@@ -5,7 +5,8 @@
 ``choice`` gives, per unit, an option index (a layer plan) or a tensor of option indices, one per output row
 (a row plan). ``KLFitness`` quantizes each unit under each option once, with the plan's quantizer (RTN, or GPTQ
 on the unit's own XᵀX from the fp model; both round every output row on its own, so a row plan's weight is
-put together row by row from those), keeps them in an LRU cache of ``CACHE_BYTES`` in the model's dtype, and
+put together row by row from those; GPTQ's XᵀX comes from calibration windows the fitness does not score,
+``HESSIAN_WINDOWS`` of them after its own, since GPTQ fits the windows it sees: sensitivity/gram.py), keeps them in an LRU cache of ``CACHE_BYTES`` in the model's dtype, and
 writes into the model only the units whose choice changed since the last call. The fp reference is the
 windows' final hidden states (no logits are kept: 537 MB per window for Gemma-3's 262k vocabulary); the KL
 is taken by the LM head a few positions at a time (alloc/models/head.py), at every ``stride``-th position.
@@ -24,6 +25,7 @@ from .quantize import Quantizer, as_quantizer
 from .units import set_unit_weight, unit_weight
 
 CACHE_BYTES = 2 << 30            # quantized weights kept between calls (per unit and option)
+HESSIAN_WINDOWS = 32             # calibration windows after the scored ones on which GPTQ's XᵀX is collected
 REF_LOGITS_BYTES = 1 << 30       # the reference's logits (at the fitness's positions) are kept up to this size
 
 
@@ -36,6 +38,7 @@ class KLFitness:
             self.workload = self.workload.subset(max_windows)
         self.units, self.options = prepared.units, prepared.options
         self.quantizer, self.stride = as_quantizer(quantizer), stride
+        self._gptq_workload = _unscored(prepared.workload, len(self.workload.tokens))
         self.max_windows = len(self.workload.tokens)
         self.modules = dict(prepared.model.named_modules())
         self.fp_weights = {u.name: unit_weight(self.modules, u).detach().clone() for u in self.units}
@@ -64,11 +67,12 @@ class KLFitness:
         return self._final(self.stream, batch) if self.head is not None else self.workload.logits(batch)
 
     def _hessians(self) -> dict[str, torch.Tensor]:
-        """XᵀX of every unit (float32; units reading one input share it) on the fitness windows, fp model."""
+        """XᵀX of every unit (float32; units reading one input share it) on the windows after the scored ones
+        (all windows when there are no others), fp model."""
         from .sensitivity.output_error import hessian_hooks
         H: dict[str, torch.Tensor] = {}
         with hessian_hooks(self.modules, self.units, H) as new_batch, torch.no_grad():
-            for batch in self.workload.batches():
+            for batch in self._gptq_workload.batches():
                 new_batch()
                 self.workload.run(batch)
         out, last = {}, None
@@ -143,6 +147,16 @@ class KLFitness:
             seen += len(batch)
         self.evaluations += 1
         return total / seen
+
+
+def _unscored(workload, scored: int):
+    """The calibration windows after the first ``scored`` (up to HESSIAN_WINDOWS), or all of them when none
+    are left: where the fitness's GPTQ collects XᵀX."""
+    rest = workload.tokens[scored:scored + HESSIAN_WINDOWS]
+    if not len(rest):
+        return workload
+    return type(workload)(workload.model, rest, batch_size=workload.batch_size,
+                          compute_device=workload.compute_device, units=workload.units)
 
 
 def _same(loaded, c) -> bool:
