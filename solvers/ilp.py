@@ -6,9 +6,11 @@
                Σ_u Σ_o extra[u,o] · x[u,o] ≤ L     an optional second resource (latency)  "resource"
                x[u,o] = 0 where bits[o] ∉ [min_bits, max_bits]
 
-Fused groups get one set of variables whose cost and size are the group's sums. Expressions are built
-from (variable, coefficient) lists in one call, never by repeated ``+=`` (quadratic in PuLP, issue #749).
-CBC (bundled with PuLP) by default; HiGHS when ``highspy`` is installed and ``backend="highs"``.
+Fused groups get one set of variables whose cost and size are the group's sums. ``backend="auto"`` (the
+default) solves it exactly in-process (solvers/mckp.py: Lagrangian reduction and a proving search, ~1 ms)
+and hands it to CBC only when that search gives up, or for a second resource or an LP dump. With PuLP,
+expressions are built from (variable, coefficient) lists in one call, never by repeated ``+=`` (quadratic in
+PuLP, issue #749). ``backend="cbc"`` always uses CBC (bundled with PuLP); ``"highs"`` HiGHS (``highspy``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class ILPSolver(Solver):
     name = "ilp"
     time_limit: float = 60.0          # seconds
     gap: float = 0.0                  # relative optimality gap at which the solver may stop
-    backend: str = "cbc"              # "cbc" or "highs"
+    backend: str = "auto"             # "auto" (in-process, CBC when it cannot prove), "cbc" or "highs"
     min_bits: int | None = None
     max_bits: int | None = None
     resource: Any = None              # optional (U, O) tensor of a second resource (e.g. latency per option)
@@ -36,8 +38,6 @@ class ILPSolver(Solver):
     msg: bool = False
 
     def solve(self, problem: Problem) -> BitPlan:
-        import pulp
-
         groups = problem.groups()
         opts = problem.table.options
         allowed = [j for j, o in enumerate(opts)
@@ -51,6 +51,11 @@ class ILPSolver(Solver):
         if floor > problem.budget_bits * (1 + 1e-12):
             raise BitallocError(f"budget {problem.budget_bits} is infeasible with bits ≥ {self.min_bits}: "
                                 f"the smallest plan takes {floor:.4f} bits per weight")
+        if self.backend == "auto" and self.resource is None and not self.dump_lp:
+            choice = self._in_process(problem, groups, allowed, g_cost)
+            if choice is not None:
+                return problem.plan(choice, self.name, status="Optimal")
+        import pulp
         cost_scale = 1.0 / max(float(g_cost.abs().max()), 1e-30)         # keep coefficients O(1) for CBC
 
         model = pulp.LpProblem("bitalloc", pulp.LpMinimize)
@@ -82,6 +87,22 @@ class ILPSolver(Solver):
             raise BitallocError("the integer solver's answer exceeds the budget by its tolerance: retry with --gap 0")
         return problem.plan(choice, self.name, status=pulp.LpStatus[status])
 
+    def _in_process(self, problem: Problem, groups, allowed, g_cost) -> torch.Tensor | None:
+        """The exact optimum by solvers/mckp.py over the groups' true sizes in bits, or None (no proof in time)."""
+        import numpy as np
+
+        from .mckp import solve_mckp
+        g_size = torch.stack([problem.size[g].sum(0) for g in groups]).numpy()
+        ok = np.zeros(g_size.shape, dtype=bool)
+        ok[:, allowed] = True
+        picked = solve_mckp(g_cost.numpy(), g_size, problem.capacity, ok)
+        if picked is None:
+            return None
+        choice = torch.zeros(problem.n_units, dtype=torch.long)
+        for g, members in enumerate(groups):
+            choice[members] = int(picked[g])
+        return choice
+
     def _backend(self):
         import pulp
         common = {"msg": self.msg, "timeLimit": self.time_limit, "gapRel": self.gap}
@@ -90,6 +111,6 @@ class ILPSolver(Solver):
             if not solver.available():
                 raise BitallocError("the HiGHS backend needs `pip install highspy`; or use --ilp-backend cbc")
             return solver
-        if self.backend != "cbc":
-            raise BitallocError(f"unknown ILP backend {self.backend!r}: choose cbc or highs")
+        if self.backend not in ("cbc", "auto"):
+            raise BitallocError(f"unknown ILP backend {self.backend!r}: choose auto, cbc or highs")
         return pulp.PULP_CBC_CMD(**common)

@@ -113,6 +113,39 @@ class TestILP(SolverContract):
         assert "budget:" in lp.read_text() and "pick_0:" in lp.read_text()
 
 
+class TestILPWithCBC(TestILP):
+    """The same contract through PuLP and CBC (what ``auto`` falls back on)."""
+    settings = {"backend": "cbc"}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_in_process_knapsack_matches_cbc_on_larger_tables(seed):
+    table = random_table(40 + 30 * seed, 300 + seed)
+    lo = float(table.sizes().min(1).values.sum() / table.numels().sum())
+    budget = lo + 0.3 * (4.2 - lo)
+    fast, cbc = get_solver("ilp")(table, budget), get_solver("ilp", backend="cbc")(table, budget)
+    assert fast.true_bpw <= budget + 1e-12
+    assert fast.objective <= cbc.objective * (1 + 1e-9)         # proven optimal: never behind CBC
+
+
+def test_a_knapsack_search_that_gives_up_returns_none_and_ilp_asks_cbc(monkeypatch):
+    import numpy as np
+
+    from bitalloc.solvers import mckp
+    table = random_table(30, 7)
+    problem = Problem(table, 3.1)
+    cost, size = table.cost.numpy(), problem.size.numpy()
+    assert mckp.solve_mckp(cost, size, problem.capacity, max_nodes=0) is None
+    calls = []
+    monkeypatch.setattr(mckp, "MAX_NODES", 0)
+    real = mckp.solve_mckp
+    monkeypatch.setattr(mckp, "solve_mckp", lambda *a, **k: calls.append(1) or real(*a, **{**k, "max_nodes": 0}))
+    plan = get_solver("ilp").solve(problem)
+    assert calls and plan.objective == pytest.approx(get_solver("ilp", backend="cbc").solve(problem).objective, rel=1e-9)
+    with pytest.raises(ValueError):
+        mckp.solve_mckp(cost, size, float(np.min(size, 1).sum()) * 0.99)
+
+
 def test_unknown_solver():
     with pytest.raises(BitallocError, match="unknown solver .nope.: choose one of uniform, ilp, closed_form"):
         get_solver("nope")
