@@ -36,7 +36,7 @@ class Prepared:
     """A model ready for probing: what ``allocate`` works on."""
 
     model: nn.Module
-    tokenizer: Any
+    _tokenizer: Any                   # None when prepare let it go after tokenizing: ``tokenizer`` loads it again
     kind: str                         # "causal_lm" or "encoder"
     units: list[Unit]
     options: list[QuantSpec]
@@ -45,6 +45,16 @@ class Prepared:
     batch_size: int = 8
     compute_device: str | None = None     # weights on the host, probes streamed block by block to this device
     scope: dict = field(default_factory=dict)   # which modules are units: include, exclude, experts (plans record it)
+    tokenizer_folder: str | None = None           # where ``tokenizer`` loads from once let go
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer. A tokenizer prepare loaded itself is let go once the calibration text is
+        tokenized (Gemma-3's holds 330 MB the probes would carry) and loaded again here on first use."""
+        if self._tokenizer is None and self.tokenizer_folder is not None:
+            from .models.loading import load_tokenizer
+            self._tokenizer = load_tokenizer(self.tokenizer_folder)
+        return self._tokenizer
 
     @property
     def workload(self):
@@ -71,17 +81,23 @@ def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: 
         check_text_file(calib_file)                 # UTF-16, binary: refused before the model loads
     if not (model is None or isinstance(model, (str, os.PathLike, nn.Module))):
         raise BitallocError(f"model must be an nn.Module or a local model folder, got {type(model).__name__}")
+    folder = None                                         # a tokenizer loaded here is let go after use
     if model is None or isinstance(model, (str, os.PathLike)):
-        model, tokenizer, kind = load_model(model, dtype=dtype)
+        model, _, kind = load_model(model, dtype=dtype, tokenizer=False)
+        folder = model.bitalloc_folder
     else:
         kind = "causal_lm" if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None \
             else "encoder"
-        if tokenizer is None and not isinstance(calibration, torch.Tensor):
+        if tokenizer is None:
             path = getattr(model, "name_or_path", None)
-            if not path or not Path(path).is_dir():
+            if path and Path(path).is_dir():
+                folder = str(path)
+            elif not isinstance(calibration, torch.Tensor):
                 raise BitallocError("pass tokenizer= or calibration token ids: the model has no local path to load a tokenizer from")
-            import transformers
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    ours = tokenizer is None and folder is not None and not isinstance(calibration, torch.Tensor)
+    if ours:
+        from .models.loading import load_tokenizer
+        tokenizer = load_tokenizer(folder)
     model.eval()
     units = find_units(model, include=include, experts=experts, exclude=exclude)
     check_weights(model, units)
@@ -103,7 +119,12 @@ def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: 
         tokens = windows(tokenizer, text, seq_len=seq_len, n_windows=n_windows, source=source, strict=strict_windows)
     info = model_info(model, units)
     scope = {"include": list(include), "exclude": list(exclude), "experts": experts}
-    return Prepared(model, tokenizer, kind, units, list(options), tokens, info, batch_size, scope=scope)
+    if ours:                              # let it go: loaded again when asked for (Prepared.tokenizer)
+        tokenizer = None
+        from .sensitivity.streamed import release_freed_memory
+        release_freed_memory()
+    return Prepared(model, tokenizer, kind, units, list(options), tokens, info, batch_size, scope=scope,
+                    tokenizer_folder=folder if tokenizer is None else None)
 
 
 def _calibration_prefix(tokenizer, source, tokens: int, *, is_file: bool) -> str:

@@ -46,7 +46,7 @@ class Collector(Protocol):
         """Factor on the mean loss (kfac differentiates the summed per-token loss)."""
 
 
-GROUP_BYTES = 64 << 20      # boundary activations of one window group (collectors whose costs add up over windows)
+GROUP_BYTES = 32 << 20      # boundary activations of one window group (collectors whose costs add up over windows)
 
 
 def streamed_costs(workload: Workload, units: list[Unit], options: list[QuantSpec], collector: Collector, *,

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from .stream import BlockStream
 
 CHUNK_LOGITS = 1 << 24          # logits per chunk: 16M, 32 MB in bf16 (64 MB as float32)
+LOSS_CHUNK_LOGITS = 1 << 22     # with gradients (loss): 4M; a chunk's logits, their float32 copy and gradient live at once
 FUSE_ABOVE = 1 << 16            # vocabularies at least this large use the compiled reductions
 
 
@@ -76,16 +77,16 @@ def fused(fn):
     return run
 
 
-def positions_per_chunk(batch_size: int, vocab: int) -> int:
-    return max(1, CHUNK_LOGITS // max(batch_size * vocab, 1))
+def positions_per_chunk(batch_size: int, vocab: int, logits: int | None = None) -> int:
+    return max(1, (CHUNK_LOGITS if logits is None else logits) // max(batch_size * vocab, 1))
 
 
 class Head:
     def __init__(self, stream: BlockStream, vocab: int):
         self.stream, self.vocab = stream, vocab
 
-    def _chunks(self, T: int, b: int):
-        step = positions_per_chunk(b, self.vocab)
+    def _chunks(self, T: int, b: int, logits: int | None = None):
+        step = positions_per_chunk(b, self.vocab, logits)
         for s in range(0, T, step):
             yield s, min(s + step, T)
 
@@ -173,7 +174,7 @@ class Head:
         T = batch.shape[1]
         n = len(batch) * (T - 1)
         total = 0.0
-        for s, e in self._chunks(T - 1, len(batch)):
+        for s, e in self._chunks(T - 1, len(batch), min(LOSS_CHUNK_LOGITS, CHUNK_LOGITS)):
             total = total + checkpoint(self._chunk_loss, h[:, s:e], batch[:, s:e], batch[:, s + 1:e + 1],
                                        use_reentrant=False)
         return total / n

@@ -44,10 +44,22 @@ def checkpoint_dtype(config) -> torch.dtype:
     return d if isinstance(d, torch.dtype) and d.is_floating_point else torch.float32
 
 
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer of a local model folder (what ``load_model`` records as ``model.bitalloc_folder``)."""
+    import transformers
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BitallocError(f"could not load the tokenizer of {str(folder)!r}: {first[:300]} (copy tokenizer.json and "
+                            "tokenizer_config.json from the original model)") from None
+
+
 def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = "auto",
-               attn: str | None = None):
+               attn: str | None = None, tokenizer: bool = True):
     """(model, tokenizer, kind) from a local Hugging Face folder or a GGUF file (models/gguf.py: bf16 unless
-    ``dtype`` says otherwise); kind is "causal_lm" or "encoder".
+    ``dtype`` says otherwise); kind is "causal_lm" or "encoder". ``tokenizer=False``: None in its place
+    (``load_tokenizer(model.bitalloc_folder)`` loads it when needed: Gemma-3's takes 330 MB).
 
     ``dtype``: "auto" (default) keeps the checkpoint's own dtype (bf16/fp16 for LLMs), so memory is what the
     checkpoint takes; "fp32" etc. override it. The source dtype is kept as ``model.bitalloc_source_dtype``:
@@ -79,13 +91,14 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
             model, kind = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs), "causal_lm"
         else:
             model, kind = transformers.AutoModel.from_pretrained(path, **kwargs), "encoder"
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = load_tokenizer(path) if tokenizer else None
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:   # SafetensorError: truncated file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BitallocError(f"could not load a model from {str(path)!r}: {first[:300]} (is a weight file "
                             "truncated or of another format? re-download or re-save the model)") from None
     model.eval()
     model.name_or_path = str(path)
+    model.bitalloc_folder = str(path)                         # where the tokenizer and config are (GGUF: converted)
     model.bitalloc_given_path = str(path) if given else None     # plans record the path only as the user gave it
     model.bitalloc_source_dtype = source
     if gguf_file is not None:             # the model is the file: its name, its bytes (and the dtype it is read in)
