@@ -84,7 +84,8 @@ def _pack_experts(model: nn.Module, units, packed: dict) -> None:
 def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str = "rtn",
           calibration: torch.Tensor | None = None, progress: bool = True,
           compute_device: str | torch.device | None = None, force: bool = False,
-          info: dict | None = None) -> nn.Module:
+          info: dict | None = None, format: str = "bitalloc", out: str | os.PathLike | None = None,
+          tokenizer=None, exact: bool = False) -> nn.Module | dict:
     """Quantize ``model`` by ``plan`` (a BitPlan or a plan JSON path) and replace each planned layer by a
     packed QuantLinear, in place. ``compute_device``: the weights stay on the host and the quantization runs
     there (GPTQ one decoder block at a time, alloc/models/stream.py); the packed layers stay on the host.
@@ -92,20 +93,33 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
     Layers planned at 16 bits stay ordinary layers with fp16-rounded weights. Returns the model, which
     carries the plan as ``model.bitalloc_plan``. A plan made for another model (alloc/provenance.py: its
     hash, or its layers' weights when read in another dtype) is refused unless ``force``, which records it in
-    the plan; ``info``: the model's model_info when already computed."""
+    the plan; ``info``: the model's model_info when already computed.
+
+    ``format``: "bitalloc" (default) packs in place as above and, with ``out``, also saves the packed folder
+    there; "gptq", "compressed-tensors" or "gguf" write that engine's checkpoint at ``out`` (alloc/formats/,
+    alloc/ggml/) and leave the model as it is, returning the writer's report (bytes, the plan as stored, …);
+    ``exact`` refuses a row plan those formats cannot store instead of rounding its rows up."""
     if not isinstance(model, nn.Module):
         raise BitallocError(f"apply needs an nn.Module, got {type(model).__name__}: load the model first")
     if isinstance(plan, (str, os.PathLike)):
         plan = BitPlan.load(plan)
     if not isinstance(plan, BitPlan):
         raise BitallocError(f"plan must be a BitPlan or a plan JSON path, got {type(plan).__name__}")
+    if format != "bitalloc":
+        from .formats import write
+        if out is None:
+            raise BitallocError(f"format {format!r} writes a checkpoint: pass out= (a new folder; a .gguf file for gguf)")
+        return write(model, plan, out, format, tokenizer=tokenizer, quantizer=quantizer, calibration=calibration,
+                     exact=exact, force=force, info=info, progress=progress)
+    if out is not None:
+        check_new_folder(out)                       # before the slow part
     units = planned_units(model, plan)
     from .provenance import check_plan_model
     plan = check_plan_model(plan, model, units, info, force=force)
     ggml = [u.name for u in units if plan.layers[u.name].ggml]
     if ggml:
         raise BitallocError(f"the plan stores {len(ggml)} layer(s) in llama.cpp types ({few(ggml)}): write it as a GGUF "
-                            "file with `bitalloc apply --format gguf --out model.gguf`")
+                            "file with `bitalloc apply --format gguf --out model.gguf` (Python: format='gguf', out=…)")
     rowwise = [u.name for u in units if u.name in plan.row_bits and u.kind != "linear"]
     if rowwise:
         raise BitallocError(f"the plan mixes widths inside {len(rowwise)} non-Linear unit(s) ({few(rowwise)}): "
@@ -135,6 +149,11 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
             continue
         _set_module(model, u.name, packed.pop(u.name).to(modules[u.name].weight.device))
     model.bitalloc_plan = plan
+    if out is not None:
+        if tokenizer is None and getattr(model, "bitalloc_folder", None):
+            from .models.loading import load_tokenizer
+            tokenizer = load_tokenizer(model.bitalloc_folder)
+        save(model, out, tokenizer)
     return model
 
 

@@ -86,3 +86,36 @@ def test_unstorable_plans_are_refused_in_one_line(tiny_llama_dir, k_llama_dir, c
                  "--out", str(tmp_path / "ct"), *FAST]) != 0
     assert "--format gguf" in capsys.readouterr().err and not (tmp_path / "ct").exists()
     assert parse_options("ggml")[0].ggml == "Q2_K"
+
+
+def test_python_apply_writes_each_format_and_leaves_the_model_as_it_is(prepared, tmp_path):
+    """bitalloc.apply(model, plan, format=…, out=…): the same writers as `apply --format`, tokenizer found from
+    the folder the model was loaded from; bad calls refused in one line before anything is written."""
+    import bitalloc
+    from bitalloc.formats.compressed_tensors import read
+    plan = _plan(prepared, True)
+    model = prepared.model
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    r = bitalloc.apply(model, plan, format="compressed-tensors", out=tmp_path / "ct", progress=False)
+    assert r["format"] == "compressed-tensors" and r["path"] == str(tmp_path / "ct")
+    assert (tmp_path / "ct" / "tokenizer_config.json").exists()           # from model.bitalloc_folder
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    fake = copy.deepcopy(model)
+    quantize_model(fake, prepared.units, plan, quantizer="rtn", progress=False)
+    back, _ = read(tmp_path / "ct")
+    x = prepared.tokens[:2]
+    with torch.no_grad():
+        assert torch.equal(fake.float()(x).logits, back(x).logits)
+    w4 = BitPlan.from_choice(prepared.units, [QuantSpec(4, 128, True)] * len(prepared.units), solver="uniform",
+                             model=prepared.info)                # vLLM's fused groups share one format
+    r = bitalloc.apply(model, w4, format="gptq", out=tmp_path / "gptq", progress=False)
+    assert r["config"]["quant_method"] == "gptq" and (tmp_path / "gptq" / "model.safetensors").exists()
+    r = bitalloc.apply(model, plan, format="gguf", out=tmp_path / "m.gguf", progress=False)
+    assert r["path"].endswith("m.gguf") and sum(r["types"].values()) == len(plan.layers)
+    with pytest.raises(BitallocError, match="pass out="):
+        bitalloc.apply(model, plan, format="gptq")
+    with pytest.raises(BitallocError, match="unknown format 'awq'"):
+        bitalloc.apply(model, plan, format="awq", out=tmp_path / "awq")
+    assert not (tmp_path / "awq").exists()
+    packed = bitalloc.apply(copy.deepcopy(model), plan, out=tmp_path / "packed", progress=False)
+    assert packed.bitalloc_plan.layers == plan.layers and (tmp_path / "packed" / "plan.json").exists()
