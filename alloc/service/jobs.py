@@ -3,7 +3,8 @@
     submit(store, model, treq, enqueue)   the job of this table request: an identical request gets the same
                                           job (the request key is unique); a failed one is queued again
     run(store, job_id, worker)            claim, prepare → measure (api.py), write the table in one
-                                          transaction, mark done; progress and heartbeat every second
+                                          transaction, mark done; progress and heartbeat every second;
+                                          an "apply" job writes a stored plan's checkpoint instead
     reap(store, enqueue, stale_after)     jobs whose worker stopped beating (killed, machine gone) are queued
                                           again (3 attempts), for any worker to take
 
@@ -18,12 +19,13 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from .catalog import EMBEDDED, model_path, request_key, table_row_from
-from .store import JobRow, ModelRow, Store, TableRow, new_id, now
+from .store import JobRow, ModelRow, PlanRow, Store, TableRow, data_dir, new_id, now
 
 MAX_ATTEMPTS = 3
 BEAT_SECONDS = 1.0
@@ -33,15 +35,20 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
 
 
-def submit(store: Store, model: ModelRow, treq: dict, enqueue, plan: dict | None = None) -> JobRow:
+def submit(store: Store, model: ModelRow, treq: dict, enqueue, plan: dict | None = None,
+           apply: dict | None = None) -> JobRow:
     """The job that measures ``treq``'s table (with ``plan``: and then makes that plan on the model, a "plan"
-    job); enqueued when it is new or had failed."""
-    request = treq if plan is None else {"table": treq, "plan": plan}
+    job; with ``apply`` {plan, format, quantizer}: writes a stored plan's checkpoint, an "apply" job); enqueued
+    when it is new or had failed."""
+    if apply is not None:
+        request, kind = {"table": treq, "apply": apply}, "apply"
+    else:
+        request, kind = (treq, "table") if plan is None else ({"table": treq, "plan": plan}, "plan")
     key = request_key(request)
     with store.session() as s:
         job = s.scalars(select(JobRow).where(JobRow.request_key == key)).first()
         if job is None:
-            job = JobRow(id=new_id("job"), kind="table" if plan is None else "plan", request_key=key,
+            job = JobRow(id=new_id("job"), kind=kind, request_key=key,
                          request=request, model_id=model.id, state="queued", attempts=0, progress={})
             s.add(job)
             try:
@@ -140,7 +147,9 @@ def _work(store: Store, job_id: str, models_root, t0: float) -> tuple[str, str |
     with store.session() as s:
         job = s.get(JobRow, job_id)
         model = s.get(ModelRow, job.model_id)
-    treq = job.request["table"] if job.kind == "plan" else job.request
+    treq = job.request["table"] if job.kind in ("plan", "apply") else job.request
+    if job.kind == "apply":
+        return _apply(store, model, treq, job.request["apply"], models_root)
     prepared, table_id = _measure(store, model, treq, models_root, t0)
     if job.kind != "plan":
         return table_id, None
@@ -166,13 +175,10 @@ def search_settings(request: dict) -> dict:
     return {}
 
 
-def _measure(store: Store, model: ModelRow, r: dict, models_root, t0: float):
-    """(prepared model, table id): the stored table of request ``r``, measured here if it is not stored yet
-    (written once)."""
-    from ..api import prepare, measure, quantizer_settings
+def _prepare(model: ModelRow, r: dict, models_root):
+    """The registered model prepared as table request ``r`` says (options, calibration windows, dtype)."""
+    from ..api import prepare
     from ..options import parse_options
-    from ..sensitivity import get_probe
-    from ..table_cache import key_inputs, table_key
     options = parse_options(r["options"], group_size=r["group_size"], symmetric=r["symmetric"])
     path = None if model.path == EMBEDDED else str(model_path(models_root, model))    # None: the embedded one
     prepared = prepare(path, options=options, seq_len=r["seq_len"],
@@ -181,6 +187,39 @@ def _measure(store: Store, model: ModelRow, r: dict, models_root, t0: float):
         from .errors import Conflict
         raise Conflict(f"the files of model {model.id!r} changed since it was registered (hash "
                        f"{prepared.info['hash']} ≠ {model.hash}): register them under another name")
+    return prepared
+
+
+def checkpoint_path(apply: dict) -> Path:
+    """Where an apply job writes: ``<data folder>/checkpoints/<plan>-<format>-<quantizer>`` (``.gguf`` for gguf),
+    on the worker's machine (a shared folder when workers are many: $BITALLOC_HOME)."""
+    name = f"{apply['plan']}-{apply['format']}-{apply['quantizer']}"
+    return data_dir() / "checkpoints" / (name + ".gguf" if apply["format"] == "gguf" else name)
+
+
+def _apply(store: Store, model: ModelRow, treq: dict, apply: dict, models_root) -> tuple[str | None, str]:
+    """Write a stored plan as a checkpoint, as `bitalloc apply --format` does (the model prepared with the plan's
+    calibration settings: GPTQ calibrates on them). A checkpoint already there (a retried job whose worker died
+    after writing it) is kept: the writers make it appear whole or not at all."""
+    from ..packed import apply as apply_plan
+    from .routes.plans import load_plan
+    plan_row = store.fetch(PlanRow, apply["plan"], f"no plan {apply['plan']!r}")
+    out = checkpoint_path(apply)
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        prepared = _prepare(model, treq, models_root)
+        apply_plan(prepared.model, load_plan(plan_row), format=apply["format"], out=out, quantizer=apply["quantizer"],
+                   calibration=prepared.tokens, info=prepared.info, tokenizer=prepared.tokenizer)
+    return plan_row.table_id, plan_row.id
+
+
+def _measure(store: Store, model: ModelRow, r: dict, models_root, t0: float):
+    """(prepared model, table id): the stored table of request ``r``, measured here if it is not stored yet
+    (written once)."""
+    from ..api import measure, quantizer_settings
+    from ..sensitivity import get_probe
+    from ..table_cache import key_inputs, table_key
+    prepared = _prepare(model, r, models_root)
     settings = quantizer_settings(r["probe"], r["quantizer"], {"stream": "auto"})
     probe_settings = get_probe(r["probe"], **settings).settings()
     key = table_key(prepared, r["probe"], probe_settings)

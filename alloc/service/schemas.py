@@ -79,6 +79,14 @@ class PlanIn(BaseModel):
         return v
 
 
+class CheckpointIn(BaseModel):
+    """POST /v1/plans/{id}/checkpoints: the plan written for a serving engine, as `bitalloc apply --format`."""
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["bitalloc", "gptq", "compressed-tensors", "gguf"] = "bitalloc"
+    quantizer: Literal["rtn", "gptq"] | None = Field(None, description="default: the plan's own (gguf: rtn, its "
+                                                                       "importance-weighted K-quant rounding)")
+
+
 class JobOut(BaseModel):
     id: str
     state: str
@@ -91,3 +99,4 @@ class JobOut(BaseModel):
     kind: str
     model: str
     poll: str
+    checkpoint: str | None = Field(None, description="an apply job's output, on its worker's machine")

@@ -213,3 +213,35 @@ def test_the_evolutionary_solver_runs_on_a_worker(server, small_plan, tmp_path):
     assert main(["allocate", "--server", server.url, "--token", server.token, "--budget", "3.2", "--solver",
                  "evolutionary", "--generations", "2", "--n-windows", "4", "--seq-len", "64", "--out", str(out)]) == 0
     assert out.read_bytes() == raw                   # the same request: the plan that job made
+
+
+def test_apply_is_a_job_that_writes_the_checkpoint_apply_writes(server, small_plan, tmp_path):
+    """POST /v1/plans/{id}/checkpoints: `bitalloc apply --format` on a worker; the same request shares the job;
+    the file equals the one `bitalloc apply` writes from the same plan; bad formats are 422 in one line."""
+    import hashlib
+    from pathlib import Path
+
+    from bitalloc.cli import main
+    _, _, plan_id, raw = small_plan
+    status, job = server.json("POST", f"/v1/plans/{plan_id}/checkpoints", {"format": "gguf"})
+    assert status in (200, 202) and job["kind"] == "apply" and job["checkpoint"].endswith(".gguf"), job
+    _, again = server.json("POST", f"/v1/plans/{plan_id}/checkpoints", {"format": "gguf"})
+    assert again["id"] == job["id"]
+    done = server.wait_job(job["id"])
+    assert done["state"] == "done" and done["plan_id"] == plan_id, done
+    status, ready = server.json("POST", f"/v1/plans/{plan_id}/checkpoints", {"format": "gguf"})
+    assert status == 200 and ready["id"] == job["id"]
+    written = Path(done["checkpoint"])
+    assert written.is_relative_to(server.home) and written.is_file()
+    (tmp_path / "plan.json").write_bytes(raw)
+    local = tmp_path / "local.gguf"
+    assert main(["apply", "--plan", str(tmp_path / "plan.json"), "--format", "gguf", "--n-windows", "4",
+                 "--seq-len", "64", "--out", str(local)]) == 0
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (written, local)]
+    assert digest[0] == digest[1]
+    status, err = server.json("POST", f"/v1/plans/{plan_id}/checkpoints", {"format": "awq"})
+    assert status == 422 and "format" in err["error"] and "\n" not in err["error"]
+    status, err = server.json("POST", f"/v1/plans/{plan_id}/checkpoints", {"format": "gguf", "quantizer": "gptq"})
+    assert status == 422 and "importance-weighted" in err["error"]
+    status, err = server.json("POST", "/v1/plans/pln_nope/checkpoints", {"format": "gguf"})
+    assert status == 404

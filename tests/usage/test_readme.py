@@ -38,6 +38,7 @@ def test_the_python_snippet_runs_after_the_walk_through(tmp_path):
     assert "'format': 'W3g128'" in r.stdout and "'cost': " in r.stdout
     assert (tmp_path / "plan.json").read_text() == "{}"       # the walk-through's files are left alone
     assert (tmp_path / "packed" / "model.safetensors").read_text() == "walk-through"
+    assert "compressed-tensors" in (tmp_path / "plan-py-ct" / "config.json").read_text()
     import bitalloc
     model = bitalloc.packed.load(tmp_path / "packed-py")
     assert model.bitalloc_plan.true_bpw == pytest.approx(3.1996, abs=1e-4)

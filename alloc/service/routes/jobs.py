@@ -15,7 +15,14 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 def job_out(job: JobRow) -> dict:
     return JobOut(id=job.id, state=job.state, progress=job.progress or {}, attempts=job.attempts, worker=job.worker,
                   error=job.error, table_id=job.table_id, plan_id=job.plan_id, kind=job.kind, model=job.model_id,
-                  poll=f"/v1/jobs/{job.id}").model_dump()
+                  poll=f"/v1/jobs/{job.id}", checkpoint=_checkpoint(job)).model_dump()
+
+
+def _checkpoint(job: JobRow) -> str | None:
+    if job.kind != "apply":
+        return None
+    from ..jobs import checkpoint_path
+    return str(checkpoint_path(job.request["apply"]))
 
 
 @router.get("")

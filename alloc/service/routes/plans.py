@@ -12,7 +12,7 @@ from ... import checks
 from ...errors import BitallocError, BitallocWarning
 from .. import catalog, charts, jobs
 from ..errors import NotFound, Unprocessable
-from ..schemas import PlanIn
+from ..schemas import CheckpointIn, PlanIn
 from ..store import ExportRow, JobRow, PlanRow, new_id
 from . import service, writer
 from .jobs import job_out
@@ -76,6 +76,33 @@ def create_plan(body: PlanIn, request: Request, wait: float = Query(0, ge=0, le=
     if job.state == "done" and job.table_id and not on_model:
         return plan_response(catalog.solve_plan(svc.store, svc.tables, model, job.table_id, request_fields))
     return JSONResponse(job_out(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.post("/{plan_id}/checkpoints", dependencies=[Depends(writer)], status_code=202,
+             responses={200: {"description": "the checkpoint is written: its job"}})
+def create_checkpoint(plan_id: str, body: CheckpointIn, request: Request, wait: float = Query(0, ge=0, le=3600)):
+    """Write the plan as a checkpoint (`bitalloc apply --format`) in a job on a worker: 202 with the job (its
+    ``checkpoint`` field: where it is written); 200 with the same once done (``?wait=SECONDS`` waits first).
+    The same plan, format and quantizer share one job."""
+    svc = service(request)
+    row = catalog.get_plan(svc.store, plan_id)
+    model = catalog.get_model(svc.store, row.model_id)
+    plan = load_plan(row)
+    quantizer = body.quantizer or ("rtn" if body.format == "gguf" else plan.extra.get("quantizer", "rtn"))
+    if body.format == "gguf" and quantizer != "rtn":
+        raise Unprocessable("field 'quantizer': gguf rounds each layer by its own importance-weighted K-quant search: "
+                            "leave quantizer out (or rtn)")
+    if body.format == "gptq" and plan.row_bits:
+        raise Unprocessable("field 'format': a GPTQ layer has one width and this is a row plan: ask for format "
+                            "bitalloc (compressed-tensors and gguf round its rows up), or for a layer plan")
+    job = jobs.submit(svc.store, model, catalog.table_request(model, row.request), svc.queue.enqueue,
+                      apply={"plan": row.id, "format": body.format, "quantizer": quantizer})
+    deadline = time.monotonic() + wait
+    while job.state in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
+        job = jobs.get_job(svc.store, job.id)
+    return JSONResponse(job_out(job), status_code=200 if job.state == "done" else 202,
+                        headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 @router.get("")
