@@ -122,17 +122,17 @@ def run(store: Store, job_id: str, models_root, worker: str | None = None) -> st
     beat.start()
     t0 = time.time()
     try:
-        table_id, plan_id = _work(store, job_id, models_root, t0)
+        table_id, plan_id, written = _work(store, job_id, models_root, t0)
         state, error = "done", None
     except Exception as e:                    # recorded on the job, one line; the worker goes on
-        state, error, table_id, plan_id = "failed", _one_line(e), None, None
+        state, error, table_id, plan_id, written = "failed", _one_line(e), None, None, {}
     finally:
         beat.stop.set()
         beat.join()
     with store.session() as s:
         s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.worker == worker).values(
             state=state, error=error, table_id=table_id, plan_id=plan_id, finished=now(), heartbeat=now(),
-            progress={"stage": state, "seconds": round(time.time() - t0, 1)}))
+            progress={"stage": state, "seconds": round(time.time() - t0, 1), **written}))
         s.commit()
     return state
 
@@ -141,8 +141,9 @@ def _one_line(e: BaseException) -> str:
     return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:300]
 
 
-def _work(store: Store, job_id: str, models_root, t0: float) -> tuple[str, str | None]:
-    """(table id, plan id): prepare → measure exactly as `bitalloc allocate` does with these settings; a "plan"
+def _work(store: Store, job_id: str, models_root, t0: float) -> tuple[str, str | None, dict]:
+    """(table id, plan id, an apply job's {"checkpoint": its path on this worker}): prepare → measure exactly
+    as `bitalloc allocate` does with these settings; a "plan"
     job then solves and finishes the plan on the model (the row check, --check, --refine: api.finish)."""
     with store.session() as s:
         job = s.get(JobRow, job_id)
@@ -152,7 +153,7 @@ def _work(store: Store, job_id: str, models_root, t0: float) -> tuple[str, str |
         return _apply(store, model, treq, job.request["apply"], models_root)
     prepared, table_id = _measure(store, model, treq, models_root, t0)
     if job.kind != "plan":
-        return table_id, None
+        return table_id, None, {}
     from ..api import finish, with_fitness
     from .catalog import plan_from_table, save_plan, table_from_row
     table = table_from_row(store.fetch(TableRow, table_id, f"no table {table_id!r}"))
@@ -162,7 +163,7 @@ def _work(store: Store, job_id: str, models_root, t0: float) -> tuple[str, str |
     plan = plan_from_table(table, model, request, settings)
     plan = finish(prepared, table, plan, quantizer=treq["quantizer"], refine=request.get("refine"),
                   check=bool(request.get("check")), fitness=settings.get("fitness"))
-    return table_id, save_plan(store, model, table_id, request, plan).id
+    return table_id, save_plan(store, model, table_id, request, plan).id, {}
 
 
 def search_settings(request: dict) -> dict:
@@ -197,7 +198,7 @@ def checkpoint_path(apply: dict) -> Path:
     return data_dir() / "checkpoints" / (name + ".gguf" if apply["format"] == "gguf" else name)
 
 
-def _apply(store: Store, model: ModelRow, treq: dict, apply: dict, models_root) -> tuple[str | None, str]:
+def _apply(store: Store, model: ModelRow, treq: dict, apply: dict, models_root) -> tuple[str | None, str, dict]:
     """Write a stored plan as a checkpoint, as `bitalloc apply --format` does (the model prepared with the plan's
     calibration settings: GPTQ calibrates on them). A checkpoint already there (a retried job whose worker died
     after writing it) is kept: the writers make it appear whole or not at all."""
@@ -210,7 +211,7 @@ def _apply(store: Store, model: ModelRow, treq: dict, apply: dict, models_root) 
         prepared = _prepare(model, treq, models_root)
         apply_plan(prepared.model, load_plan(plan_row), format=apply["format"], out=out, quantizer=apply["quantizer"],
                    calibration=prepared.tokens, info=prepared.info, tokenizer=prepared.tokenizer)
-    return plan_row.table_id, plan_row.id
+    return plan_row.table_id, plan_row.id, {"checkpoint": str(out)}
 
 
 def _measure(store: Store, model: ModelRow, r: dict, models_root, t0: float):

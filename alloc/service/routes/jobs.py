@@ -19,8 +19,11 @@ def job_out(job: JobRow) -> dict:
 
 
 def _checkpoint(job: JobRow) -> str | None:
+    """Where an apply job writes: the path its worker reported once done, else where this machine would write."""
     if job.kind != "apply":
         return None
+    if (job.progress or {}).get("checkpoint"):
+        return job.progress["checkpoint"]
     from ..jobs import checkpoint_path
     return str(checkpoint_path(job.request["apply"]))
 
