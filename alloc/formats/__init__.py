@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import BitallocError
+from ..errors import BitallocError, BitallocWarning
 
 FORMATS = ("bitalloc", "gptq", "compressed-tensors", "gguf")
 
@@ -28,7 +28,7 @@ def write(model, plan, out: str | os.PathLike, fmt: str, *, tokenizer=None, quan
         if quantizer != "rtn":
             import warnings
             warnings.warn(f"format 'gguf' rounds each layer by its own importance-weighted search, not {quantizer}",
-                          stacklevel=3)
+                          BitallocWarning, stacklevel=3)
         from ..ggml.checkpoint import save_gguf
         report = save_gguf(model, plan, out, tokenizer=tokenizer, calibration=calibration, exact=exact, force=force,
                            info=info, progress=progress)
