@@ -150,10 +150,8 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
         _set_module(model, u.name, packed.pop(u.name).to(modules[u.name].weight.device))
     model.bitalloc_plan = plan
     if out is not None:
-        if tokenizer is None and getattr(model, "bitalloc_folder", None):
-            from .models.loading import load_tokenizer
-            tokenizer = load_tokenizer(model.bitalloc_folder)
-        save(model, out, tokenizer)
+        from .models.loading import tokenizer_for
+        save(model, out, tokenizer_for(model, tokenizer))
     return model
 
 

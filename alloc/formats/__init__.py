@@ -18,9 +18,8 @@ def write(model, plan, out: str | os.PathLike, fmt: str, *, tokenizer=None, quan
     writer's report with "path" and "format" added."""
     if fmt not in FORMATS[1:]:
         raise BitallocError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if tokenizer is None and getattr(model, "bitalloc_folder", None):
-        from ..models.loading import load_tokenizer
-        tokenizer = load_tokenizer(model.bitalloc_folder)
+    from ..models.loading import tokenizer_for
+    tokenizer = tokenizer_for(model, tokenizer)
     if fmt == "gguf":
         if tokenizer is None:
             raise BitallocError("format 'gguf' stores the tokenizer in the file: pass tokenizer= (the model was not "

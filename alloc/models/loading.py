@@ -55,6 +55,13 @@ def load_tokenizer(folder: str | os.PathLike):
                             "tokenizer_config.json from the original model)") from None
 
 
+def tokenizer_for(model, tokenizer=None):
+    """``tokenizer`` when given, else the one in the folder ``load_model`` read the model from, else None."""
+    if tokenizer is None and getattr(model, "bitalloc_folder", None):
+        return load_tokenizer(model.bitalloc_folder)
+    return tokenizer
+
+
 def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = "auto",
                attn: str | None = None, tokenizer: bool = True):
     """(model, tokenizer, kind) from a local Hugging Face folder or a GGUF file (models/gguf.py: bf16 unless

@@ -44,6 +44,15 @@ def _check_request(body: PlanIn, treq: dict) -> None:
         raise Unprocessable("field 'solver': greedy works at row granularity: add \"granularity\": \"row\", or use ilp")
 
 
+def _waited(svc, job: JobRow, wait: float) -> JobRow:
+    """The job once it ends or ``wait`` seconds have passed (``?wait=SECONDS``), polled from the store."""
+    deadline = time.monotonic() + wait
+    while job.state in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
+        job = jobs.get_job(svc.store, job.id)
+    return job
+
+
 @router.post("", dependencies=[Depends(writer)], status_code=200,
              responses={202: {"description": "the table is being measured: poll the job"}})
 def create_plan(body: PlanIn, request: Request, wait: float = Query(0, ge=0, le=3600)):
@@ -67,10 +76,7 @@ def create_plan(body: PlanIn, request: Request, wait: float = Query(0, ge=0, le=
         job = s.scalars(select(JobRow).where(JobRow.request_key == key)).first()
     if job is None or job.state != "done":
         job = jobs.submit(svc.store, model, treq, svc.queue.enqueue, plan=plan_fields)
-        deadline = time.monotonic() + wait
-        while job.state in ("queued", "running") and time.monotonic() < deadline:
-            time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
-            job = jobs.get_job(svc.store, job.id)
+        job = _waited(svc, job, wait)
     if job.state == "done" and job.plan_id:
         return plan_response(catalog.get_plan(svc.store, job.plan_id))
     if job.state == "done" and job.table_id and not on_model:
@@ -97,10 +103,7 @@ def create_checkpoint(plan_id: str, body: CheckpointIn, request: Request, wait: 
                             "bitalloc (compressed-tensors and gguf round its rows up), or for a layer plan")
     job = jobs.submit(svc.store, model, catalog.table_request(model, row.request), svc.queue.enqueue,
                       apply={"plan": row.id, "format": body.format, "quantizer": quantizer})
-    deadline = time.monotonic() + wait
-    while job.state in ("queued", "running") and time.monotonic() < deadline:
-        time.sleep(min(0.25, max(deadline - time.monotonic(), 0)))
-        job = jobs.get_job(svc.store, job.id)
+    job = _waited(svc, job, wait)
     return JSONResponse(job_out(job), status_code=200 if job.state == "done" else 202,
                         headers={"Location": f"/v1/jobs/{job.id}"})
 
