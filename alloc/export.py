@@ -107,18 +107,23 @@ def to_gptqmodel(plan: BitPlan) -> dict:
     if split:
         warnings.warn(f"{len(split)} q/k/v or gate/up group(s) mix widths ({few(split)}): vLLM fuses these projections and cannot load such a "
                       "checkpoint; allocate with --fuse to give each group one width", BitallocWarning, stacklevel=3)
+    return gptqmodel_config({target: spec for name, spec in specs.items() for target in linear_names(name)})
+
+
+def gptqmodel_config(specs: dict[str, QuantSpec]) -> dict:
+    """GPTQModel's quantization_config for {module name: spec}: the most common format as the defaults, the
+    others (and ``-:`` skips for 16-bit modules) as ``dynamic`` regexes on the names (``re:`` names as they are)."""
     quantized = [s for s in specs.values() if not s.is_float]
     if not quantized:
         raise BitallocError("the plan quantizes no layer: nothing to export")
     default = Counter(quantized).most_common(1)[0][0]
     dynamic: dict[str, dict] = {}
     for name, spec in specs.items():
-        for target in linear_names(name):
-            pattern = "^" + _regex(target) + "$"
-            if spec.is_float:
-                dynamic["-:" + pattern] = {}
-            elif spec != default:
-                dynamic["+:" + pattern] = _spec_args(spec)
+        pattern = "^" + _regex(name) + "$"
+        if spec.is_float:
+            dynamic["-:" + pattern] = {}
+        elif spec != default:
+            dynamic["+:" + pattern] = _spec_args(spec)
     return {"quant_method": "gptq", "checkpoint_format": "gptq", "desc_act": False, **_spec_args(default),
             "dynamic": dynamic}
 

@@ -11,7 +11,9 @@ model computes with), written as the package defines them:
     <layer>.weight_shape        int64 [out, in]
 
 ``quantization_config`` has one config group per (width, group size, symmetry) whose ``targets`` are the
-layers' exact names, and ``ignore`` lists the layers kept in 16 bits. Row plans cannot be stored (a layer has
+layers' exact names on disk, and ``ignore`` lists the layers kept in 16 bits. MoE experts are written one
+Linear per expert and projection under the names transformers saves them by (formats/disk.py), as
+llm-compressor writes them. Row plans cannot be stored (a layer has
 one scheme): each layer takes its widest row's width, or ``exact`` refuses.
 """
 from __future__ import annotations
@@ -27,18 +29,16 @@ from torch import nn
 from ..errors import BitallocError, few
 from ..options import QuantSpec
 from ..plan import BitPlan
-from ..units import EXPERT_KINDS
 
 from .folder import WEIGHTS
 
 
 def storable_specs(plan: BitPlan, units, *, exact: bool) -> dict[str, QuantSpec]:
     """{unit: the spec it is stored in}: row-plan layers at their widest row (or refused with ``exact``)."""
-    bad = [u.name for u in units if u.kind in EXPERT_KINDS or u.kind == "embedding"]
-    bad += [u.name for u in units if plan.layers[u.name].ggml]
+    bad = [u.name for u in units if u.kind in ("expert_t", "embedding") or plan.layers[u.name].ggml]
     if bad:
         raise BitallocError(f"compressed-tensors output stores Linear layers in our formats; {len(bad)} planned unit(s) "
-                            f"are experts, embeddings or ggml types ({few(bad)}): plan them out or use --format gguf")
+                            f"are embeddings, 3-D experts or ggml types ({few(bad)}): plan them out or use --format gguf")
     from ..export import round_up_rows
     round_up_rows(plan, [u.name for u in units], exact=exact, one_per="a compressed-tensors layer has one scheme")
     specs = {}
@@ -49,6 +49,22 @@ def storable_specs(plan: BitPlan, units, *, exact: bool) -> dict[str, QuantSpec]
                                 f"{spec.group_size}: compressed-tensors groups must divide the rows")
         specs[u.name] = spec
     return specs
+
+
+def warn_mixed_experts(specs: dict[str, QuantSpec], units) -> None:
+    """vLLM runs a layer's experts as one fused MoE kernel with one scheme: warn when a layer's experts differ."""
+    import warnings
+
+    from ..errors import BitallocWarning
+    stacks: dict[str, set] = defaultdict(set)
+    for u in units:
+        if u.kind == "expert":
+            stacks[u.module_name].add(specs[u.name])
+    mixed = sorted(n for n, s in stacks.items() if len(s) > 1)
+    if mixed:
+        warnings.warn(f"{len(mixed)} MoE layer(s) give their experts different formats ({few(mixed)}): transformers "
+                      "reads this, but vLLM's fused MoE kernels take one scheme per layer; allocate with "
+                      "--experts per-layer (or --target vllm) for vLLM", BitallocWarning, stacklevel=3)
 
 
 def scheme_args(spec: QuantSpec) -> dict:
@@ -101,46 +117,55 @@ def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokeniz
     specs = storable_specs(plan, units, exact=exact)
     stored = BitPlan({n: specs[n] for n in plan.layers}, dict(plan.shapes), plan.budget_bits, solver=plan.solver,
                      probe=plan.probe, model=plan.model, extra=plan.extra)
-    tensors = checkpoint_tensors(model, units, stored, lambda name, q: pack_layer(q, specs[name]),
-                                 quantizer=quantizer, calibration=calibration, progress=progress)
-    size = write_folder(out, model, tensors, quantization_config(specs), stored, tokenizer)
+    tensors, modules = checkpoint_tensors(model, units, stored, lambda name, q: pack_layer(q, specs[name]),
+                                          quantizer=quantizer, calibration=calibration, progress=progress)
+    warn_mixed_experts(specs, units)
+    size = write_folder(out, model, tensors, quantization_config({m: specs[u] for m, u in modules.items()}),
+                        stored, tokenizer)
     return {"specs": specs, "bytes": size, "plan": stored}
 
 
 def read(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, str]:
     """The checkpoint as the compressed-tensors package reads it, and which reader: transformers'
-    ``from_pretrained`` when every group is symmetric; otherwise the package's own decompressor per layer
-    (``PackedQuantizationCompressor.decompress``) into the model built from the config, because with
-    compressed-tensors 0.20 transformers prepares unpacked zero-point placeholders that the packed zero points
-    the package itself writes do not fit."""
+    ``from_pretrained`` when every group is symmetric and every target is a Linear of the model; otherwise the
+    package's own decompressor per layer (``PackedQuantizationCompressor.decompress``), its dense weights then
+    loaded by ``from_pretrained`` (which merges per-expert weights into transformers 5's 3-D experts). With
+    compressed-tensors 0.20 transformers cannot do either itself: it prepares unpacked zero-point placeholders
+    the packed zero points do not fit, and it leaves per-expert targets unmatched ("Could not match"), the
+    experts not loaded."""
+    import tempfile
+
     import transformers
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationScheme
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
     folder = Path(folder)
     transformers.logging.set_verbosity_error()
     config = json.loads((folder / "config.json").read_text())
     groups = config["quantization_config"]["config_groups"]
-    if all(g["weights"]["symmetric"] for g in groups.values()):
+    targets = [t for g in groups.values() for t in g["targets"]]
+    plain = transformers.AutoConfig.from_pretrained(str(folder))
+    del plain.quantization_config                    # the plain model: the weights are decompressed here
+    with torch.device("meta"):
+        linears = {n for n, m in transformers.AutoModelForCausalLM.from_config(plain).named_modules()
+                   if isinstance(m, nn.Linear)}
+    if all(g["weights"]["symmetric"] for g in groups.values()) and set(targets) <= linears:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
         return model, "transformers from_pretrained"
     tensors = load_file(str(folder / WEIGHTS))
-    plain = transformers.AutoConfig.from_pretrained(str(folder))
-    del plain.quantization_config                    # the plain model: the weights are decompressed here
-    model = transformers.AutoModelForCausalLM.from_config(plain, dtype=dtype).eval()
-    state = {}
     for group in groups.values():
         scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"])
         for name in group["targets"]:
             local = {k.removeprefix(f"{name}."): tensors.pop(k) for k in
                      [f"{name}.{p}" for p in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")]
                      if k in tensors}
-            state[f"{name}.weight"] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
-    state.update(tensors)
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
-                                                 for k, v in state.items()}, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-        raise BitallocError(f"{folder} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if missing:
-        model.tie_weights()
-    return model, "compressed-tensors decompress"
+            tensors[f"{name}.weight"] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+                  str(Path(tmp) / WEIGHTS), metadata={"format": "pt"})
+        plain.save_pretrained(tmp)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, output_loading_info=True)
+    bad = [k for k in info["missing_keys"] if not k.endswith("lm_head.weight")] + list(info["unexpected_keys"])
+    if bad:
+        raise BitallocError(f"{folder} does not match its config: {few(sorted(bad))} not loaded")
+    return model.eval(), "compressed-tensors decompress"

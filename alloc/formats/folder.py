@@ -14,44 +14,70 @@ import torch
 from torch import nn
 
 from ..files import clean_stale, temp_prefix
+from ..errors import BitallocError
 from ..plan import BitPlan
+from ..quantize import QuantizedWeight
+from ..units import unit_weight
 
 WEIGHTS = "model.safetensors"
 
 
 def checkpoint_tensors(model: nn.Module, units, plan: BitPlan, pack: Callable, *, quantizer="rtn",
-                       calibration: torch.Tensor | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
-    """{tensor name: tensor}: ``pack(name, QuantizedWeight)``'s tensors (local names) for every quantized unit
-    of ``plan``, every other tensor of the model in its source dtype (16-bit units fp16-rounded). The caller's
-    model is left as it was (quantize_model writes GPTQ weights back and rounds 16-bit units in place)."""
+                       calibration: torch.Tensor | None = None, progress: bool = True
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """({tensor name on disk: tensor}, {module name on disk: unit}). Every quantized unit of ``plan`` is cut
+    into the Linear modules its checkpoint has (an MoE expert stack: one per expert and projection;
+    formats/disk.py) and each piece packed by ``pack(unit name, QuantizedWeight)`` into its format's tensors
+    (local names); every other tensor is kept in the checkpoint's own dtype under its name on disk (16-bit
+    units fp16-rounded). The caller's model is left as it was (quantize_model writes GPTQ weights back and
+    rounds 16-bit units in place)."""
     from ..packed import _in_source_dtype
-    from ..quantize_model import quantize_model
+    from ..quantize_model import quantize_model, set_unit_weights
+    from .disk import disk_layout, state_tensors
+    layout = disk_layout(model)
+    spans = {u.name: _unit_pieces(u, layout, model) for u in units}
     tensors: dict[str, torch.Tensor] = {}
+    modules = {p.module: u for u, pieces in spans.items() for p, _ in pieces}
 
     def sink(name, q):
-        for k, t in pack(name, q).items():
-            tensors[f"{name}.{k}"] = t
-    saved = {u.name: model.get_submodule(u.name).weight.detach().clone() for u in units
+        for piece, rows in spans[name]:
+            part = q if rows is None else QuantizedWeight(q.codes[rows], q.scales[rows], q.zeros[rows], q.spec)
+            for k, t in pack(name, part).items():
+                tensors[f"{piece.module}.{k}"] = t
+    saved = {u.name: unit_weight(dict(model.named_modules()), u).detach().clone() for u in units
              if quantizer != "rtn" or plan.layers[u.name].is_float}
     try:
         quantize_model(model, units, plan, quantizer=quantizer, calibration=calibration, progress=progress,
                        sink=sink, write_back=quantizer != "rtn")
     finally:
-        with torch.no_grad():
-            for name, w in saved.items():
-                model.get_submodule(name).weight.copy_(w)
+        set_unit_weights(model, units, saved)
     source, _ = _in_source_dtype(model)
-    packed = {f"{n}.weight" for n, s in plan.layers.items() if not s.is_float}
-    seen = set()
-    for name, t in source.state_dict().items():
-        if name in packed or (t.data_ptr() in seen and name.endswith("lm_head.weight")):
-            continue                                   # a packed layer, or a head tied to the embeddings
-        seen.add(t.data_ptr())
-        owner = name.removesuffix(".weight")
-        if owner in plan.layers and plan.layers[owner].is_float:
-            t = t.half().to(t.dtype)                   # a 16-bit layer of the plan: fp16-rounded, as everywhere
-        tensors[name] = t.detach().contiguous()
-    return tensors
+    packed = {p.disk for u, pieces in spans.items() if not plan.layers[u].is_float for p, _ in pieces}
+    rounded = {p.disk for u, pieces in spans.items() if plan.layers[u].is_float for p, _ in pieces}
+    for name, t in state_tensors(source).items():
+        for piece in layout.get(name, ()):
+            if piece.disk in packed:
+                continue
+            part = piece.take(t.detach())
+            tensors[piece.disk] = part.half().to(part.dtype) if piece.disk in rounded else part
+    return tensors, modules
+
+
+def _unit_pieces(u, layout, model) -> list:
+    """[(piece, rows of the unit's codes it holds, or None for all)] of unit ``u``."""
+    param = f"{u.module_name}.{u.param}"
+    pieces = layout.get(param, [])
+    if u.kind in ("linear", "expert"):
+        rows = u.shape[0]
+        start = rows * u.expert if u.expert is not None else 0
+        stop = start + (rows if u.kind == "linear" or u.expert is not None else u.numel // u.shape[1])
+        mine = [p for p in pieces if p.start < stop and p.stop > start]
+        if mine and all(start <= p.start and p.stop <= stop and len(p.shape) == 2 for p in mine):
+            return [(p, slice(p.start - start, p.stop - start)) for p in mine]
+    elif len(pieces) == 1 and len(pieces[0].shape) == 2:
+        return [(pieces[0], None)]                  # a whole Conv1D weight, transposed by its packer
+    raise BitallocError(f"{u.name} is stored on disk as {', '.join(p.disk for p in pieces[:2]) or 'nothing'}, not "
+                        "as Linear weights this format can hold: keep it in 16 bits (--exclude) or use --format gguf")
 
 
 def write_folder(out: Path, model: nn.Module, tensors: dict[str, torch.Tensor], quantization_config: dict,

@@ -12,7 +12,9 @@ Per planned layer (``out`` × ``in``, groups of ``g`` inputs, ``G`` groups):
     g_idx    (in,) int32: each input's group, i // g (groups stay contiguous runs of inputs, desc_act false)
 
 ``quantization_config``: the most common format as ``bits``/``group_size``/``sym`` and per-module overrides in
-GPTQModel's ``dynamic`` (``-:`` for layers kept in 16 bits; export.to_gptqmodel). vLLM fuses q/k/v and
+GPTQModel's ``dynamic`` (``-:`` for layers kept in 16 bits; export.gptqmodel_config), on the module names of
+the checkpoint: MoE experts are written one module per expert and projection, under the names transformers
+saves them by (formats/disk.py; Mixtral's ``block_sparse_moe.experts.N.w1``). vLLM fuses q/k/v and
 gate/up and refuses a checkpoint whose fused projections differ: such plans are refused here (plan with
 ``--fuse`` or ``--target vllm``). Symmetric plans are written in the v1 layout (vLLM, GPTQModel, AutoGPTQ);
 asymmetric ones as ``gptq_v2`` (zero points as they are), which GPTQModel reads: GPTQModel refuses asymmetric
@@ -72,10 +74,12 @@ def _pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
 
 def check_plan(plan: BitPlan, units) -> None:
     from ..export import split_fused_groups
-    bad = [u.name for u in units if u.kind != "linear" or plan.layers[u.name].ggml]
+    bad = [u.name for u in units if u.kind not in ("linear", "expert") or plan.layers[u.name].ggml]
     if bad:
-        raise BitallocError(f"GPTQ output stores Linear layers in our formats; {len(bad)} planned unit(s) are experts, "
-                            f"embeddings or ggml types ({few(bad)}): plan them out or use --format gguf")
+        raise BitallocError(f"GPTQ output stores Linear layers in our formats; {len(bad)} planned unit(s) are "
+                            f"embeddings, 3-D experts or ggml types ({few(bad)}): plan them out or use --format gguf")
+    if all(plan.layers[u.name].is_float for u in units):
+        raise BitallocError("the plan quantizes no layer: nothing to write as GPTQ")
     widths = sorted({s.bits for s in plan.layers.values() if not s.is_float} - set(BITS))
     if widths:
         raise BitallocError(f"GPTQ kernels take {list(BITS)} bits; the plan has {widths}: plan with --options 2,3,4,8")
@@ -90,7 +94,8 @@ def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokeniz
          progress: bool = True) -> dict:
     """Write ``model`` quantized by ``plan`` as a GPTQ folder ``out_dir`` (whole or not at all); the model's own
     weights are left as they are. Returns {"bytes": the weights file's size, "config": quantization_config}."""
-    from ..export import to_gptqmodel
+    from ..export import gptqmodel_config
+    from .compressed_tensors import warn_mixed_experts
     from ..packed import check_new_folder, planned_units
     from ..provenance import check_plan_model
     from .folder import checkpoint_tensors, write_folder
@@ -100,12 +105,13 @@ def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokeniz
     if plan.row_bits:
         raise BitallocError(f"{len(plan.row_bits)} layer(s) have per-row widths; a GPTQ layer has one: plan per layer")
     check_plan(plan, units)
-    config = to_gptqmodel(plan)
     v1 = all(s.symmetric for s in plan.layers.values() if not s.is_float)
+    tensors, modules = checkpoint_tensors(model, units, plan, lambda name, q: pack_layer(q, plan.layers[name], v1),
+                                          quantizer=quantizer, calibration=calibration, progress=progress)
+    warn_mixed_experts(plan.layers, units)
+    config = gptqmodel_config({m: plan.layers[u] for m, u in sorted(modules.items())})
     if not v1:                 # GPTQModel reads asymmetric v1 only from its own files (old v1 writers overflowed)
         config["checkpoint_format"] = "gptq_v2"
     config["meta"] = {"quantizer": [f"bitalloc:{__version__}"]}
-    tensors = checkpoint_tensors(model, units, plan, lambda name, q: pack_layer(q, plan.layers[name], v1),
-                                 quantizer=quantizer, calibration=calibration, progress=progress)
     size = write_folder(out, model, tensors, config, plan, tokenizer, {"quantize_config.json": config})
     return {"bytes": size, "config": config}

@@ -14,6 +14,7 @@ from collections import Counter
 
 from ..errors import BitallocError, BitallocWarning, few
 from ..plan import BitPlan
+from ..units import EXPERT_KINDS
 from .types import TYPES
 
 BY_BITS = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"}
@@ -47,12 +48,34 @@ def plan_types(plan: BitPlan, units, *, exact: bool = False) -> dict[str, str]:
         out[u.name] = ggml_type(spec.bits, u.shape[1])
         if not spec.is_float and out[u.name] != BY_BITS[spec.bits]:
             fell.append((u.name, f"{BY_BITS[spec.bits]}->{out[u.name]}"))
+    _one_per_stack(out, units, exact)
     if fell:
         kinds = Counter(k for _, k in fell)
         warnings.warn(f"{len(fell)} unit(s) have rows that are not a multiple of 256 weights and take llama.cpp's "
                       f"fallback types ({', '.join(f'{k} ×{v}' for k, v in sorted(kinds.items()))}): "
                       f"{few([n for n, _ in fell])}", BitallocWarning, stacklevel=3)
     return out
+
+
+def _one_per_stack(types: dict[str, str], units, exact: bool) -> None:
+    """In place: the experts of one stack (a 3-D parameter, one ggml tensor per projection) all take the
+    widest type any of them has; warns, or refuses with ``exact``."""
+    stacks: dict[tuple, list[str]] = {}
+    for u in units:
+        if u.kind in EXPERT_KINDS and u.expert is not None:
+            stacks.setdefault((u.module_name, u.param), []).append(u.name)
+    raised = []
+    for names in stacks.values():
+        widest = max((types[n] for n in names), key=lambda t: 16 if t == "F16" else TYPES[t].bpw)
+        moved = [n for n in names if types[n] != widest]
+        if moved and exact:
+            raise BitallocError(f"{len(moved)} expert(s) of {names[0].rsplit('.', 2)[0]} differ from their stack's "
+                                f"{widest}: a GGUF file stores one type per expert stack; plan with --experts per-layer")
+        raised += moved
+        types.update({n: widest for n in names})
+    if raised:
+        warnings.warn(f"{len(raised)} expert(s) take their stack's widest type (GGUF stores one type per expert stack; "
+                      f"plan with --experts per-layer to choose it): {few(raised)}", BitallocWarning, stacklevel=4)
 
 
 def types_bits(types: dict[str, str], units) -> float:

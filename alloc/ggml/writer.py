@@ -6,6 +6,9 @@ Metadata: a model read from a GGUF file keeps that file's metadata and tokenizer
 changes); a Hugging Face model of a supported architecture (ARCHS) gets llama.cpp's keys from its config and
 its byte-level BPE tokenizer from tokenizer.json. Tensors are named by the package's own name map and laid out
 as llama.cpp's converter lays them (llama: q/k rows permuted for its rope; gemma: norms stored as 1 + w).
+MoE experts (transformers 5 keeps them in 3-D parameters) are written as llama.cpp's merged
+``ffn_{gate,up,down}_exps`` tensors (E × rows × cols, one ggml type for all experts of a projection; the
+fused ``gate_up_proj`` is cut into its gate and up halves), routers as F32 ``ffn_gate_inp``.
 Tensors are quantized and written one at a time: the file never sits in memory whole.
 """
 from __future__ import annotations
@@ -25,7 +28,8 @@ from ..files import atomic_path
 from . import layout
 from .types import TYPES, quantize
 
-ARCHS = ("llama", "qwen2", "qwen3")          # from a Hugging Face config; any architecture from a GGUF file
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe")   # from a Hugging Face config; any architecture from a GGUF file
+GGUF_ARCH = {"qwen3_moe": "qwen3moe"}        # llama.cpp's name where it differs from transformers' model_type
 PERMUTED = ("llama",)                        # llama.cpp's rope wants q/k rows interleaved per head
 PLUS_ONE_NORMS = ("gemma", "gemma2", "gemma3")
 SKIP_KEYS = ("GGUF.", "general.file_type", "general.quantization_version", "split.")
@@ -77,7 +81,10 @@ def _arch(model: nn.Module, source: Path | None) -> str:
     if model_type not in ARCHS:
         raise BitallocError(f"GGUF output is written for {', '.join(ARCHS)} models from a Hugging Face folder (this "
                             f"one is {model_type!r}) or for any model read from a .gguf file: use --format bitalloc")
-    return model_type
+    if model_type == "qwen3_moe" and not getattr(model.config, "norm_topk_prob", True):
+        raise BitallocError("llama.cpp's qwen3moe always renormalises the chosen experts' weights; this model has "
+                            "norm_topk_prob false, which a GGUF file cannot say: use --format bitalloc")
+    return GGUF_ARCH.get(model_type, model_type)
 
 
 def _tensor_list(model, types, names, arch):
@@ -88,6 +95,16 @@ def _tensor_list(model, types, names, arch):
         if t.data_ptr() in seen and hf_name.endswith("lm_head.weight"):
             continue                                  # tied to the embeddings: llama.cpp reuses token_embd
         seen.add(t.data_ptr())
+        if t.dim() == 3:                              # a stack of MoE experts
+            parts = expert_parts(hf_name, t)
+            type_name = stack_type(types, hf_name)
+            for part_name, part in parts:
+                name = names.get_name(part_name + ".weight", try_suffixes=(".weight",))
+                if name is None:
+                    missing.append(hf_name)
+                    break
+                out.append((name, part, tuple(part.shape), type_name, None))
+            continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             if hf_name not in params:
@@ -98,12 +115,31 @@ def _tensor_list(model, types, names, arch):
         if unit in types:
             type_name = types[unit]
         else:
-            type_name = "F32" if t.dim() == 1 else "F16"
+            type_name = "F32" if t.dim() == 1 or name.endswith("ffn_gate_inp.weight") else "F16"
         out.append((name, t, tuple(t.shape), type_name, unit if unit in types else None))
     if missing:
         raise BitallocError(f"{len(missing)} tensor(s) have no llama.cpp name for architecture {arch!r} "
                             f"({', '.join(missing[:3])}): this model cannot be written as GGUF; use --format bitalloc")
     return out
+
+
+def expert_parts(hf_name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The llama.cpp tensors of a 3-D expert parameter, by the Hugging Face names the package maps:
+    ``experts.gate_up_proj`` (E, 2I, H) is ``experts.gate_proj`` (its first I rows) and ``experts.up_proj``."""
+    if hf_name.endswith("experts.gate_up_proj"):
+        half = t.shape[1] // 2
+        stem = hf_name.removesuffix("gate_up_proj")
+        return [(stem + "gate_proj", t[:, :half]), (stem + "up_proj", t[:, half:])]
+    return [(hf_name, t)]
+
+
+def stack_type(types: dict[str, str], param: str) -> str:
+    """The ggml type of a 3-D expert parameter: its per-layer unit's, else its experts' (one per stack:
+    plan_types rounds experts of a stack up to the widest), else F16."""
+    if param in types:
+        return types[param]
+    owner, _, leaf = param.rpartition(".")
+    return types.get(f"{owner}.0.{leaf}", "F16")
 
 
 def nbytes(shape, type_name: str) -> int:
@@ -127,7 +163,7 @@ def _data(t: torch.Tensor, type_name: str, unit, importance, config, arch: str, 
     if type_name == "F16":
         return t.half().numpy()
     h = None if importance is None else importance.get(unit)
-    return layout.pack(quantize(t, type_name, h))
+    return layout.pack(quantize(t.reshape(-1, t.shape[-1]), type_name, h))     # experts: their rows one after another
 
 
 def rope_rows(rows: int, heads: int) -> torch.Tensor:
@@ -176,6 +212,10 @@ def _hf_metadata(w, config, arch: str) -> None:
     w.add_rope_freq_base(float(theta))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(config.vocab_size)
+    if getattr(config, "num_experts", None):
+        w.add_expert_count(config.num_experts)
+        w.add_expert_used_count(config.num_experts_per_tok)
+        w.add_expert_feed_forward_length(config.moe_intermediate_size)
 
 
 def _hf_tokenizer(w, tokenizer, vocab_size: int) -> None:
