@@ -85,7 +85,7 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
           calibration: torch.Tensor | None = None, progress: bool = True,
           compute_device: str | torch.device | None = None, force: bool = False,
           info: dict | None = None, format: str = "bitalloc", out: str | os.PathLike | None = None,
-          tokenizer=None, exact: bool = False) -> nn.Module | dict:
+          tokenizer=None, exact: bool = False, imatrix: str | os.PathLike | None = None) -> nn.Module | dict:
     """Quantize ``model`` by ``plan`` (a BitPlan or a plan JSON path) and replace each planned layer by a
     packed QuantLinear, in place. ``compute_device``: the weights stay on the host and the quantization runs
     there (GPTQ one decoder block at a time, alloc/models/stream.py); the packed layers stay on the host.
@@ -98,7 +98,8 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
     ``format``: "bitalloc" (default) packs in place as above and, with ``out``, also saves the packed folder
     there; "gptq", "compressed-tensors" or "gguf" write that engine's checkpoint at ``out`` (alloc/formats/,
     alloc/ggml/) and leave the model as it is, returning the writer's report (bytes, the plan as stored, …);
-    ``exact`` refuses a row plan those formats cannot store instead of rounding its rows up."""
+    ``exact`` refuses a row plan those formats cannot store instead of rounding its rows up; ``imatrix``
+    (gguf, with ``calibration``) also writes llama.cpp's imatrix file of the calibration there."""
     if not isinstance(model, nn.Module):
         raise BitallocError(f"apply needs an nn.Module, got {type(model).__name__}: load the model first")
     if isinstance(plan, (str, os.PathLike)):
@@ -110,7 +111,9 @@ def apply(model: nn.Module, plan: BitPlan | str | os.PathLike, *, quantizer: str
         if out is None:
             raise BitallocError(f"format {format!r} writes a checkpoint: pass out= (a new folder; a .gguf file for gguf)")
         return write(model, plan, out, format, tokenizer=tokenizer, quantizer=quantizer, calibration=calibration,
-                     exact=exact, force=force, info=info, progress=progress)
+                     exact=exact, force=force, info=info, progress=progress, imatrix=imatrix)
+    if imatrix is not None:
+        raise BitallocError("imatrix= writes llama.cpp's imatrix file: it goes with format='gguf'")
     if out is not None:
         check_new_folder(out)                       # before the slow part
     units = planned_units(model, plan)

@@ -159,6 +159,8 @@ def cmd_apply(args) -> None:
     from ..files import check_space
     from ..provenance import check_plan_model
     from ..quantize_model import quantize_model
+    if getattr(args, "imatrix", None) and args.format != "gguf":
+        raise BitallocError("--imatrix writes llama.cpp's imatrix file: it goes with --format gguf")
     if args.format != "bitalloc":
         from .formats import apply_folder_format, apply_gguf
         return apply_gguf(args) if args.format == "gguf" else apply_folder_format(args)

@@ -23,6 +23,7 @@ def apply_gguf(args) -> None:
     if out.exists():
         raise BitallocError(f"{str(out)!r} exists: give a new file name (apply never overwrites a checkpoint)")
     check_writable(out.parent, try_it=True)
+    imatrix = _new_file(args.imatrix, "--imatrix") if args.imatrix else None
     check_model_args(args)
     plan = BitPlan.load(args.plan)
     if args.quantizer == "gptq":
@@ -35,13 +36,17 @@ def apply_gguf(args) -> None:
     tokens = eval_tokens(prepared, args.eval, args.eval_windows, args.seq_len) if args.eval else None
     report = save_gguf(model, plan, out, tokenizer=prepared.tokenizer, calibration=prepared.tokens,
                        exact=args.exact, force=args.force, info=prepared.info, types=types,
-                       embedding=args.embedding_type)
+                       embedding=args.embedding_type, imatrix=imatrix,
+                       dataset=Path(args.calib).name if args.calib else "bitalloc default text")
     mix = ", ".join(f"{t} ×{n}" for t, n in sorted(report["types"].items()))
     rest = report["bytes"] - report["tensor_bytes"]
     embedding = f"; token embedding {report['embedding']}" if report["embedding"] else ""
     print(f"wrote {sum(report['types'].values())} layers as {mix}: {report['bpw']:.4f} bpw in ggml types "
           f"(the plan: {report['plan_bpw']:.4f} true bpw){embedding} -> {args.out}\n"
           f"file {report['bytes']:,} bytes: tensors {report['tensor_bytes']:,} + metadata and tokenizer {rest:,}")
+    if imatrix is not None:
+        print(f"imatrix: {report['imatrix_entries']} tensors' input statistics over {len(prepared.tokens)} windows of "
+              f"{prepared.tokens.shape[1]} tokens -> {imatrix} (llama-quantize --imatrix {imatrix})")
     if tokens is not None:
         fake = copy.deepcopy(model)
         fake_quantize(fake, report["units"], report["importance"])
@@ -95,6 +100,14 @@ def apply_folder_format(args) -> None:
           f"fake-quantized {ppl_fake:.6f} · relative difference {abs(ppl_file / ppl_fake - 1):.2e}")
 
 
+def _new_file(path: str, flag: str) -> Path:
+    from ..files import check_parent
+    out = check_parent(path)
+    if out.exists():
+        raise BitallocError(f"{flag} {path!r} exists: give a new file name")
+    return out
+
+
 def read_gguf(path: Path, dtype):
     """The GGUF file as transformers' own GGUF loader reads it (dequantized through the ``gguf`` package)."""
     import transformers
@@ -104,6 +117,7 @@ def read_gguf(path: Path, dtype):
 
 def _estimate(model, types: dict[str, str]) -> float:
     """About the file's bytes: each planned unit in its type, every other tensor in F16 (1-D in F32)."""
-    from ..ggml.writer import nbytes
-    return sum(nbytes(tuple(p.shape), types.get(name.removesuffix(".weight"), "F16" if p.dim() > 1 else "F32"))
+    from ..ggml.writer import nbytes, stack_type
+    return sum(nbytes(tuple(p.shape), stack_type(types, name) if p.dim() == 3 else
+                      types.get(name.removesuffix(".weight"), "F16" if p.dim() > 1 else "F32"))
                for name, p in model.named_parameters())

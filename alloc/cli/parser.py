@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-type", default="Q8_0", metavar="TYPE",
                    help="--format gguf: ggml type of the token embedding when the plan leaves it out (default Q8_0, "
                    "as llama.cpp's presets store it where their K-quant does not fit; F16 keeps it)")
+    p.add_argument("--imatrix", metavar="FILE",
+                   help="--format gguf: also write the calibration's statistics as llama.cpp's imatrix file (GGUF "
+                   "form), for llama-quantize --imatrix")
     p.add_argument("--exact", action="store_true",
                    help="--format gguf / compressed-tensors: refuse a row plan (one type per tensor) instead of rounding rows up")
     p.add_argument("--quantizer", default=None, choices=["rtn", "gptq"],

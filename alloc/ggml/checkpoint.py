@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..plan import BitPlan
-from .imatrix import input_energy
+from .imatrix import energy, input_sums, save_imatrix
 from .plan_types import plan_types, types_bits
 from .types import quantize
 
@@ -18,16 +18,18 @@ from .types import quantize
 def save_gguf(model: nn.Module, plan: BitPlan | str | os.PathLike, out: str | os.PathLike, *, tokenizer,
               calibration: torch.Tensor | None = None, exact: bool = False, force: bool = False,
               info: dict | None = None, progress: bool = True, types: dict[str, str] | None = None,
-              embedding: str = "Q8_0") -> dict:
+              embedding: str = "Q8_0", imatrix: str | os.PathLike | None = None, dataset: str = "") -> dict:
     """Write ``model`` quantized by ``plan`` as the GGUF file ``out``; ``calibration`` token windows weight the
     rounding by each column's input energy; ``types``: plan_types' answer when already computed;
     ``embedding``: the ggml type of the token embedding when the plan leaves it out (llama.cpp's presets
-    quantize it too, Q8_0 where their K-quant does not fit; "F16" keeps it).
+    quantize it too, Q8_0 where their K-quant does not fit; "F16" keeps it); ``imatrix``: also write the
+    calibration's statistics there as llama.cpp's imatrix file (``dataset`` names the text in it).
 
     Returns what was written: {"types": {type: count of planned units}, "embedding": its type when added
     here (else None), "bpw" of the planned units in their ggml types,
     "plan_bpw", "bytes" of the file, "tensor_bytes" of its tensors, "units": {tensor's module: type}, the
-    embedding included, "importance": the input energies (or None)}."""
+    embedding included, "importance": the input energies (or None), "imatrix_entries": tensors in the imatrix
+    file (None when not written)}."""
     from ..packed import planned_units
     from ..provenance import check_plan_model
     from .writer import write
@@ -38,11 +40,25 @@ def save_gguf(model: nn.Module, plan: BitPlan | str | os.PathLike, out: str | os
     types = plan_types(plan, units, exact=exact) if types is None else types
     embedded = embedding_type(model, types, embedding)
     types = {**types, **embedded}
-    importance = None if calibration is None else input_energy(model, units, calibration, progress=progress)
+    if imatrix is not None and calibration is None:
+        from ..errors import BitallocError
+        raise BitallocError("an imatrix file holds the calibration's statistics: give calibration tokens")
+    importance = None
+    if calibration is not None:
+        sums, counts = input_sums(model, units, calibration, progress=progress)
+        importance = energy(sums, counts)
     tensor_bytes = write(model, tokenizer, types, out, importance=importance, progress=progress)
+    entries = None
+    if imatrix is not None:
+        try:
+            entries = save_imatrix(model, sums, counts, imatrix, dataset=dataset, chunk_size=calibration.shape[1])
+        except BaseException:
+            Path(out).unlink(missing_ok=True)        # both files or neither
+            raise
     return {"types": dict(Counter(types[u.name] for u in units)), "embedding": next(iter(embedded.values()), None),
             "bpw": types_bits({u.name: types[u.name] for u in units}, units), "plan_bpw": plan.true_bpw,
-            "bytes": Path(out).stat().st_size, "tensor_bytes": tensor_bytes, "units": types, "importance": importance}
+            "bytes": Path(out).stat().st_size, "tensor_bytes": tensor_bytes, "units": types, "importance": importance,
+            "imatrix_entries": entries}
 
 
 def embedding_type(model: nn.Module, types: dict[str, str], embedding: str) -> dict[str, str]:

@@ -1,8 +1,14 @@
 """Input energy per column of each planned Linear layer: the mean square of the inputs over the calibration
-tokens (what llama.cpp's importance matrix holds), weighting the ggml quantizer's rounding error.
+tokens (what llama.cpp's importance matrix holds), weighting the ggml quantizer's rounding error; and the
+same statistics as llama.cpp's imatrix file (``save_imatrix``), for llama-quantize's ``--imatrix``.
 
 Collected one decoder block at a time (alloc/models/stream.py) when the model has blocks, so it needs one
-block's activations, as GPTQ does."""
+block's activations, as GPTQ does.
+
+The imatrix file is llama.cpp's GGUF form (``general.type`` "imatrix"): per weight tensor of the model's GGUF,
+``<tensor>.in_sum2`` (F32, the sum of x² per input column) and ``<tensor>.counts`` (F32, the tokens summed),
+one row per expert matrix (here one: MoE experts have no entry, llama-quantize then rounds them unweighted),
+and ``imatrix.datasets`` / ``imatrix.chunk_count`` / ``imatrix.chunk_size``."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +21,18 @@ from ..units import EXPERT_KINDS
 def input_energy(model: nn.Module, units, tokens: torch.Tensor, *, batch_size: int = 4,
                  progress: bool = True) -> dict[str, torch.Tensor]:
     """{unit name: (in,) float32 mean of x² per input column} for the Linear units of ``units``."""
+    return energy(*input_sums(model, units, tokens, batch_size=batch_size, progress=progress))
+
+
+def energy(sums: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """``input_sums``' answer as the mean x² per input column (float32)."""
+    return {k: (v / max(counts[k], 1)).float() for k, v in sums.items()}
+
+
+def input_sums(model: nn.Module, units, tokens: torch.Tensor, *, batch_size: int = 4,
+               progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """({unit name: (in,) float64 sum of x² per input column}, {unit name: tokens summed}) for the Linear
+    units of ``units``."""
     from ..models.stream import BlockStream
     from ..units import find_blocks
     modules = dict(model.named_modules())
@@ -25,7 +43,7 @@ def input_energy(model: nn.Module, units, tokens: torch.Tensor, *, batch_size: i
     def hook(name):
         def fn(module, args, output):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + x.square().sum(0).cpu()
+            sums[name] = sums.get(name, 0) + x.square().sum(0).double().cpu()
             counts[name] = counts.get(name, 0) + x.shape[0]
         return fn
     handles = [modules[u.name].register_forward_hook(hook(u.name)) for u in linear]
@@ -47,4 +65,36 @@ def input_energy(model: nn.Module, units, tokens: torch.Tensor, *, batch_size: i
     finally:
         for h in handles:
             h.remove()
-    return {k: (v / max(counts[k], 1)).float() for k, v in sums.items()}
+    return sums, counts
+
+
+def save_imatrix(model: nn.Module, sums: dict[str, torch.Tensor], counts: dict[str, int], out, *,
+                 dataset: str, chunk_size: int) -> int:
+    """Write llama.cpp's imatrix file ``out`` (GGUF form, see the module docstring) from ``input_sums``'
+    answer, each unit under the name its weight has in the model's GGUF; returns the number of entries."""
+    import gguf
+    import numpy as np
+
+    from ..files import atomic_path
+    from .writer import tensor_names
+    names = tensor_names(model)
+    entries = {}
+    for unit, total in sums.items():
+        name = names.get_name(unit + ".weight", try_suffixes=(".weight",))
+        if name is not None:
+            entries[name] = (total.float().numpy().reshape(1, -1), np.array([[float(counts[unit])]], np.float32))
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch="")
+        w.add_string("general.type", "imatrix")
+        w.add_array("imatrix.datasets", [dataset])
+        w.add_uint32("imatrix.chunk_count", max(counts.values(), default=0) // max(chunk_size, 1))
+        w.add_uint32("imatrix.chunk_size", chunk_size)
+        for name in sorted(entries):
+            in_sum2, count = entries[name]
+            w.add_tensor(f"{name}.in_sum2", in_sum2)
+            w.add_tensor(f"{name}.counts", count)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return len(entries)

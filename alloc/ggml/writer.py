@@ -42,8 +42,7 @@ def write(model: nn.Module, tokenizer, types: dict[str, str], out: str | os.Path
     import gguf
     source = _source_gguf(model)
     arch = _arch(model, source)
-    n_blocks = getattr(model.config, "num_hidden_layers", 0)
-    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_blocks)
+    names = tensor_names(model)
     tensors = _tensor_list(model, types, names, arch)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
@@ -65,6 +64,14 @@ def write(model: nn.Module, tokenizer, types: dict[str, str], out: str | os.Path
             w.write_tensor_data(_data(tensor, type_name, unit, importance, model.config, arch, name))
         w.close()
     return sum(nbytes(shape, type_name) for _, _, shape, type_name, _ in tensors)
+
+
+def tensor_names(model: nn.Module):
+    """The ``gguf`` package's name map from this model's parameter names to its GGUF tensor names."""
+    import gguf
+    arch = _arch(model, _source_gguf(model))
+    n_blocks = getattr(model.config, "num_hidden_layers", 0)
+    return gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_blocks)
 
 
 def _source_gguf(model: nn.Module) -> Path | None:
