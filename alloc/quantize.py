@@ -198,6 +198,38 @@ def ggml_quantize(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = Non
     return quantize_ggml(W, spec.ggml_for(W.shape[1]), importance)
 
 
+def damped(W: torch.Tensor, H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ's starting point: float32 copies of ``W`` and ``H`` with dead inputs (H_jj = 0) zeroed in W and
+    set to 1 on H's diagonal, ``damp`` × the mean diagonal added to it, and that diagonal (column importance)."""
+    W = W.detach().float().clone()
+    H = H.detach().to(W.device).float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.diag(H).mean() * torch.eye(W.shape[1], dtype=H.dtype, device=H.device)
+    return W, H, torch.diag(H).clone()
+
+
+def sweep(W: torch.Tensor, H: torch.Tensor, block_size: int, round_col) -> None:
+    """GPTQ's column sweep, in place on ``W`` (out, in) whose columns are in sweep order (``H`` likewise):
+    ``round_col(col, W1, i)`` rounds column ``col`` (``W1[:, i]`` of the current block, error-updated) and
+    returns it dequantized; its error is spread over the columns not yet rounded through the inverse Hessian."""
+    in_f = W.shape[1]
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)      # (in, in), upper
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            err = (w - round_col(i1 + i, W1, i)) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
          damp: float = 0.01, row_bits: torch.Tensor | None = None, act_order: bool = False,
          grid=(1.0,)) -> QuantizedWeight | RowQuantized:
@@ -211,13 +243,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int =
     clipping, weighting each column's rounding error by H_jj (``searched_params``). With ``row_bits`` each
     output row rounds to its own grid (the column sweep is unchanged) and a RowQuantized comes back."""
     out_f, in_f = W.shape
-    W = W.detach().float().clone()
-    H = H.detach().to(W.device).float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype, device=H.device)
-    h = torch.diag(H).clone()                                                  # column importance
+    W, H, h = damped(W, H, damp)
 
     g = in_f if spec.group_size == -1 else spec.group_size
     if spec.group_size != -1:
@@ -241,29 +267,18 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int =
     perm = torch.argsort(h, descending=True, stable=True) if act_order else torch.arange(in_f, device=W.device)
     group_of = perm // g                                                       # each swept column's group
     W, H = W[:, perm], H[perm][:, perm]
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)      # (in, in), upper
     q_perm = torch.zeros_like(codes)
 
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            gi = int(group_of[col])
-            if not static and col % g == 0:
-                s, z = params(W1[:, i:i + g], h[col:col + g])
-                scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
-            w = W1[:, i]
-            q = torch.round(w / scales[:, gi]) + zeros[:, gi]
-            q = torch.clamp(q, 0, maxq) if row_bits is None else torch.minimum(q.clamp(min=0), maxq)
-            q_perm[:, col] = q.to(torch.int32)
-            err = (w - (q - zeros[:, gi]) * scales[:, gi]) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    def round_col(col, W1, i):
+        gi = int(group_of[col])
+        if not static and col % g == 0:
+            s, z = params(W1[:, i:i + g], h[col:col + g])
+            scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
+        q = torch.round(W1[:, i] / scales[:, gi]) + zeros[:, gi]
+        q = torch.clamp(q, 0, maxq) if row_bits is None else torch.minimum(q.clamp(min=0), maxq)
+        q_perm[:, col] = q.to(torch.int32)
+        return (q - zeros[:, gi]) * scales[:, gi]
+    sweep(W, H, block_size, round_col)
     codes[:, perm] = q_perm
     if row_bits is not None:
         return split_rows(codes, scales, zeros, row_bits, spec)
@@ -309,9 +324,12 @@ class Quantizer:
         return rtn(W, spec, grid=self.grid) if not kw else rtn_rows(W, spec, kw["row_bits"], grid=self.grid)
 
     def gptq(self, W, H, spec, **kw):
-        """GPTQ; a ggml-type option is rounded by its own search, weighted by H's diagonal (no error feedback)."""
+        """GPTQ; a ggml-type option by GPTQ on that type's grid (alloc/ggml/gptq.py)."""
         if spec.ggml:
-            return ggml_quantize(W, spec, H) if not kw else _no_ggml_rows(spec)
+            from .ggml.gptq import gptq_ggml
+            from .ggml.types import get_type
+            return gptq_ggml(W, H, get_type(spec.ggml_for(W.shape[1])), damp=self.damp) if not kw \
+                else _no_ggml_rows(spec)
         return gptq(W, H, spec, damp=self.damp, act_order=self.act_order, grid=self.grid, **kw)
 
     def fake(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,8 +21,9 @@ from .errors import BitallocWarning
 from .files import cache_dir, os_error_line
 
 # Bumped whenever the numbers a probe measures change for the same inputs (2: RTN and GPTQ clip by default,
-# GPTQ sweeps in act-order; 3: the key holds the window shape, dtype and batch size: older entries are unkeyed).
-TABLE_NUMERICS = 3
+# GPTQ sweeps in act-order; 3: the key holds the window shape, dtype and batch size: older entries are unkeyed;
+# 4: GPTQ rounds ggml-type options by GPTQ on their grid, not by their importance-weighted search alone).
+TABLE_NUMERICS = 4
 
 
 def key_inputs(prepared, probe_name: str, settings: dict) -> dict:

@@ -1,10 +1,12 @@
 """GGUF files for llama.cpp (issue #22): llama.cpp's Q3_K_M and Q4_K_M mixes (its rules, alloc/reporting/
 baselines.py) against bitalloc's plan over ggml types (``--options ggml``) at the same true bits, each written
-by ``save_gguf`` (our K-quant quantizers, weighted by the calibration's input energy) and scored by reading
-the FILE back through transformers' GGUF loader: perplexity on held-out windows, and the fake-quantized
-model's perplexity beside it (they should agree).
+by ``save_gguf`` (our K-quant quantizers: ``--quantizer rtn`` is the search weighted by the calibration's
+input energy, ``gptq`` GPTQ on the K-quant grid) and scored by reading the FILE back through transformers'
+GGUF loader: perplexity on held-out windows, and the fake-quantized model's perplexity beside it (they should
+agree).
 
     python examples/bench_gguf.py --model gemma-3-270m-q4_k_m.gguf
+    python examples/bench_gguf.py --model gemma-3-270m-q4_k_m.gguf --quantizer gptq --probe kfac
 
 Gemma-3-270M's fp reference is the dequantized Q4_K_M GGUF (loaded in bf16).
 """
@@ -22,6 +24,7 @@ from bitalloc.calibration import read_text, windows
 from bitalloc.cli.formats import read_gguf
 from bitalloc.evaluate import perplexity
 from bitalloc.ggml.checkpoint import fake_quantize
+from bitalloc.quantize_model import set_unit_weights
 from bitalloc.reporting.baselines import llama_cpp_plan
 from bitalloc.sensitivity.table import SensitivityTable
 
@@ -33,6 +36,8 @@ def main() -> None:
     ap.add_argument("--eval", default="../shared/data/eval.txt")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--probe", default="fisher")
+    ap.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"],
+                    help="how every file (the mixes' too) is rounded; kfac then measures that quantizer's ΔW")
     ap.add_argument("--n-windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
@@ -44,11 +49,12 @@ def main() -> None:
     t0 = time.time()
     p = api.prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len,
                     dtype=args.dtype, options="ggml")
-    table = api.measure(p, args.probe)
+    table = api.measure(p, args.probe, settings=api.quantizer_settings(args.probe, args.quantizer, {}))
     tokens = windows(p.tokenizer, read_text(args.eval), seq_len=args.seq_len, n_windows=args.eval_windows,
                      source="eval")
     fp = perplexity(p.model, tokens, desc="ppl fp", progress=False)
-    print(f"{p.info['id']}: {len(p.units)} units, fp ppl {fp:.4f}, table {time.time() - t0:.0f} s", flush=True)
+    print(f"{p.info['id']}: {len(p.units)} units, fp ppl {fp:.4f}, {args.probe} table for {args.quantizer} "
+          f"{time.time() - t0:.0f} s", flush=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_gguf-"))
     dtype = next(p.model.parameters()).dtype
 
@@ -56,9 +62,12 @@ def main() -> None:
         t = time.time()
         out = work / f"{label.replace(' ', '_')}.gguf"
         out.unlink(missing_ok=True)
-        r = save_gguf(p.model, plan, out, tokenizer=p.tokenizer, calibration=p.tokens, progress=False)
+        r = save_gguf(p.model, plan, out, tokenizer=p.tokenizer, calibration=p.tokens, progress=False,
+                      quantizer=args.quantizer, keep_weights=True)
         fake = copy.deepcopy(p.model)
         fake_quantize(fake, r["units"], r["importance"])
+        if r["weights"]:
+            set_unit_weights(fake, p.units, r["weights"])
         ppl_fake = perplexity(fake, tokens, desc="ppl fake", progress=False)
         del fake
         ppl_file = perplexity(read_gguf(out, dtype), tokens, desc="ppl file", progress=False)

@@ -26,8 +26,7 @@ def apply_gguf(args) -> None:
     imatrix = _new_file(args.imatrix, "--imatrix") if args.imatrix else None
     check_model_args(args)
     plan = BitPlan.load(args.plan)
-    if args.quantizer == "gptq":
-        print("note: --format gguf rounds each layer by its own importance-weighted search, not GPTQ")
+    args.quantizer = args.quantizer or plan.extra.get("quantizer", "rtn")
     prepared = prepare_for_plan(args, plan)
     model = prepared.model
     types = plan_types(plan, prepared.units, exact=args.exact)          # refuses a row plan with --exact early
@@ -37,11 +36,12 @@ def apply_gguf(args) -> None:
     report = save_gguf(model, plan, out, tokenizer=prepared.tokenizer, calibration=prepared.tokens,
                        exact=args.exact, force=args.force, info=prepared.info, types=types,
                        embedding=args.embedding_type, imatrix=imatrix,
-                       dataset=Path(args.calib).name if args.calib else "bitalloc default text")
+                       dataset=Path(args.calib).name if args.calib else "bitalloc default text",
+                       quantizer=args.quantizer, keep_weights=args.eval is not None)
     mix = ", ".join(f"{t} ×{n}" for t, n in sorted(report["types"].items()))
     rest = report["bytes"] - report["tensor_bytes"]
     embedding = f"; token embedding {report['embedding']}" if report["embedding"] else ""
-    print(f"wrote {sum(report['types'].values())} layers as {mix}: {report['bpw']:.4f} bpw in ggml types "
+    print(f"wrote {sum(report['types'].values())} layers as {mix} ({args.quantizer}): {report['bpw']:.4f} bpw in ggml types "
           f"(the plan: {report['plan_bpw']:.4f} true bpw){embedding} -> {args.out}\n"
           f"file {report['bytes']:,} bytes: tensors {report['tensor_bytes']:,} + metadata and tokenizer {rest:,}")
     if imatrix is not None:
@@ -50,6 +50,9 @@ def apply_gguf(args) -> None:
     if tokens is not None:
         fake = copy.deepcopy(model)
         fake_quantize(fake, report["units"], report["importance"])
+        if report["weights"]:                           # GPTQ's weights in place of the search's
+            from ..quantize_model import set_unit_weights
+            set_unit_weights(fake, prepared.units, report["weights"])
         ppl_fake = perplexity(fake, tokens, desc="ppl fake-quantized")
         del fake
         read = read_gguf(out, next(model.parameters()).dtype)

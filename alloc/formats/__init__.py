@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import BitallocError, BitallocWarning
+from ..errors import BitallocError
 
 FORMATS = ("bitalloc", "gptq", "compressed-tensors", "gguf")
 
@@ -27,13 +27,9 @@ def write(model, plan, out: str | os.PathLike, fmt: str, *, tokenizer=None, quan
         if tokenizer is None:
             raise BitallocError("format 'gguf' stores the tokenizer in the file: pass tokenizer= (the model was not "
                                 "loaded from a folder that has one)")
-        if quantizer != "rtn":
-            import warnings
-            warnings.warn(f"format 'gguf' rounds each layer by its own importance-weighted search, not {quantizer}",
-                          BitallocWarning, stacklevel=3)
         from ..ggml.checkpoint import save_gguf
         report = save_gguf(model, plan, out, tokenizer=tokenizer, calibration=calibration, exact=exact, force=force,
-                           info=info, progress=progress, imatrix=imatrix)
+                           info=info, progress=progress, imatrix=imatrix, quantizer=quantizer)
     elif fmt == "gptq":
         from . import gptq
         report = gptq.save(model, plan, out, tokenizer=tokenizer, quantizer=quantizer, calibration=calibration,

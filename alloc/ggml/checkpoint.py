@@ -18,12 +18,16 @@ from .types import quantize
 def save_gguf(model: nn.Module, plan: BitPlan | str | os.PathLike, out: str | os.PathLike, *, tokenizer,
               calibration: torch.Tensor | None = None, exact: bool = False, force: bool = False,
               info: dict | None = None, progress: bool = True, types: dict[str, str] | None = None,
-              embedding: str = "Q8_0", imatrix: str | os.PathLike | None = None, dataset: str = "") -> dict:
+              embedding: str = "Q8_0", imatrix: str | os.PathLike | None = None, dataset: str = "",
+              quantizer: str = "rtn", keep_weights: bool = False) -> dict:
     """Write ``model`` quantized by ``plan`` as the GGUF file ``out``; ``calibration`` token windows weight the
     rounding by each column's input energy; ``types``: plan_types' answer when already computed;
     ``embedding``: the ggml type of the token embedding when the plan leaves it out (llama.cpp's presets
     quantize it too, Q8_0 where their K-quant does not fit; "F16" keeps it); ``imatrix``: also write the
-    calibration's statistics there as llama.cpp's imatrix file (``dataset`` names the text in it).
+    calibration's statistics there as llama.cpp's imatrix file (``dataset`` names the text in it);
+    ``quantizer`` "gptq" rounds each planned matrix by GPTQ on its type's grid (ggml/gptq.py, one decoder
+    block at a time with the blocks before it quantized) instead of the importance-weighted search alone
+    ("rtn"); ``keep_weights``: the report also holds {unit: the weight as the file decodes it} of those.
 
     Returns what was written: {"types": {type: count of planned units}, "embedding": its type when added
     here (else None), "bpw" of the planned units in their ggml types,
@@ -47,7 +51,13 @@ def save_gguf(model: nn.Module, plan: BitPlan | str | os.PathLike, out: str | os
     if calibration is not None:
         sums, counts = input_sums(model, units, calibration, progress=progress)
         importance = energy(sums, counts)
-    tensor_bytes = write(model, tokenizer, types, out, importance=importance, progress=progress)
+    packed, kept = ({}, {}) if quantizer == "gptq" else (None, None)
+    if quantizer == "gptq":
+        _gptq_packed(model, units, plan, types, calibration, packed, kept if keep_weights else None, progress)
+    elif quantizer != "rtn":
+        from ..errors import BitallocError
+        raise BitallocError(f"unknown quantizer {quantizer!r}: choose rtn or gptq")
+    tensor_bytes = write(model, tokenizer, types, out, importance=importance, progress=progress, packed=packed)
     entries = None
     if imatrix is not None:
         try:
@@ -58,7 +68,38 @@ def save_gguf(model: nn.Module, plan: BitPlan | str | os.PathLike, out: str | os
     return {"types": dict(Counter(types[u.name] for u in units)), "embedding": next(iter(embedded.values()), None),
             "bpw": types_bits({u.name: types[u.name] for u in units}, units), "plan_bpw": plan.true_bpw,
             "bytes": Path(out).stat().st_size, "tensor_bytes": tensor_bytes, "units": types, "importance": importance,
-            "imatrix_entries": entries}
+            "imatrix_entries": entries, "weights": kept}
+
+
+def _gptq_packed(model, units, plan, types, calibration, packed: dict, kept: dict | None, progress: bool) -> None:
+    """GPTQ on each planned 2-D unit's ggml grid: {unit: its packed blocks} into ``packed`` (and the decoded
+    weights into ``kept``); the model's weights are left as they were. MoE expert stacks keep the search."""
+    import warnings
+
+    from ..errors import BitallocError, BitallocWarning
+    from ..options import QuantSpec
+    from ..quantize_model import quantize_model, set_unit_weights
+    from ..units import EXPERT_KINDS, unit_weight
+    from . import layout
+    if calibration is None:
+        raise BitallocError("GPTQ needs calibration tokens to round by")
+    flat = [u for u in units if u.kind not in EXPERT_KINDS]
+    if len(flat) < len(units):
+        warnings.warn(f"{len(units) - len(flat)} MoE expert stack(s) are rounded by the importance-weighted search, "
+                      "not GPTQ (GPTQ on ggml grids covers 2-D weights)", BitallocWarning, stacklevel=3)
+    specs = {u.name: QuantSpec(16) if types[u.name] == "F16" else QuantSpec.of_ggml(types[u.name]) for u in flat}
+    gplan = BitPlan(specs, {u.name: u.shape for u in flat}, plan.budget_bits, solver=plan.solver)
+    modules = dict(model.named_modules())
+    saved = {u.name: unit_weight(modules, u).detach().clone() for u in flat}
+
+    def sink(name, q):
+        packed[name] = layout.pack(q)
+        if kept is not None:
+            kept[name] = q.dequantize()
+    try:
+        quantize_model(model, flat, gplan, quantizer="gptq", calibration=calibration, progress=progress, sink=sink)
+    finally:
+        set_unit_weights(model, flat, saved)
 
 
 def embedding_type(model: nn.Module, types: dict[str, str], embedding: str) -> dict[str, str]:

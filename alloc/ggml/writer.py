@@ -36,9 +36,11 @@ SKIP_KEYS = ("GGUF.", "general.file_type", "general.quantization_version", "spli
 
 
 def write(model: nn.Module, tokenizer, types: dict[str, str], out: str | os.PathLike, *,
-          importance: dict[str, torch.Tensor] | None = None, progress: bool = True) -> int:
+          importance: dict[str, torch.Tensor] | None = None, progress: bool = True,
+          packed: dict[str, np.ndarray] | None = None) -> int:
     """Write ``model`` with each unit of ``types`` ({module name: ggml type}) quantized to the GGUF ``out``;
-    returns the bytes of its tensor data (the file adds the metadata and tokenizer)."""
+    ``packed``: units already quantized ({name: layout.pack's blocks}, e.g. by GPTQ), written as they are.
+    Returns the bytes of its tensor data (the file adds the metadata and tokenizer)."""
     import gguf
     source = _source_gguf(model)
     arch = _arch(model, source)
@@ -61,7 +63,7 @@ def write(model: nn.Module, tokenizer, types: dict[str, str], out: str | os.Path
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for name, tensor, shape, type_name, unit in tqdm(tensors, desc="write gguf", leave=False, disable=not progress):
-            w.write_tensor_data(_data(tensor, type_name, unit, importance, model.config, arch, name))
+            w.write_tensor_data(_data(tensor, type_name, unit, importance, model.config, arch, name, packed))
         w.close()
     return sum(nbytes(shape, type_name) for _, _, shape, type_name, _ in tensors)
 
@@ -158,13 +160,19 @@ def nbytes(shape, type_name: str) -> int:
     return n // t.block * t.block_bytes
 
 
-def _data(t: torch.Tensor, type_name: str, unit, importance, config, arch: str, name: str) -> np.ndarray:
-    t = t.detach().float().cpu()
+def _data(t: torch.Tensor, type_name: str, unit, importance, config, arch: str, name: str,
+          packed: dict | None = None) -> np.ndarray:
+    if packed is not None and unit in packed:
+        t = torch.from_numpy(packed[unit])               # rows of blocks, in the weight's own row order
+    else:
+        t = t.detach().float().cpu()
     if t.dim() == 1 and arch in PLUS_ONE_NORMS and name.endswith("norm.weight"):
         t = t + 1                                      # gemma computes x * (1 + w); llama.cpp stores 1 + w
     if arch in PERMUTED and name.endswith(("attn_q.weight", "attn_k.weight")):
         heads = config.num_attention_heads if name.endswith("attn_q.weight") else config.num_key_value_heads
         t = t[rope_rows(t.shape[0], heads)]
+    if packed is not None and unit in packed:
+        return np.ascontiguousarray(t.numpy())
     if type_name == "F32":
         return t.numpy().astype(np.float32)
     if type_name == "F16":

@@ -83,8 +83,9 @@ class CheckpointIn(BaseModel):
     """POST /v1/plans/{id}/checkpoints: the plan written for a serving engine, as `bitalloc apply --format`."""
     model_config = ConfigDict(extra="forbid")
     format: Literal["bitalloc", "gptq", "compressed-tensors", "gguf"] = "bitalloc"
-    quantizer: Literal["rtn", "gptq"] | None = Field(None, description="default: the plan's own (gguf: rtn, its "
-                                                                       "importance-weighted K-quant rounding)")
+    quantizer: Literal["rtn", "gptq"] | None = Field(None, description="default: the plan's own (gguf: rtn is its "
+                                                                       "importance-weighted K-quant search, gptq "
+                                                                       "GPTQ on the K-quant grid)")
 
 
 class JobOut(BaseModel):

@@ -132,3 +132,30 @@ def test_the_ggml_option_set_has_true_sizes():
     assert specs["Q6_K"].ggml_for(640) == "Q8_0"
     again = BitPlan.from_json(BitPlan({"a": specs["Q3_K"]}, {"a": (256, 256)}, 3.5).to_json())
     assert again.layers["a"] == specs["Q3_K"] and again.layers["a"].label() == "Q3_K"
+
+
+@pytest.mark.slow
+def test_gptq_on_the_k_quant_grid_reads_back_as_it_was_rounded(k_llama_dir, calib_file, tmp_path, capsys):
+    plan_path, out = tmp_path / "plan.json", tmp_path / "m.gguf"
+    assert main(["allocate", "--model", str(k_llama_dir), "--calib", str(calib_file), "--budget", "3.5",
+                 "--options", "ggml", "--quantizer", "gptq", "--out", str(plan_path), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["apply", "--model", str(k_llama_dir), "--calib", str(calib_file), "--plan", str(plan_path),
+                 "--format", "gguf", "--out", str(out), "--eval", str(calib_file), "--eval-windows", "2", *FAST]) == 0
+    said = capsys.readouterr().out
+    assert "(gptq)" in said and "relative difference 0.00e+00" in said
+
+
+def test_gptq_on_a_ggml_grid_beats_the_search_on_correlated_inputs():
+    from bitalloc.ggml.gptq import gptq_ggml
+    from bitalloc.ggml.types import TYPES, quantize
+    torch.manual_seed(0)
+    X = torch.randn(1024, 256) @ (torch.eye(256) + 0.3 * torch.randn(256, 256))     # correlated inputs
+    W = torch.randn(64, 256) * 0.05
+    H = X.T @ X
+    for name in ("Q2_K", "Q3_K", "Q4_K", "Q6_K"):
+        searched = quantize(W, TYPES[name], torch.diag(H)).dequantize()
+        q = gptq_ggml(W, H, TYPES[name])
+        assert q.u.dtype == torch.uint8 and int(q.u.max()) < 2 ** TYPES[name].bits
+        err = lambda V: float(((X @ (W - V).T) ** 2).sum())                          # noqa: E731
+        assert err(q.dequantize()) < 0.9 * err(searched), name

@@ -94,10 +94,7 @@ def create_checkpoint(plan_id: str, body: CheckpointIn, request: Request, wait: 
     row = catalog.get_plan(svc.store, plan_id)
     model = catalog.get_model(svc.store, row.model_id)
     plan = load_plan(row)
-    quantizer = body.quantizer or ("rtn" if body.format == "gguf" else plan.extra.get("quantizer", "rtn"))
-    if body.format == "gguf" and quantizer != "rtn":
-        raise Unprocessable("field 'quantizer': gguf rounds each layer by its own importance-weighted K-quant search: "
-                            "leave quantizer out (or rtn)")
+    quantizer = body.quantizer or plan.extra.get("quantizer", "rtn")
     if body.format == "gptq" and plan.row_bits:
         raise Unprocessable("field 'format': a GPTQ layer has one width and this is a row plan: ask for format "
                             "bitalloc (compressed-tensors and gguf round its rows up), or for a layer plan")
