@@ -121,17 +121,19 @@ def embedding_type(model: nn.Module, types: dict[str, str], embedding: str) -> d
 def fake_quantize(model: nn.Module, units: dict[str, str], importance: dict[str, torch.Tensor] | None = None) -> None:
     """In place: each unit of ``units`` ({name: ggml type}) holds the weights its type decodes to, and every
     other matrix is rounded to fp16 as the GGUF stores it: the numbers a reader of the file computes with.
-    An MoE expert stack (3-D) takes its stack's type (writer.stack_type), each expert row by row; routers
-    stay in float32."""
+    An MoE expert stack (3-D) takes its stack's type (writer.stack_type), each expert weighted by its own row
+    of importance; routers stay in float32."""
     from ..units import _is_router
     from .writer import stack_type
     modules = dict(model.named_modules())
     for name, p in model.named_parameters():
         owner = name.removesuffix(".weight")
         kind = stack_type(units, name) if p.dim() == 3 else units.get(owner, "F16")
-        if kind != "F16":
-            W = quantize(p.detach().reshape(-1, p.shape[-1]), kind,
-                         None if importance is None else importance.get(owner))
-            p.copy_(W.dequantize().reshape(p.shape).to(p.dtype))
+        h = None if importance is None else importance.get(owner)
+        if kind != "F16" and p.dim() == 3:              # each expert by its own importance row
+            for e in range(p.shape[0]):
+                p[e].copy_(quantize(p[e].detach(), kind, None if h is None else h[e]).dequantize().to(p.dtype))
+        elif kind != "F16":
+            p.copy_(quantize(p.detach(), kind, h).dequantize().to(p.dtype))
         elif (p.dim() >= 2 and not (owner in modules and _is_router(owner, modules))) or owner in units:
             p.copy_(p.half().to(p.dtype))             # routers stay F32 (writer._tensor_list)

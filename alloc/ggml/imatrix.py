@@ -7,14 +7,14 @@ block's activations, as GPTQ does.
 
 The imatrix file is llama.cpp's GGUF form (``general.type`` "imatrix"): per weight tensor of the model's GGUF,
 ``<tensor>.in_sum2`` (F32, the sum of x² per input column) and ``<tensor>.counts`` (F32, the tokens summed),
-one row per expert matrix (here one: MoE experts have no entry, llama-quantize then rounds them unweighted),
-and ``imatrix.datasets`` / ``imatrix.chunk_count`` / ``imatrix.chunk_size``."""
+one row per expert matrix (MoE stacks ``ffn_*_exps``: one per expert, as llama.cpp collects them), and ``imatrix.datasets`` / ``imatrix.chunk_count`` / ``imatrix.chunk_size``."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..models.expert_inputs import expert_energy
 from ..units import EXPERT_KINDS
 
 
@@ -24,15 +24,23 @@ def input_energy(model: nn.Module, units, tokens: torch.Tensor, *, batch_size: i
     return energy(*input_sums(model, units, tokens, batch_size=batch_size, progress=progress))
 
 
-def energy(sums: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
-    """``input_sums``' answer as the mean x² per input column (float32)."""
-    return {k: (v / max(counts[k], 1)).float() for k, v in sums.items()}
+def energy(sums: dict[str, torch.Tensor], counts: dict) -> dict[str, torch.Tensor]:
+    """``input_sums``' answer as the mean x² per input column (float32); an expert no token reached weighs
+    every column alike."""
+    out = {}
+    for k, v in sums.items():
+        c = torch.as_tensor(counts[k], dtype=torch.float64)
+        out[k] = (v / c.clamp(min=1)[..., None] if c.dim() else v / max(float(c), 1.0)).float()
+        if c.dim():
+            out[k][c == 0] = 1.0
+    return out
 
 
 def input_sums(model: nn.Module, units, tokens: torch.Tensor, *, batch_size: int = 4,
                progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """({unit name: (in,) float64 sum of x² per input column}, {unit name: tokens summed}) for the Linear
-    units of ``units``."""
+    units of ``units``; for MoE experts, per stack parameter (``mlp.experts.gate_up_proj``): (E, in) sums and
+    (E,) token counts, one row per expert (alloc/models/expert_inputs.py)."""
     from ..models.stream import BlockStream
     from ..units import find_blocks
     modules = dict(model.named_modules())
@@ -48,8 +56,10 @@ def input_sums(model: nn.Module, units, tokens: torch.Tensor, *, batch_size: int
         return fn
     handles = [modules[u.name].register_forward_hook(hook(u.name)) for u in linear]
     batches = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
+    expert_sums: dict[tuple, torch.Tensor] = {}
+    expert_counts: dict[tuple, int] = {}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), expert_energy(modules, units, expert_sums, expert_counts):
             if not find_blocks(model, linear):
                 for b in tqdm(batches, desc="importance", leave=False, disable=not progress):
                     model(input_ids=b.to(next(model.parameters()).device), use_cache=False)
@@ -65,6 +75,14 @@ def input_sums(model: nn.Module, units, tokens: torch.Tensor, *, batch_size: int
     finally:
         for h in handles:
             h.remove()
+    for u in units:
+        stack = f"{u.module_name}.{u.param}"
+        if u.kind in EXPERT_KINDS and stack not in sums:
+            n = getattr(modules[u.module_name], u.param).shape[0]
+            width = u.shape[1]
+            sums[stack] = torch.stack([expert_sums.get((stack, e), torch.zeros(width, dtype=torch.float64))
+                                       for e in range(n)])
+            counts[stack] = torch.tensor([expert_counts.get((stack, e), 0) for e in range(n)])
     return sums, counts
 
 
@@ -77,17 +95,23 @@ def save_imatrix(model: nn.Module, sums: dict[str, torch.Tensor], counts: dict[s
 
     from ..files import atomic_path
     from .writer import tensor_names
+    from .writer import expert_parts
     names = tensor_names(model)
     entries = {}
     for unit, total in sums.items():
-        name = names.get_name(unit + ".weight", try_suffixes=(".weight",))
-        if name is not None:
-            entries[name] = (total.float().numpy().reshape(1, -1), np.array([[float(counts[unit])]], np.float32))
+        count = torch.as_tensor(counts[unit], dtype=torch.float32).reshape(-1, 1).numpy()
+        rows = total.float().numpy().reshape(count.shape[0], -1)       # one row per expert (1 for a Linear)
+        parts = [hf for hf, _ in expert_parts(unit, torch.empty(0, 2, 1))] if total.dim() == 2 else [unit]
+        for part in parts:                        # gate_up: ffn_gate_exps and ffn_up_exps read the same input
+            name = names.get_name(part + ".weight", try_suffixes=(".weight",))
+            if name is not None:
+                entries[name] = (rows, count)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch="")
         w.add_string("general.type", "imatrix")
         w.add_array("imatrix.datasets", [dataset])
-        w.add_uint32("imatrix.chunk_count", max(counts.values(), default=0) // max(chunk_size, 1))
+        w.add_uint32("imatrix.chunk_count", int(max((int(torch.as_tensor(c).max()) for c in counts.values()), default=0))
+                          // max(chunk_size, 1))
         w.add_uint32("imatrix.chunk_size", chunk_size)
         for name in sorted(entries):
             in_sum2, count = entries[name]

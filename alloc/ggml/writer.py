@@ -112,7 +112,7 @@ def _tensor_list(model, types, names, arch):
                 if name is None:
                     missing.append(hf_name)
                     break
-                out.append((name, part, tuple(part.shape), type_name, None))
+                out.append((name, part, tuple(part.shape), type_name, hf_name))   # its importance: per expert
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
@@ -178,7 +178,10 @@ def _data(t: torch.Tensor, type_name: str, unit, importance, config, arch: str, 
     if type_name == "F16":
         return t.half().numpy()
     h = None if importance is None else importance.get(unit)
-    return layout.pack(quantize(t.reshape(-1, t.shape[-1]), type_name, h))     # experts: their rows one after another
+    if t.dim() == 3:                                   # MoE experts: their rows one after another
+        return np.concatenate([layout.pack(quantize(t[e], type_name, None if h is None else h[e]))
+                               for e in range(t.shape[0])])
+    return layout.pack(quantize(t, type_name, h))
 
 
 def rope_rows(rows: int, heads: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ import copy
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -118,8 +119,17 @@ def test_gguf_moe_reads_back_through_transformers(qwen3_moe, tmp_path):
     model, tok, _ = qwen3_moe
     units, plan = _plan(model, "per-layer", False, widths=(2, 3, 4, 5, 6, 8))
     calib = torch.randint(0, 8000, (4, 64))
-    r = save_gguf(model, plan, tmp_path / "m.gguf", tokenizer=tok, calibration=calib, progress=False)
+    r = save_gguf(model, plan, tmp_path / "m.gguf", tokenizer=tok, calibration=calib, progress=False,
+                  imatrix=tmp_path / "imatrix.gguf")
     import gguf
+    entries = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "imatrix.gguf")).tensors}
+    gate, up = entries["blk.1.ffn_gate_exps.weight.in_sum2"], entries["blk.1.ffn_up_exps.weight.in_sum2"]
+    counts = entries["blk.1.ffn_gate_exps.weight.counts"].data.reshape(-1)
+    assert [int(n) for n in gate.shape] == [256, 4] and np.array_equal(gate.data, up.data)
+    assert counts.sum() == 2 * calib.numel()                    # each token reaches 2 of the 4 experts
+    assert [int(n) for n in entries["blk.1.ffn_down_exps.weight.in_sum2"].shape] == [768, 4]
+    h = r["importance"]["model.layers.1.mlp.experts.gate_up_proj"]
+    assert h.shape == (4, 256) and np.allclose(gate.data / counts[:, None], h.numpy(), rtol=1e-5)
     tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
     assert tensors["blk.0.ffn_gate_exps.weight"].tensor_type.name == r["units"]["model.layers.0.mlp.experts.gate_up_proj"]
     assert [int(n) for n in tensors["blk.0.ffn_down_exps.weight"].shape] == [768, 256, 4]
