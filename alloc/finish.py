@@ -4,9 +4,10 @@ plan from the table's additive costs,
     check_rows(...)    a row plan is kept only if its KL to the fp model on calibration windows is no worse
                        than the layer plan's (per-row costs are fragile: a rounding detail can flip them);
                        otherwise the layer plan is returned, and a warning says so
-    check_widths(...)  the plan against the one solved without the widths below the budget's floor (2 bits at
-                       3.25): additive costs under-rate what very low widths do together (Gemma-3-270M, GPTQ,
-                       kfac, 3.25 bpw: ppl 66.6 with 2-bit layers, 57.1 without, uniform W3 61.5)
+    check_widths(...)  the plan against the ones solved without the widths below the budget's floor and one bit
+                       below it (2 bits at 3.25): additive costs under-rate what very low widths do together
+                       (Gemma-3-270M, GPTQ, kfac, 3.25 bpw: ppl 66.6 with 2-bit layers, 57.1 without, uniform
+                       W3 61.5; in ggml types at Q3_K_M's 4.54 bpw: 51.9 with Q2_K, 47.5 without)
     refine_plan(...)   the EvoPress search of solvers/refine.py for ``seconds``, layer or row plan alike
 
 Both score plans with the quantizer the plan will be applied with (RTN, or GPTQ per unit on its own XᵀX).
@@ -65,43 +66,82 @@ def check_rows(table, row_plan: BitPlan, fitness, windows: int = REFINE_WINDOWS)
     return layer
 
 
-def without_low_widths(table, plan: BitPlan) -> BitPlan | None:
-    """``plan``'s problem solved again (ILP per layer, closed form per row) over the options of at least
-    ⌊budget⌋ bits; None when no option is dropped, the smaller problem is infeasible, or the plan is the same."""
+def effective_bits(table):
+    """(units, options) tensor: the width each option stores each unit at (a ggml type on rows it does not fit
+    takes llama.cpp's fallback: Q2_K is Q4_0 on Gemma-3-270M's 640-wide rows; float options count 16)."""
+    import torch
+
+    from .ggml.types import TYPES
+    out = torch.empty(len(table.units), len(table.options))
+    for j, o in enumerate(table.options):
+        for i, u in enumerate(table.units):
+            out[i, j] = 16 if o.is_float else TYPES[o.ggml_for(u.shape[1])].bits if o.ggml else o.bits
+    return out
+
+
+def without_low_widths(table, plan: BitPlan, floor: int | None = None) -> BitPlan | None:
+    """``plan``'s problem solved again (ILP per layer, closed form per row) with no unit at fewer than
+    ``floor`` (default ⌊budget⌋) bits as stored; None when nothing is dropped, the smaller problem is
+    infeasible, or the plan is the same. Options dropped for every unit leave the table; a ggml option dropped
+    only where it is a real low-width K-quant (its fallback elsewhere is wide enough) is priced out there."""
+    import torch
+
     from .errors import BitallocError
     from .sensitivity.table import SensitivityTable
     from .solvers.ilp import ILPSolver
     from .solvers.rows import solve_rows
-    floor = int(plan.budget_bits)
-    keep = [j for j, o in enumerate(table.options) if o.is_float or o.bits >= floor]
-    if len(keep) == len(table.options) or not keep:
+    floor = int(plan.budget_bits) if floor is None else floor
+    low = effective_bits(table) < floor                           # (units, options): what the floor drops
+    if not low.any() or low.all(dim=1).any():
         return None
-    sub = SensitivityTable(table.units, [table.options[j] for j in keep], table.cost[:, keep], dict(table.meta),
+    keep = [j for j in range(len(table.options)) if not low[:, j].all()]
+    cost, low = table.cost[:, keep].clone(), low[:, keep]
+    if low.any():
+        if plan.row_bits:
+            return None                           # per-unit drops: row plans are not made from ggml options
+        cost[low] = (cost.abs().max() + 1) * 1e6  # chosen only if nothing else fits: then infeasible, below
+    sub = SensitivityTable(table.units, [table.options[j] for j in keep], cost, dict(table.meta),
                            None if table.row_cost is None else table.row_cost[:, keep])
     try:
         other = solve_rows(problem_of(sub, plan), "closed_form") if plan.row_bits else ILPSolver().solve(problem_of(sub, plan))
     except BitallocError:                       # infeasible without the low widths
         return None
-    same = other.layers == plan.layers and set(other.row_bits) == set(plan.row_bits) and \
-        all(bool((other.row_bits[n] == plan.row_bits[n]).all()) for n in plan.row_bits)
-    return None if same else other
+    index = {o: j for j, o in enumerate(sub.options)}
+    if any(bool(low[i, index[other.layers[u.name]]]) for i, u in enumerate(sub.units)):
+        return None                             # only a priced-out option made the budget
+    return None if _same(other, plan) else other
+
+
+def _same(a: BitPlan, b: BitPlan) -> bool:
+    return a.layers == b.layers and set(a.row_bits) == set(b.row_bits) and \
+        all(bool((a.row_bits[n] == b.row_bits[n]).all()) for n in b.row_bits)
 
 
 def check_widths(table, plan: BitPlan, fitness, windows: int = REFINE_WINDOWS) -> BitPlan:
-    """``plan``, or ``without_low_widths(plan)`` when that one scores better on ``fitness``."""
-    other = without_low_widths(table, plan)
-    if other is None:
+    """``plan``, or the best on ``fitness`` of the plans solved without widths below ⌊budget⌋ and below
+    ⌊budget⌋ − 1 (``without_low_widths``; at 4.5 bpw in ggml types: no Q2_K/Q3_K, then no Q2_K)."""
+    top = int(plan.budget_bits)
+    candidates = {}
+    for floor in (top, top - 1):
+        if floor >= 3:
+            other = without_low_widths(table, plan, floor)
+            if other is not None and not any(_same(other, c) for c in candidates.values()):
+                candidates[floor] = other
+    if not candidates:
         return plan
-    kl_plan, kl_other = fitness(_choice(table, plan), windows), fitness(_choice(table, other), windows)
-    checked = {"kl": kl_plan, "without_low_widths_kl": kl_other, "floor_bits": int(plan.budget_bits),
-               "windows": windows}
-    if kl_plan <= kl_other:
+    kl_plan = fitness(_choice(table, plan), windows)
+    kls = {floor: fitness(_choice(table, other), windows) for floor, other in candidates.items()}
+    checked = {"kl": kl_plan, "floor_bits": top, "windows": windows,
+               **{"without_low_widths_kl" if f == top else f"without_below_{f}_kl": kl for f, kl in kls.items()}}
+    best = min(kls, key=kls.get)
+    if kl_plan <= kls[best]:
         plan.extra["width_check"] = checked
         return plan
+    other = candidates[best]
     for key in ("granularity", "row_check", "count_overhead", "fuse"):
         if key in plan.extra:
             other.extra.setdefault(key, plan.extra[key])
-    other.extra["width_check"] = dict(checked, chosen=f"no widths below {int(plan.budget_bits)} bits")
+    other.extra["width_check"] = dict(checked, chosen=f"no widths below {best} bits")
     return other
 
 

@@ -197,3 +197,28 @@ def test_scoring_a_plan_starts_from_the_fp_weights_whatever_the_model_holds(tiny
     after = ev.score_plan(plan, "rtn", prepared.tokens)
     fit.restore()
     assert after.ppl == before.ppl and after.kl == before.kl
+
+
+def test_width_check_reads_ggml_types_at_the_width_each_unit_stores():
+    """Gemma-3-270M in ggml types: on 640-wide rows Q2_K/Q3_K are stored as Q4_0 (4 bits), so a floor drops
+    them only on the rows where they are real 2/3-bit K-quants. At 4.2 bpw nothing fits without widths below
+    4 bits (the narrow rows take 4.5 at least), so the check also tries one bit lower: no Q2_K."""
+    from bitalloc.finish import check_widths, effective_bits, without_low_widths
+    options = [QuantSpec.of_ggml(n) for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q8_0")]
+    units = [Unit(f"narrow{i}", (256, 640)) for i in range(4)] + [Unit(f"wide{i}", (256, 2048)) for i in range(4)]
+    cost = torch.tensor([[3.0, 3.0, 1.0, 0.5, 0.0]] * 4 + [[5.0, 4.0, 1.0, 0.4, 0.0]] * 4, dtype=torch.float64)
+    table = SensitivityTable(units, options, cost, {"probe": "toy"})
+    bits = effective_bits(table)
+    assert bits[0].tolist() == [4, 4, 5, 5, 8] and bits[-1].tolist() == [2, 3, 4, 5, 8]
+    plan = api.solve(table, 4.2)
+    assert any(plan.layers[u.name].ggml == "Q2_K" for u in units[4:])
+    assert without_low_widths(table, plan, 4) is None            # infeasible: 4.5 bpw at least
+    no_q2 = without_low_widths(table, plan, 3)
+    assert no_q2 is not None and no_q2.true_bpw <= 4.2
+    assert all(no_q2.layers[u.name].ggml != "Q2_K" for u in units[4:])
+
+    def measured(choice, n_windows=None):                # a real Q2_K hurts 100× what the table says
+        return sum(float(cost[i, int(c)]) * (100 if int(bits[i, int(c)]) == 2 else 1) for i, c in enumerate(choice))
+    checked = check_widths(table, plan, measured)
+    assert checked.layers == no_q2.layers and checked.extra["width_check"]["chosen"] == "no widths below 3 bits"
+    assert check_widths(table, plan, lambda choice, n_windows=None: 0.0).layers == plan.layers
