@@ -35,7 +35,7 @@ def checkpoint_tensors(model: nn.Module, units, plan: BitPlan, pack: Callable, *
     from ..quantize_model import quantize_model, set_unit_weights
     from .disk import disk_layout, state_tensors
     layout = disk_layout(model)
-    spans = {u.name: _unit_pieces(u, layout, model) for u in units}
+    spans = {u.name: _unit_pieces(u, layout) for u in units}
     tensors: dict[str, torch.Tensor] = {}
     modules = {p.module: u for u, pieces in spans.items() for p, _ in pieces}
 
@@ -63,7 +63,7 @@ def checkpoint_tensors(model: nn.Module, units, plan: BitPlan, pack: Callable, *
     return tensors, modules
 
 
-def _unit_pieces(u, layout, model) -> list:
+def _unit_pieces(u, layout) -> list:
     """[(piece, rows of the unit's codes it holds, or None for all)] of unit ``u``."""
     param = f"{u.module_name}.{u.param}"
     pieces = layout.get(param, [])

@@ -34,9 +34,14 @@ def save_gguf(model: nn.Module, plan: BitPlan | str | os.PathLike, out: str | os
     "plan_bpw", "bytes" of the file, "tensor_bytes" of its tensors, "units": {tensor's module: type}, the
     embedding included, "importance": the input energies (or None), "imatrix_entries": tensors in the imatrix
     file (None when not written)}."""
+    from ..errors import BitallocError
     from ..packed import planned_units
     from ..provenance import check_plan_model
     from .writer import write
+    if quantizer not in ("rtn", "gptq"):
+        raise BitallocError(f"unknown quantizer {quantizer!r}: choose rtn or gptq")
+    if imatrix is not None and calibration is None:
+        raise BitallocError("an imatrix file holds the calibration's statistics: give calibration tokens")
     if not isinstance(plan, BitPlan):
         plan = BitPlan.load(plan)
     units = planned_units(model, plan)
@@ -44,9 +49,6 @@ def save_gguf(model: nn.Module, plan: BitPlan | str | os.PathLike, out: str | os
     types = plan_types(plan, units, exact=exact) if types is None else types
     embedded = embedding_type(model, types, embedding)
     types = {**types, **embedded}
-    if imatrix is not None and calibration is None:
-        from ..errors import BitallocError
-        raise BitallocError("an imatrix file holds the calibration's statistics: give calibration tokens")
     importance = None
     if calibration is not None:
         sums, counts = input_sums(model, units, calibration, progress=progress)
@@ -54,9 +56,6 @@ def save_gguf(model: nn.Module, plan: BitPlan | str | os.PathLike, out: str | os
     packed, kept = ({}, {}) if quantizer == "gptq" else (None, None)
     if quantizer == "gptq":
         _gptq_packed(model, units, plan, types, calibration, packed, kept if keep_weights else None, progress)
-    elif quantizer != "rtn":
-        from ..errors import BitallocError
-        raise BitallocError(f"unknown quantizer {quantizer!r}: choose rtn or gptq")
     tensor_bytes = write(model, tokenizer, types, out, importance=importance, progress=progress, packed=packed)
     entries = None
     if imatrix is not None:
