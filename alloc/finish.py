@@ -83,9 +83,8 @@ def without_low_widths(table, plan: BitPlan, floor: int | None = None) -> BitPla
     """``plan``'s problem solved again (ILP per layer, closed form per row) with no unit at fewer than
     ``floor`` (default ⌊budget⌋) bits as stored; None when nothing is dropped, the smaller problem is
     infeasible, or the plan is the same. Options dropped for every unit leave the table; a ggml option dropped
-    only where it is a real low-width K-quant (its fallback elsewhere is wide enough) is priced out there."""
-    import torch
-
+    only where it is a real low-width K-quant (its fallback elsewhere is wide enough) is made too big to fit
+    there (its size, not its cost: costs keep their scale for the solver)."""
     from .errors import BitallocError
     from .sensitivity.table import SensitivityTable
     from .solvers.ilp import ILPSolver
@@ -95,20 +94,22 @@ def without_low_widths(table, plan: BitPlan, floor: int | None = None) -> BitPla
     if not low.any() or low.all(dim=1).any():
         return None
     keep = [j for j in range(len(table.options)) if not low[:, j].all()]
-    cost, low = table.cost[:, keep].clone(), low[:, keep]
-    if low.any():
-        if plan.row_bits:
-            return None                           # per-unit drops: row plans are not made from ggml options
-        cost[low] = (cost.abs().max() + 1) * 1e6  # chosen only if nothing else fits: then infeasible, below
-    sub = SensitivityTable(table.units, [table.options[j] for j in keep], cost, dict(table.meta),
+    low = low[:, keep]
+    if low.any() and plan.row_bits:
+        return None                               # per-unit drops: row plans are not made from ggml options
+    sub = SensitivityTable(table.units, [table.options[j] for j in keep], table.cost[:, keep], dict(table.meta),
                            None if table.row_cost is None else table.row_cost[:, keep])
     try:
-        other = solve_rows(problem_of(sub, plan), "closed_form") if plan.row_bits else ILPSolver().solve(problem_of(sub, plan))
+        problem = problem_of(sub, plan)
+        if low.any():                             # a dropped (unit, option) takes more than the whole budget
+            problem.size = problem.size.clone()
+            problem.size[low] = problem.capacity + 1
+        other = solve_rows(problem, "closed_form") if plan.row_bits else ILPSolver().solve(problem)
     except BitallocError:                       # infeasible without the low widths
         return None
     index = {o: j for j, o in enumerate(sub.options)}
     if any(bool(low[i, index[other.layers[u.name]]]) for i, u in enumerate(sub.units)):
-        return None                             # only a priced-out option made the budget
+        return None                             # a solver that took a too-big option: the budget had no other way
     return None if _same(other, plan) else other
 
 

@@ -216,6 +216,11 @@ def test_width_check_reads_ggml_types_at_the_width_each_unit_stores():
     no_q2 = without_low_widths(table, plan, 3)
     assert no_q2 is not None and no_q2.true_bpw <= 4.2
     assert all(no_q2.layers[u.name].ggml != "Q2_K" for u in units[4:])
+    # the same as dropping Q2_K outright (on narrow rows it is Q4_0, as Q3_K is), costs of any scale alike
+    for scale in (1.0, 1e-6):
+        scaled = SensitivityTable(units, options, cost * scale, {"probe": "toy"})
+        dropped = SensitivityTable(units, options[1:], cost[:, 1:] * scale, {"probe": "toy"})
+        assert without_low_widths(scaled, api.solve(scaled, 4.2), 3).layers == api.solve(dropped, 4.2).layers
 
     def measured(choice, n_windows=None):                # a real Q2_K hurts 100× what the table says
         return sum(float(cost[i, int(c)]) * (100 if int(bits[i, int(c)]) == 2 else 1) for i, c in enumerate(choice))
