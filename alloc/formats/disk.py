@@ -61,7 +61,8 @@ def disk_layout(model: nn.Module) -> dict[str, list[Piece]]:
         ids[name] = (torch.arange(rows, dtype=torch.int64) + start).reshape(*lead, *((1,) if t.dim() >= 2 else ()))
         offsets.append((start, name, t.shape[-1] if t.dim() >= 2 else None))
         start += rows
-    reverted = revert_weight_conversion(model, ids) if hasattr(model, "config") else ids
+    from transformers import PreTrainedModel
+    reverted = revert_weight_conversion(model, ids) if isinstance(model, PreTrainedModel) else ids
     firsts = torch.tensor([o[0] for o in offsets])
     layout: dict[str, list[Piece]] = {}
     for disk, t in reverted.items():
