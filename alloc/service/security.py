@@ -17,14 +17,15 @@ def token_path(folder: Path) -> Path:
 
 
 def load_or_create_token(folder: Path) -> str:
-    """The server's token; made (32 random bytes, url-safe) and written with mode 0600 the first time."""
+    """The server's token; made (``ba_`` and 32 random bytes, url-safe: never starting with "-", which
+    ``--token T`` would read as a flag) and written with mode 0600 the first time."""
     path = token_path(folder)
     if path.is_file():
         token = path.read_text().strip()
         if token:
             return token
     folder.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
+    token = "ba_" + secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")

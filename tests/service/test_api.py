@@ -84,6 +84,20 @@ def test_the_token_file_is_private_and_writes_need_it(server):
     assert server.json("GET", "/v1/models", token=None)[0] == 200          # reads are open
 
 
+def test_a_new_token_never_reads_as_a_flag(tmp_path, monkeypatch):
+    """secrets.token_urlsafe may start with "-", which `allocate --token T` would take for a flag (1 start in 64
+    failed CI that way)."""
+    import secrets
+
+    from bitalloc.cli.parser import build_parser
+    from bitalloc.service.security import load_or_create_token
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: "-x" + "a" * 40)
+    token = load_or_create_token(tmp_path)
+    assert not token.startswith("-")
+    args = build_parser().parse_args(["allocate", "--server", "http://127.0.0.1:1", "--token", token, "--budget", "3"])
+    assert args.token == token
+
+
 def _line(body) -> str:
     assert set(body) == {"error"} and "\n" not in body["error"] and "Traceback" not in body["error"], body
     return body["error"]
