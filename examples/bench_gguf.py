@@ -24,7 +24,6 @@ from bitalloc.calibration import read_text, windows
 from bitalloc.cli.formats import read_gguf
 from bitalloc.evaluate import perplexity
 from bitalloc.ggml.checkpoint import fake_quantize
-from bitalloc.quantize_model import set_unit_weights
 from bitalloc.reporting.baselines import llama_cpp_plan
 from bitalloc.sensitivity.table import SensitivityTable
 
@@ -65,9 +64,7 @@ def main() -> None:
         r = save_gguf(p.model, plan, out, tokenizer=p.tokenizer, calibration=p.tokens, progress=False,
                       quantizer=args.quantizer, keep_weights=True)
         fake = copy.deepcopy(p.model)
-        fake_quantize(fake, r["units"], r["importance"])
-        if r["weights"]:
-            set_unit_weights(fake, p.units, r["weights"])
+        fake_quantize(fake, r["units"], r["importance"], r["weights"])
         ppl_fake = perplexity(fake, tokens, desc="ppl fake", progress=False)
         del fake
         ppl_file = perplexity(read_gguf(out, dtype), tokens, desc="ppl file", progress=False)

@@ -49,10 +49,7 @@ def apply_gguf(args) -> None:
               f"{prepared.tokens.shape[1]} tokens -> {imatrix} (llama-quantize --imatrix {imatrix})")
     if tokens is not None:
         fake = copy.deepcopy(model)
-        fake_quantize(fake, report["units"], report["importance"])
-        if report["weights"]:                           # GPTQ's weights in place of the search's
-            from ..quantize_model import set_unit_weights
-            set_unit_weights(fake, prepared.units, report["weights"])
+        fake_quantize(fake, report["units"], report["importance"], report["weights"])
         ppl_fake = perplexity(fake, tokens, desc="ppl fake-quantized")
         del fake
         read = read_gguf(out, next(model.parameters()).dtype)

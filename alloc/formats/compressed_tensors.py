@@ -51,22 +51,6 @@ def storable_specs(plan: BitPlan, units, *, exact: bool) -> dict[str, QuantSpec]
     return specs
 
 
-def warn_mixed_experts(specs: dict[str, QuantSpec], units) -> None:
-    """vLLM runs a layer's experts as one fused MoE kernel with one scheme: warn when a layer's experts differ."""
-    import warnings
-
-    from ..errors import BitallocWarning
-    stacks: dict[str, set] = defaultdict(set)
-    for u in units:
-        if u.kind == "expert":
-            stacks[u.module_name].add(specs[u.name])
-    mixed = sorted(n for n, s in stacks.items() if len(s) > 1)
-    if mixed:
-        warnings.warn(f"{len(mixed)} MoE layer(s) give their experts different formats ({few(mixed)}): transformers "
-                      "reads this, but vLLM's fused MoE kernels take one scheme per layer; allocate with "
-                      "--experts per-layer (or --target vllm) for vLLM", BitallocWarning, stacklevel=3)
-
-
 def scheme_args(spec: QuantSpec) -> dict:
     from compressed_tensors.quantization import QuantizationArgs
     strategy = "channel" if spec.group_size == -1 else "group"
@@ -110,7 +94,7 @@ def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokeniz
     "plan": the plan as stored (rows rounded up)}."""
     from ..packed import check_new_folder, planned_units
     from ..provenance import check_plan_model
-    from .folder import checkpoint_tensors, write_folder
+    from .folder import checkpoint_tensors, warn_mixed_experts, write_folder
     out = check_new_folder(out_dir)
     units = planned_units(model, plan)
     plan = check_plan_model(plan, model, units, info, force=force)

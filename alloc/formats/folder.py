@@ -80,6 +80,24 @@ def _unit_pieces(u, layout) -> list:
                         "as Linear weights this format can hold: keep it in 16 bits (--exclude) or use --format gguf")
 
 
+def warn_mixed_experts(specs: dict, units) -> None:
+    """vLLM runs a layer's experts as one fused MoE kernel with one scheme: warn when a layer's experts differ
+    (``specs``: {unit: QuantSpec})."""
+    import warnings
+    from collections import defaultdict
+
+    from ..errors import BitallocWarning, few
+    stacks: dict[str, set] = defaultdict(set)
+    for u in units:
+        if u.kind == "expert":
+            stacks[u.module_name].add(specs[u.name])
+    mixed = sorted(n for n, s in stacks.items() if len(s) > 1)
+    if mixed:
+        warnings.warn(f"{len(mixed)} MoE layer(s) give their experts different formats ({few(mixed)}): transformers "
+                      "reads this, but vLLM's fused MoE kernels take one scheme per layer; allocate with "
+                      "--experts per-layer (or --target vllm) for vLLM", BitallocWarning, stacklevel=3)
+
+
 def write_folder(out: Path, model: nn.Module, tensors: dict[str, torch.Tensor], quantization_config: dict,
                  plan: BitPlan, tokenizer=None, extra_files: dict[str, dict] | None = None) -> int:
     """The checkpoint folder ``out`` (new; written in a temporary folder beside it, then renamed); returns the

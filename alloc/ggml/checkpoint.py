@@ -60,7 +60,8 @@ def save_gguf(model: nn.Module, plan: BitPlan | str | os.PathLike, out: str | os
     entries = None
     if imatrix is not None:
         try:
-            entries = save_imatrix(model, sums, counts, imatrix, dataset=dataset, chunk_size=calibration.shape[1])
+            entries = save_imatrix(model, sums, counts, imatrix, dataset=dataset, chunks=len(calibration),
+                                   chunk_size=calibration.shape[1])
         except BaseException:
             Path(out).unlink(missing_ok=True)        # both files or neither
             raise
@@ -117,22 +118,25 @@ def embedding_type(model: nn.Module, types: dict[str, str], embedding: str) -> d
 
 
 @torch.no_grad()
-def fake_quantize(model: nn.Module, units: dict[str, str], importance: dict[str, torch.Tensor] | None = None) -> None:
+def fake_quantize(model: nn.Module, units: dict[str, str], importance: dict[str, torch.Tensor] | None = None,
+                  weights: dict[str, torch.Tensor] | None = None) -> None:
     """In place: each unit of ``units`` ({name: ggml type}) holds the weights its type decodes to, and every
     other matrix is rounded to fp16 as the GGUF stores it: the numbers a reader of the file computes with.
     An MoE expert stack (3-D) takes its stack's type (writer.stack_type), each expert weighted by its own row
-    of importance; routers stay in float32."""
-    from ..units import _is_router
-    from .writer import stack_type
+    of importance; routers stay in float32 (writer.keeps_f32). ``weights``: units already decoded (save_gguf's
+    report["weights"] under GPTQ), taken as they are."""
+    from .writer import keeps_f32, stack_type
     modules = dict(model.named_modules())
     for name, p in model.named_parameters():
         owner = name.removesuffix(".weight")
         kind = stack_type(units, name) if p.dim() == 3 else units.get(owner, "F16")
         h = None if importance is None else importance.get(owner)
-        if kind != "F16" and p.dim() == 3:              # each expert by its own importance row
+        if weights and owner in weights:
+            p.copy_(weights[owner].to(p.dtype))
+        elif kind != "F16" and p.dim() == 3:            # each expert by its own importance row
             for e in range(p.shape[0]):
                 p[e].copy_(quantize(p[e].detach(), kind, None if h is None else h[e]).dequantize().to(p.dtype))
         elif kind != "F16":
             p.copy_(quantize(p.detach(), kind, h).dequantize().to(p.dtype))
-        elif (p.dim() >= 2 and not (owner in modules and _is_router(owner, modules))) or owner in units:
-            p.copy_(p.half().to(p.dtype))             # routers stay F32 (writer._tensor_list)
+        elif (p.dim() >= 2 and not keeps_f32(name, p, modules)) or owner in units:
+            p.copy_(p.half().to(p.dtype))

@@ -7,7 +7,8 @@ block's activations, as GPTQ does.
 
 The imatrix file is llama.cpp's GGUF form (``general.type`` "imatrix"): per weight tensor of the model's GGUF,
 ``<tensor>.in_sum2`` (F32, the sum of x² per input column) and ``<tensor>.counts`` (F32, the tokens summed),
-one row per expert matrix (MoE stacks ``ffn_*_exps``: one per expert, as llama.cpp collects them), and ``imatrix.datasets`` / ``imatrix.chunk_count`` / ``imatrix.chunk_size``."""
+one row per expert matrix (MoE stacks ``ffn_*_exps``: one per expert, as llama.cpp collects them), and
+``imatrix.datasets`` / ``imatrix.chunk_count`` / ``imatrix.chunk_size``."""
 from __future__ import annotations
 
 import torch
@@ -87,22 +88,21 @@ def input_sums(model: nn.Module, units, tokens: torch.Tensor, *, batch_size: int
 
 
 def save_imatrix(model: nn.Module, sums: dict[str, torch.Tensor], counts: dict[str, int], out, *,
-                 dataset: str, chunk_size: int) -> int:
+                 dataset: str, chunks: int, chunk_size: int) -> int:
     """Write llama.cpp's imatrix file ``out`` (GGUF form, see the module docstring) from ``input_sums``'
-    answer, each unit under the name its weight has in the model's GGUF; returns the number of entries."""
+    answer, each unit under the name its weight has in the model's GGUF; ``chunks`` windows of ``chunk_size``
+    tokens were measured. Returns the number of entries."""
     import gguf
     import numpy as np
 
     from ..files import atomic_path
-    from .writer import tensor_names
-    from .writer import expert_parts
+    from .writer import expert_part_names, tensor_names
     names = tensor_names(model)
     entries = {}
     for unit, total in sums.items():
         count = torch.as_tensor(counts[unit], dtype=torch.float32).reshape(-1, 1).numpy()
         rows = total.float().numpy().reshape(count.shape[0], -1)       # one row per expert (1 for a Linear)
-        parts = [hf for hf, _ in expert_parts(unit, torch.empty(0, 2, 1))] if total.dim() == 2 else [unit]
-        for part in parts:                        # gate_up: ffn_gate_exps and ffn_up_exps read the same input
+        for part in expert_part_names(unit) if total.dim() == 2 else [unit]:                        # gate_up: ffn_gate_exps and ffn_up_exps read the same input
             name = names.get_name(part + ".weight", try_suffixes=(".weight",))
             if name is not None:
                 entries[name] = (rows, count)
@@ -110,8 +110,7 @@ def save_imatrix(model: nn.Module, sums: dict[str, torch.Tensor], counts: dict[s
         w = gguf.GGUFWriter(str(tmp), arch="")
         w.add_string("general.type", "imatrix")
         w.add_array("imatrix.datasets", [dataset])
-        w.add_uint32("imatrix.chunk_count", int(max((int(torch.as_tensor(c).max()) for c in counts.values()), default=0))
-                          // max(chunk_size, 1))
+        w.add_uint32("imatrix.chunk_count", chunks)
         w.add_uint32("imatrix.chunk_size", chunk_size)
         for name in sorted(entries):
             in_sum2, count = entries[name]

@@ -98,12 +98,11 @@ def _arch(model: nn.Module, source: Path | None) -> str:
 
 def _tensor_list(model, types, names, arch):
     """(gguf name, tensor, numpy shape (rows, cols), type name, unit name or None) of every tensor to write."""
-    out, seen, missing = [], set(), []
+    from ..formats.disk import state_tensors
+    out, missing = [], []
     params = dict(model.named_parameters())
-    for hf_name, t in model.state_dict().items():
-        if t.data_ptr() in seen and hf_name.endswith("lm_head.weight"):
-            continue                                  # tied to the embeddings: llama.cpp reuses token_embd
-        seen.add(t.data_ptr())
+    modules = dict(model.named_modules())
+    for hf_name, t in state_tensors(model).items():  # a head tied to the embeddings: llama.cpp reuses token_embd
         if t.dim() == 3:                              # a stack of MoE experts
             parts = expert_parts(hf_name, t)
             type_name = stack_type(types, hf_name)
@@ -124,7 +123,7 @@ def _tensor_list(model, types, names, arch):
         if unit in types:
             type_name = types[unit]
         else:
-            type_name = "F32" if t.dim() == 1 or name.endswith("ffn_gate_inp.weight") else "F16"
+            type_name = "F32" if keeps_f32(hf_name, t, modules) else "F16"
         out.append((name, t, tuple(t.shape), type_name, unit if unit in types else None))
     if missing:
         raise BitallocError(f"{len(missing)} tensor(s) have no llama.cpp name for architecture {arch!r} "
@@ -132,14 +131,26 @@ def _tensor_list(model, types, names, arch):
     return out
 
 
-def expert_parts(hf_name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """The llama.cpp tensors of a 3-D expert parameter, by the Hugging Face names the package maps:
-    ``experts.gate_up_proj`` (E, 2I, H) is ``experts.gate_proj`` (its first I rows) and ``experts.up_proj``."""
+def keeps_f32(hf_name: str, t: torch.Tensor, modules: dict) -> bool:
+    """An unplanned tensor llama.cpp keeps in F32: 1-D ones (norms, biases) and MoE routers."""
+    from ..units import _is_router
+    owner = hf_name.removesuffix(".weight")
+    return t.dim() == 1 or (owner in modules and _is_router(owner, modules))
+
+
+def expert_part_names(hf_name: str) -> list[str]:
+    """The Hugging Face names the package maps to llama.cpp's tensors of a 3-D expert parameter:
+    ``experts.gate_up_proj`` is ``experts.gate_proj`` (its first half of rows) and ``experts.up_proj``."""
     if hf_name.endswith("experts.gate_up_proj"):
-        half = t.shape[1] // 2
         stem = hf_name.removesuffix("gate_up_proj")
-        return [(stem + "gate_proj", t[:, :half]), (stem + "up_proj", t[:, half:])]
-    return [(hf_name, t)]
+        return [stem + "gate_proj", stem + "up_proj"]
+    return [hf_name]
+
+
+def expert_parts(hf_name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of each llama.cpp tensor of the 3-D expert parameter ``t`` (``expert_part_names``)."""
+    names = expert_part_names(hf_name)
+    return list(zip(names, t.chunk(len(names), dim=1)))
 
 
 def stack_type(types: dict[str, str], param: str) -> str:
