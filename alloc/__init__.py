@@ -1,14 +1,35 @@
 """bitalloc: mixed-precision bit allocation — probe how sensitive each layer is, choose widths under a
-budget of true bits per weight, quantize, pack and run. See DESIGN.md for the flow."""
-from .api import allocate, measure, prepare, solve
-from .errors import BitallocError
-from .ggml.checkpoint import save_gguf
-from .options import QuantSpec
-from .packed import apply
-from .plan import BitPlan
-from .service.client import Client
-from .units import Unit
+budget of true bits per weight, quantize, pack and run. See docs/design.md for the flow.
 
-__all__ = ["allocate", "apply", "measure", "prepare", "solve", "save_gguf", "BitallocError", "QuantSpec", "BitPlan", "Unit",
-           "Client"]
+The public names load on first use (PEP 562), so ``import bitalloc`` and ``bitalloc --help`` do not pay
+for torch and transformers until a verb runs."""
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "allocate": ".api", "measure": ".api", "prepare": ".api", "solve": ".api", "run_allocate": ".api",
+    "AllocateConfig": ".config",
+    "BitallocError": ".errors", "SettingError": ".errors",
+    "save_gguf": ".ggml.checkpoint",
+    "QuantSpec": ".options",
+    "apply": ".packed",
+    "BitPlan": ".plan",
+    "Client": ".service.client",
+    "Unit": ".units",
+}
+
+__all__ = list(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bitalloc' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -16,19 +16,17 @@ from torch import nn
 
 from . import checks
 from .calibration import calibration_text, check_text_file, data_hash, read_text, windows
-from .errors import BitallocError
+from .config import DEFAULT_GROUP_SIZE, DEFAULT_PROBE, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS, GRANULARITIES, AllocateConfig
+from .errors import BitallocError, SettingError
+from .registry import ROW_SOLVERS
 from .models.loading import load_model, model_info, parse_dtype
 from .models.workload import make_workload
 from .options import QuantSpec, parse_options
 from .quantize import as_quantizer
 from .plan import BitPlan
 from .table_cache import lookup, store, table_path
-from .units import Unit, check_weights, find_units
+from .units import EXPERT_KINDS, Unit, check_weights, find_units
 
-DEFAULT_PROBE = "fisher"
-DEFAULT_SOLVER = "ilp"
-DEFAULT_SEQ_LEN = 512
-DEFAULT_WINDOWS = 128
 
 
 @dataclass
@@ -75,7 +73,7 @@ def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: 
     modules kept in full precision."""
     seq_len, n_windows = checks.count(seq_len, "seq_len"), checks.count(n_windows, "n_windows")
     batch_size = checks.count(batch_size, "batch_size")
-    checks.one_of(experts, ("per-expert", "per-layer"), "experts setting")
+    checks.one_of(experts, ("per-expert", "per-layer"), "experts")
     if calib_file is not None:
         checks.input_file(calib_file, "calibration file", "UTF-8 text file")
         check_text_file(calib_file)                 # UTF-16, binary: refused before the model loads
@@ -156,22 +154,19 @@ def measure(prepared: Prepared, probe: str = DEFAULT_PROBE, *, settings: dict | 
     return table
 
 
-ROW_SOLVERS = ("closed_form", "greedy", "ilp")
-
-
-def solve(table, budget_bits: float, solver: str = DEFAULT_SOLVER, *, settings: dict | None = None,
+def solve(table, budget_bits: float, solver: str = "ilp", *, settings: dict | None = None,
           count_overhead: bool = True, fuse: bool = False, granularity: str = "layer") -> BitPlan:
     """The plan of ``table`` under ``budget_bits``. ``granularity="row"`` gives every output row its own width
     (solvers/rows.py: closed_form, greedy or ilp over row groups; the table needs row costs)."""
-    checks.one_of(granularity, ("layer", "row"), "granularity")
+    checks.one_of(granularity, GRANULARITIES, "granularity")
     if granularity == "row":
         from .solvers.base import Problem
         from .solvers.rows import solve_rows
-        checks.one_of(solver, ROW_SOLVERS, "solver for --granularity row")
+        checks.one_of(solver, ROW_SOLVERS, "solver", why="for granularity row")
         return solve_rows(Problem(table, budget_bits, count_overhead=count_overhead, fuse=fuse), solver,
                           **{k: v for k, v in (settings or {}).items() if k in ("rows_per_group", "time_limit")})
     if solver == "greedy":
-        raise BitallocError("the greedy solver works at row granularity: add --granularity row, or use ilp")
+        raise SettingError("solver", "the greedy solver works at row granularity: set granularity row, or use ilp")
     from .solvers import get_solver
     plan = get_solver(solver, **(settings or {}))(table, budget_bits, count_overhead=count_overhead, fuse=fuse)
     _say_if_saturated(table, plan, budget_bits, count_overhead)
@@ -193,45 +188,104 @@ def _say_if_saturated(table, plan: BitPlan, budget_bits: float, count_overhead: 
 
 def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: float = 3.2, *,
              calibration: str | torch.Tensor | None = None, tokenizer: Any = None, probe: str = DEFAULT_PROBE,
-             solver: str = DEFAULT_SOLVER, options: list[QuantSpec] | str | None = None,
+             solver: str | None = None, options: list[QuantSpec] | str | None = None,
              include: tuple[str, ...] = (), fuse: bool = False, count_overhead: bool = True,
              seq_len: int = DEFAULT_SEQ_LEN, n_windows: int = DEFAULT_WINDOWS, cache: bool = True,
-             probe_settings: dict | None = None, solver_settings: dict | None = None,
              experts: str = "per-expert", exclude: tuple[str, ...] = (), dtype: str = "auto",
              granularity: str = "layer", quantizer: str = "rtn", refine: float | None = None,
-             check: bool = False, progress: bool = True) -> BitPlan:
+             check: bool = False, target: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
+             symmetric: bool = False, generations: int | None = None, time_limit: float | None = None,
+             seed: int | None = None, stream: str = "auto", device: str | None = None,
+             progress: bool = True) -> BitPlan:
     """Choose a width per layer so the model fits ``budget_bits`` TRUE bits per weight on average.
 
-    ``model``: an ``nn.Module`` (with ``tokenizer=`` or token-id ``calibration``) or a local model folder;
-    ``calibration``: text or (n, seq) token ids (default: Python's help topics); ``probe`` / ``solver``:
-    names from ``bitalloc.sensitivity.PROBES`` / ``bitalloc.solvers.SOLVERS``; ``fuse``: q/k/v and gate/up
-    share a width; ``count_overhead=False``: budget in nominal bits (codes only); ``experts``: MoE experts
-    get a width each ("per-expert") or one per layer ("per-layer"); ``exclude``: modules kept in full
-    precision; ``dtype``: for a model path, "auto" (the checkpoint's own) or bf16/fp16/fp32;
-    ``granularity``: "layer" (one width per layer) or "row" (one per output row, solvers closed_form, greedy
-    or ilp; kept only if it scores no worse than the layer plan on calibration windows); ``quantizer``: what
-    the plan will be applied with (rtn or gptq): the probe's costs (where it can: kfac, output_error,
-    measured_kl) and every measured score use it; ``refine``: seconds of EvoPress search on the model after
-    the solver; ``check``: also for a layer plan without ``refine``, compare it on calibration windows with the
-    plan solved without the widths below ⌊budget⌋ and keep the better (alloc/finish.py).
+    ``model``: an ``nn.Module`` (with ``tokenizer=`` or token-id ``calibration``) or a local model folder (None:
+    the embedded refllama-s); ``calibration``: text, a (n, seq) tensor of token ids, or None for the default
+    text. Every other argument is a field of ``AllocateConfig`` (alloc/config.py documents each and resolves
+    the defaults that depend on others, e.g. ``solver`` None: ilp per layer, closed_form per row), so this
+    call, `bitalloc allocate` and the service give the same plan for the same settings.
     """
-    from .sensitivity.base import PROBES
-    from .solvers.base import SOLVERS
-    checks.budget(budget_bits)                       # everything cheap is checked before the model loads
-    checks.one_of(probe, list(PROBES), "probe")
-    checks.one_of(granularity, ("layer", "row"), "granularity")
-    checks.one_of(solver, list(SOLVERS) + (["greedy"] if granularity == "row" else []), "solver")
-    parse_dtype(dtype)
-    as_quantizer(quantizer)
-    checks.positive(refine, "refine (seconds)", allow_none=True)
-    prepared = prepare(model, calibration=calibration, tokenizer=tokenizer, options=options, include=include,
-                       seq_len=seq_len, n_windows=n_windows, experts=experts, exclude=tuple(exclude), dtype=dtype)
-    table = measure(prepared, probe, settings=quantizer_settings(probe, quantizer, probe_settings), cache=cache)
-    settings = with_fitness(prepared, solver, solver_settings, quantizer=quantizer)
-    plan = solve(table, budget_bits, solver, settings=settings, count_overhead=count_overhead, fuse=fuse,
-                 granularity=granularity)
-    return finish(prepared, table, plan, quantizer=quantizer, refine=refine, progress=progress, check=check,
-                  fitness=settings.get("fitness"))
+    config = AllocateConfig(
+        budget_bits=budget_bits, probe=probe, solver=solver, granularity=granularity, quantizer=quantizer,
+        options=options, group_size=group_size, symmetric=symmetric, fuse=fuse, count_overhead=count_overhead,
+        experts=experts, include=tuple(include), exclude=tuple(exclude), target=target, seq_len=seq_len,
+        n_windows=n_windows, dtype=dtype, stream=stream, check=check, refine=refine, generations=generations,
+        time_limit=time_limit, seed=seed, cache=cache, device=device)
+    return run_allocate(config, model, calibration=calibration, tokenizer=tokenizer, progress=progress).plan
+
+
+# -- the flow: one function each surface calls ---------------------------------------------------------------
+@dataclass
+class Allocation:
+    """What ``run_allocate`` made: the plan, and the prepared model and table it came from (for scoring)."""
+    config: AllocateConfig
+    prepared: Prepared
+    table: Any
+    plan: BitPlan
+
+
+def run_allocate(config: AllocateConfig, model: nn.Module | str | os.PathLike | None = None, *,
+                 calibration: str | torch.Tensor | None = None, tokenizer: Any = None, tables=None,
+                 progress: bool = True, on_prepared=None) -> Allocation:
+    """prepare → measure → solve → finish, as ``config`` says. ``tables``: where measured tables are kept
+    (default the file cache; the service passes its store); ``on_prepared(prepared)``: called once the model
+    is loaded and calibrated (the CLI prints the calibration there)."""
+    prepared = prepare_for(config, model, calibration=calibration, tokenizer=tokenizer)
+    if on_prepared is not None:
+        on_prepared(prepared)
+    table = measure_for(prepared, config, tables)
+    plan = plan_for(table, config, prepared, progress=progress)
+    return Allocation(config, prepared, table, plan)
+
+
+def prepare_for(config: AllocateConfig, model=None, *, calibration=None, tokenizer=None) -> Prepared:
+    """``prepare`` with the config's model settings, placed on ``config.device``."""
+    from .models.placement import place
+    loaded_here = model is None or isinstance(model, (str, os.PathLike))
+    prepared = prepare(model, calibration=calibration, calib_file=config.calib, tokenizer=tokenizer,
+                       options=config.specs(), include=config.include, exclude=config.exclude,
+                       seq_len=config.seq_len, n_windows=config.n_windows, experts=config.experts, dtype=config.dtype)
+    if config.experts_for(moe=True) != config.experts and any(u.kind in EXPERT_KINDS for u in prepared.units):
+        per_layer = config.experts_for(moe=True)
+        prepared.units = find_units(prepared.model, include=config.include, exclude=config.exclude, experts=per_layer)
+        prepared.info = model_info(prepared.model, prepared.units)
+        prepared.scope["experts"] = per_layer
+    if loaded_here or config.device is not None:
+        place(prepared, config.device, stream=config.stream)
+    return prepared
+
+
+def probe_settings_for(config: AllocateConfig) -> dict:
+    return quantizer_settings(config.probe, config.quantizer, {"stream": config.stream})
+
+
+def measure_for(prepared: Prepared, config: AllocateConfig, tables=None):
+    """The table of ``config.probe`` on ``prepared``: from ``tables`` (an object with ``table(prepared, probe,
+    settings, measure)``, the service's store) or the file cache."""
+    settings = probe_settings_for(config)
+    if tables is not None:
+        return tables.table(prepared, config.probe, settings,
+                            lambda: measure(prepared, config.probe, settings=settings, cache=False))
+    return measure(prepared, config.probe, settings=settings, cache=config.cache)
+
+
+def plan_for(table, config: AllocateConfig, prepared: Prepared | None = None, *, progress: bool = True) -> BitPlan:
+    """solve → finish on ``table`` as ``config`` says. Without ``prepared`` (the service answering from a stored
+    table) only plans that need no model can be made (``config.on_model`` False)."""
+    if prepared is None and config.on_model:
+        raise BitallocError("this plan is made on the model (a row plan, check, refine or a search solver): "
+                            "prepare the model first")
+    settings = config.solver_settings()
+    if prepared is not None:
+        settings = with_fitness(prepared, config.solver, settings, quantizer=config.quantizer)
+    plan = solve(table, config.budget_bits, config.solver, settings=settings, count_overhead=config.count_overhead,
+                 fuse=config.fuse, granularity=config.granularity)
+    plan = finish(prepared, table, plan, quantizer=config.quantizer, refine=config.refine, progress=progress,
+                  check=config.check, fitness=settings.get("fitness"))
+    if config.target:
+        plan.extra["target"] = config.target
+    plan.extra["config"] = config.to_json()
+    return plan
 
 
 def quantizer_settings(probe: str, quantizer: str, settings: dict | None) -> dict:

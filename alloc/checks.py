@@ -11,16 +11,16 @@ import numbers
 import os
 from pathlib import Path
 
-from .errors import BitallocError
+from .errors import BitallocError, SettingError
 from .files import check_parent
 
 
 def count(value, name: str) -> int:
     """A whole number ≥ 1 (windows, tokens, trials, …)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise BitallocError(f"{name} must be a whole number ≥ 1, got {value!r}")
+        raise SettingError(name, f"{{name}} must be a whole number ≥ 1, got {value!r}")
     if value < 1:
-        raise BitallocError(f"{name} is {value}: give a whole number ≥ 1")
+        raise SettingError(name, f"{{name}} is {value}: give a whole number ≥ 1")
     return int(value)
 
 
@@ -29,9 +29,9 @@ def positive(value, name: str, *, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise BitallocError(f"{name} must be a number, got {value!r} ({type(value).__name__}): e.g. 3.2")
+        raise SettingError(name, f"{{name}} must be a number, got {value!r} ({type(value).__name__}): e.g. 3.2")
     if not math.isfinite(value) or value <= 0:
-        raise BitallocError(f"{name} is {value}: give a finite number > 0")
+        raise SettingError(name, f"{{name}} is {value}: give a finite number > 0")
     return float(value)
 
 
@@ -46,9 +46,8 @@ def feasible(budget_bits: float, options, *, count_overhead: bool = True) -> Non
     shape = (4096, 4096 * 8)
     floor = min(o.size_bits(shape, count_overhead=count_overhead) for o in options) / (shape[0] * shape[1])
     if budget_bits < floor - 1e-12:
-        import math
-        raise BitallocError(f"budget {budget_bits} bits per weight is infeasible: the cheapest option takes at least "
-                            f"{floor:.4f}; give --budget ≥ {math.ceil(floor * 10000) / 10000}")
+        raise SettingError("budget_bits", f"budget {budget_bits} bits per weight is infeasible: the cheapest option "
+                                          f"takes at least {floor:.4f}; give {{name}} ≥ {math.ceil(floor * 10000) / 10000}")
 
 
 def output_file(path, flag: str = "--out") -> Path:
@@ -89,14 +88,18 @@ def input_file(path, flag: str, what: str = "file") -> Path:
     return path
 
 
-def require(module: str, extra: str, purpose: str) -> None:
-    """Refuse up front, in one line, when an optional dependency is missing."""
+def require(module: str, extra: str | None, purpose: str, package: str | None = None) -> None:
+    """Refuse up front, in one line, when a dependency is missing: ``extra`` names the bitalloc extra that brings
+    it (None: it is in the base install, and ``package`` is the name to pip install)."""
     if importlib.util.find_spec(module) is None:
-        raise BitallocError(f"{purpose} needs the Python package {module!r}, which is not installed: "
-                            f'pip install "bitalloc[{extra}]"')
+        fix = f'pip install "bitalloc[{extra}]"' if extra else f"pip install {package or module}"
+        raise BitallocError(f"{purpose} needs the Python package {module!r}, which is not installed: {fix}")
 
 
-def one_of(value, choices, name: str) -> str:
+def one_of(value, choices, name: str, why: str = "") -> str:
+    """``value`` if it is one of ``choices``; else a SettingError naming setting ``name`` (``why``: e.g. "for
+    granularity row")."""
     if value not in choices:
-        raise BitallocError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+        why = f" {why}" if why else ""
+        raise SettingError(name, f"unknown {{name}} {value!r}{why}: choose one of {', '.join(choices)}")
     return value

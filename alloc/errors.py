@@ -9,6 +9,19 @@ class BitallocError(ValueError):
     """Bad input: a budget, a model, a plan, a table or a file the user gave us."""
 
 
+class SettingError(BitallocError):
+    """Bad value of one setting (a field of a verb's config, alloc/config.py). ``field`` names it; the message
+    is a template with ``{name}`` where the setting is named, so each surface words it its own way: the CLI
+    as its flag (``--budget``), the service as its JSON field (``field 'budget_bits'``), Python as the field."""
+
+    def __init__(self, field: str, template: str):
+        self.field, self.template = field, template
+        super().__init__(template.replace("{name}", field))
+
+    def worded(self, name: str) -> str:
+        return self.template.replace("{name}", name)
+
+
 class BitallocWarning(UserWarning):
     """Something the user should know that does not stop the work (a width mapped up, an expert rounded to
     nearest); the CLI prints each as one ``bitalloc: warning: ...`` line."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import BitallocError
-from ..registry import instantiate
+from ..registry import PROBES, instantiate
 from ..options import QuantSpec
 from ..quantize import Quantizer, as_quantizer
 from ..units import EXPERT_KINDS, Unit, unit_param
@@ -193,14 +193,6 @@ def streams(workload: Workload, units: list[Unit], mode: str) -> bool:
     return large and bool(find_blocks(workload.model, units))
 
 
-PROBES: dict[str, str] = {
-    "output_error": "bitalloc.sensitivity.output_error:OutputErrorProbe",
-    "fisher": "bitalloc.sensitivity.fisher:FisherProbe",
-    "kfac": "bitalloc.sensitivity.kfac:KFACProbe",
-    "hessian_trace": "bitalloc.sensitivity.hessian_trace:HessianTraceProbe",
-    "block_similarity": "bitalloc.sensitivity.output_similarity:BlockSimilarityProbe",
-    "measured_kl": "bitalloc.sensitivity.measured_kl:MeasuredKLProbe",
-}
 
 
 def get_probe(name: str, **settings: Any) -> Probe:

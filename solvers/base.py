@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import BitallocError
-from ..registry import instantiate
+from ..registry import NEEDS_MODEL, SOLVERS, instantiate
 from ..plan import BitPlan
 from ..sensitivity.table import SensitivityTable
 from ..units import EXPERT_KINDS
@@ -113,14 +113,6 @@ class Solver(ABC):
         return self.solve(Problem(table, budget_bits, count_overhead=count_overhead, fuse=fuse))
 
 
-SOLVERS: dict[str, str] = {
-    "uniform": "bitalloc.solvers.uniform:UniformSolver",
-    "ilp": "bitalloc.solvers.ilp:ILPSolver",
-    "closed_form": "bitalloc.solvers.closed_form:ClosedFormSolver",
-    "evolutionary": "bitalloc.solvers.evolutionary:EvolutionarySolver",
-    "optuna": "bitalloc.solvers.optuna_search:OptunaSolver",
-}
-NEEDS_MODEL = ("evolutionary", "optuna")     # these score whole plans on the model (alloc/fitness.py)
 
 
 def get_solver(name: str, **settings: Any) -> Solver:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..config import DEFAULT_STORAGE
 from ..errors import BitallocError
 from ..plan import BitPlan
 from .base import Problem, Solver, get_solver
@@ -53,7 +54,6 @@ _TRIAL_LOG = logging.getLogger("optuna.study._optimize")
 if not any(isinstance(f, _NoInterruptTraceback) for f in _TRIAL_LOG.filters):
     _TRIAL_LOG.addFilter(_NoInterruptTraceback())
 
-DEFAULT_STORAGE = "sqlite:///bitalloc-search.db"
 
 
 def make_storage(url: str, *, heartbeat: int | None = None, grace: int | None = None):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import warnings
 
-from ..errors import BitallocError, BitallocWarning
+from ..errors import BitallocError, BitallocWarning, SettingError
 from .explore import uniform_curve_at
 from .parser import build_parser
 
@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("always", BitallocWarning)         # ours: one line each
             warnings.showwarning = _show_warning
             args.func(args)
+    except SettingError as e:                   # a setting named as its flag
+        from .common import flag_for
+        print(f"bitalloc: error: {e.worded(flag_for(e.field))}", file=sys.stderr)
+        return 2
     except BitallocError as e:
         print(f"bitalloc: error: {e}", file=sys.stderr)
         return 2

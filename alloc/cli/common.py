@@ -7,7 +7,7 @@ import argparse
 from .. import checks
 from ..errors import BitallocError
 
-EVAL_WINDOWS = 32          # one default for every command that scores plans on held-out text
+from ..config import EVAL_WINDOWS
 
 
 # -- argparse value types: a bad value is one `bitalloc: error:` line (see parser.OneLineParser) ------------
@@ -46,13 +46,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "Q2_K…Q6_K and Q8_0 at their true sizes, for apply --format gguf")
     p.add_argument("--group-size", type=count_type, default=128, help="weights per scale along the input (default 128)")
     p.add_argument("--symmetric", action="store_true", help="symmetric codes (no zero points)")
-    p.add_argument("--include", default="", help="also quantize these modules (comma list of names or globs, e.g. lm_head)")
-    p.add_argument("--exclude", default="", help="keep these modules in full precision (comma list of names or globs)")
+    p.add_argument("--include", default="", help="also quantize these modules (comma list of names or globs, e.g. "
+                   "lm_head; default: the decoder's Linear layers)")
+    p.add_argument("--exclude", default="", help="keep these modules in full precision (comma list of names or globs; "
+                   "default: none)")
     p.add_argument("--experts", default="per-expert", choices=["per-expert", "per-layer"],
                    help="MoE models: a width per expert, or one per layer for all its experts (default per-expert)")
     add_dtype_arg(p)
     p.add_argument("--stream", default="auto", choices=["auto", "on", "off"],
-                   help="run the probe one decoder block at a time (hessian_trace: a block-local estimate) (auto: "
+                   help="run the probe one decoder block at a time (hessian_trace: a block-local estimate) (default auto: "
                         "when the whole-model state would pass 1 GiB, or the weights stay on the host for a GPU)")
     p.add_argument("--seq-len", type=count_type, default=512, help="calibration window length in tokens (default 512)")
     p.add_argument("--n-windows", type=count_type, default=128, help="calibration windows (default 128)")
@@ -76,44 +78,39 @@ def add_solver_args(p: argparse.ArgumentParser) -> None:
                         "fisher, kfac, output_error) (default layer)")
 
 
-# What each serving engine runs fast (peers' users' reports; issue #22): --target chooses the options and ties.
-#   vllm          the Marlin kernels take symmetric 4- and 8-bit only (W2/W3 fall back to slow kernels and
-#                 asymmetric W2/W3 is not served); q/k/v and gate/up must share a scheme; so must a layer's experts
-#   llama.cpp     ggml types at their true sizes (--options ggml), llama.cpp's fallbacks on narrow rows
-#   transformers  symmetric formats (its compressed-tensors reader takes no packed zero points)
-TARGETS = {"vllm": {"options": "4,8", "symmetric": True, "fuse": True},     # MoE: experts per layer (prepare_model)
-           "llama.cpp": {"options": "ggml"},
-           "transformers": {"symmetric": True}}
-TARGET_FORMAT = {"vllm": "compressed-tensors", "llama.cpp": "gguf", "transformers": "compressed-tensors"}
-
-
 def add_target_arg(p: argparse.ArgumentParser) -> None:
+    from ..config import TARGETS
     p.add_argument("--target", choices=list(TARGETS), default=None,
                    help="choose only what this engine serves fast: vllm (symmetric W4/W8, fused q/k/v and gate/up, "
                         "one width per layer's experts), llama.cpp (ggml types), transformers (symmetric formats)")
 
 
-def apply_target(args) -> None:
-    """--target's settings, refusing the flags it overrides (one line naming both)."""
-    target = getattr(args, "target", None)
-    if target is None:
-        return
-    if getattr(args, "granularity", "layer") == "row":
-        raise BitallocError(f"--target {target} stores one format per layer: drop --granularity row")
-    if target == "vllm" and getattr(args, "experts", "per-expert") != "per-expert":
-        raise BitallocError("--target vllm plans MoE experts per layer itself: drop --experts")
-    for key, value in TARGETS[target].items():
-        given = getattr(args, key, None)
-        default = {"options": None, "symmetric": False, "fuse": False}[key]
-        if given not in (default, value):
-            raise BitallocError(f"--target {target} sets --{key} {value}: drop --{key} {given}")
-        setattr(args, key, value)
-
-
 def resolve_solver(args) -> None:
-    """--solver's default depends on --granularity."""
+    """--solver's default depends on --granularity (config.default_solver, as for allocate)."""
+    from ..config import default_solver
     if getattr(args, "granularity", None) is not None and args.solver is None:
-        args.solver = "closed_form" if args.granularity == "row" else "ilp"
+        args.solver = default_solver(args.granularity)
+
+
+# the flag of each AllocateConfig field whose flag is not --FIELD (SettingError names the field)
+FLAGS = {"budget_bits": "--budget", "count_overhead": "--nominal", "cache": "--no-cache"}
+
+
+def flag_for(field: str) -> str:
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def allocate_config(args):
+    """The AllocateConfig of `bitalloc allocate`'s arguments: every default resolved there, not here."""
+    from ..config import AllocateConfig
+    return AllocateConfig(
+        budget_bits=args.budget, probe=args.probe, solver=args.solver, granularity=args.granularity,
+        quantizer=args.quantizer, options=args.options, group_size=args.group_size, symmetric=args.symmetric,
+        fuse=args.fuse, count_overhead=not args.nominal, experts=args.experts, include=split_list(args.include),
+        exclude=split_list(args.exclude), target=args.target, calib=args.calib, seq_len=args.seq_len,
+        n_windows=args.n_windows, dtype=args.dtype, stream=args.stream, check=args.check, refine=args.refine,
+        generations=args.generations, time_limit=args.time_limit, seed=args.seed, cache=not args.no_cache,
+        device=args.device)
 
 
 def split_list(text: str) -> tuple[str, ...]:
@@ -124,8 +121,7 @@ def split_list(text: str) -> tuple[str, ...]:
 def check_model_args(args) -> None:
     """Everything about the model/calibration arguments that can be checked without loading the model."""
     from ..options import parse_options
-    apply_target(args)
-    from ..sensitivity.base import PROBES
+    from ..registry import PROBES, ROW_PROBES
     if getattr(args, "model", None):
         from ..models.loading import check_model_path
         check_model_path(args.model)
@@ -133,16 +129,14 @@ def check_model_args(args) -> None:
         checks.input_file(args.calib, "--calib", "UTF-8 text file")
     if getattr(args, "probe", None) is not None:
         checks.one_of(args.probe, list(PROBES), "probe")
-        from ..sensitivity import get_probe
-        if getattr(args, "granularity", "layer") == "row" and not get_probe(args.probe).gives_rows:
-            raise BitallocError(f"the {args.probe} probe gives no per-row costs: use --probe fisher, kfac or output_error with "
-                                "--granularity row")
+        if getattr(args, "granularity", "layer") == "row" and args.probe not in ROW_PROBES:
+            raise BitallocError(f"the {args.probe} probe gives no per-row costs: use --probe "
+                                f"{', '.join(ROW_PROBES)} with --granularity row")
     resolve_solver(args)
     if getattr(args, "solver", None) is not None:
-        from ..api import ROW_SOLVERS
-        from ..solvers.base import SOLVERS
+        from ..registry import ROW_SOLVERS, SOLVERS
         if getattr(args, "granularity", "layer") == "row":
-            checks.one_of(args.solver, ROW_SOLVERS, "solver for --granularity row")
+            checks.one_of(args.solver, ROW_SOLVERS, "solver", why="for --granularity row")
         else:
             checks.one_of(args.solver, list(SOLVERS), "solver")
     if hasattr(args, "options"):
@@ -165,45 +159,19 @@ def prepare_model(args, strict: bool = False):
     """Load the model, find its units, tokenize the calibration text; place the model on its device."""
     from ..api import prepare
     from ..options import parse_options
-    from ..units import EXPERT_KINDS
     options = parse_options(args.options, group_size=args.group_size, symmetric=args.symmetric)
     prepared = prepare(args.model, calib_file=args.calib, options=options, include=split_list(args.include),
                        seq_len=args.seq_len, n_windows=args.n_windows, strict_windows=strict, experts=args.experts,
                        exclude=split_list(args.exclude), dtype=args.dtype)
-    if getattr(args, "target", None) == "vllm" and any(u.kind in EXPERT_KINDS for u in prepared.units):
-        from ..models.loading import model_info
-        from ..units import find_units                 # vLLM's MoE kernels take one scheme for a layer's experts
-        prepared.units = find_units(prepared.model, include=split_list(args.include), exclude=split_list(args.exclude),
-                                    experts="per-layer")
-        prepared.info = model_info(prepared.model, prepared.units)
-        prepared.scope["experts"] = "per-layer"
     can_stream = getattr(args, "probe", None) is not None and getattr(args, "stream", "auto") != "off"
     place_model(prepared, args, can_stream)
     return prepared
 
 
 def place_model(prepared, args, can_stream: bool) -> None:
-    """Put the model on --device (default: cuda when available). On a GPU, a stage that can run one decoder
-    block at a time keeps the weights on the host and streams blocks to the GPU (``prepared.compute_device``)
-    with --stream on, or (auto) when the model takes more than 80 % of the GPU's free memory."""
-    import torch
-
-    from ..models.distributed import local_device
-    device = local_device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BitallocError("--device cuda asked for, but torch sees no CUDA device: use --device cpu")
-    if device.startswith("cuda") and can_stream and _too_large(args, prepared.model, device):
-        prepared.compute_device = device
-    else:
-        prepared.model.to(device)
-
-
-def _too_large(args, model, device: str) -> bool:
-    import torch
-    if getattr(args, "stream", "auto") == "on":
-        return True
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return sum(p.numel() * p.element_size() for p in model.parameters()) > 0.8 * free
+    """models/placement.place with --device and --stream (a stage that cannot stream gets "off")."""
+    from ..models.placement import place
+    place(prepared, getattr(args, "device", None), stream=getattr(args, "stream", "auto") if can_stream else "off")
 
 
 def solver_settings(args, prepared) -> dict:

@@ -7,8 +7,8 @@ import time
 
 from .. import checks
 from ..errors import BitallocError
-from .common import (check_model_args, eval_tokens, place_model, prepare_model, print_plan, print_scores,
-                     probe_settings, resolve_solver, solver_settings)
+from .common import (allocate_config, check_model_args, eval_tokens, place_model, prepare_model, print_plan,
+                     print_scores, probe_settings, resolve_solver)
 
 
 def print_calibration(prepared, args) -> None:
@@ -19,27 +19,19 @@ def print_calibration(prepared, args) -> None:
 
 
 def cmd_allocate(args) -> None:
-    from ..api import finish, measure, quantizer_settings, solve
+    from ..api import run_allocate
+    from ..config import TARGET_FORMAT
     checks.output_file(args.out)
     if getattr(args, "server", None):
         from .service import allocate_on_server
         return allocate_on_server(args)
+    config = allocate_config(args)
     check_model_args(args)
     if args.baselines and not args.eval:
         raise BitallocError("--baselines scores mixes on held-out text: add --eval FILE")
     t0 = time.time()
-    prepared = prepare_model(args)
-    print_calibration(prepared, args)
-    settings = quantizer_settings(args.probe, args.quantizer, probe_settings(args))
-    table = measure(prepared, args.probe, settings=settings, cache=not args.no_cache)
-    search = solver_settings(args, prepared)
-    plan = solve(table, args.budget, args.solver, settings=search, count_overhead=not args.nominal, fuse=args.fuse,
-                 granularity=args.granularity)
-    plan = finish(prepared, table, plan, quantizer=args.quantizer, refine=args.refine, fitness=search.get("fitness"),
-                  check=getattr(args, "check", False))
-    if getattr(args, "target", None):
-        from .common import TARGET_FORMAT
-        plan.extra["target"] = args.target
+    done = run_allocate(config, args.model, on_prepared=lambda prepared: print_calibration(prepared, args))
+    plan = done.plan
     print_plan(plan)
     print(f"\nbudget {args.budget} {'nominal' if args.nominal else 'true'} bits/weight · "
           f"true {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver}"
@@ -49,11 +41,11 @@ def cmd_allocate(args) -> None:
         print(f"refine: KL on {r['kl_windows']} calibration windows {r['seed_kl']:.5f} -> {r['kl']:.5f} "
               f"({r['generations']} generations, {r['seconds']:.0f} s)")
     if args.eval:
-        _evaluate_plans(args, prepared, table, plan)
+        _evaluate_plans(args, done.prepared, done.table, plan)
     plan.save(args.out)
     print(f"plan written to {args.out} ({time.time() - t0:.1f} s)")
-    if getattr(args, "target", None):
-        print(f"for {args.target}: bitalloc apply --plan {args.out} --format {TARGET_FORMAT[args.target]} --out …")
+    if config.target:
+        print(f"for {config.target}: bitalloc apply --plan {args.out} --format {TARGET_FORMAT[config.target]} --out …")
 
 
 def _evaluate_plans(args, prepared, table, plan) -> None:
@@ -101,7 +93,7 @@ def cmd_probe(args) -> None:
 def cmd_solve(args) -> None:
     from ..api import solve
     from ..sensitivity.table import SensitivityTable
-    from ..solvers.base import NEEDS_MODEL, SOLVERS
+    from ..registry import NEEDS_MODEL, SOLVERS
     checks.input_file(args.table, "--table", "table CSV (from bitalloc probe --out)")
     checks.output_file(args.out)
     resolve_solver(args)

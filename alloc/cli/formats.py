@@ -67,6 +67,9 @@ def apply_folder_format(args) -> None:
     from ..quantize_model import quantize_model
     from .flow import _discard, prepare_for_plan
     writer = {"compressed-tensors": compressed_tensors, "gptq": gptq}[args.format]
+    if writer is compressed_tensors:                  # before the model loads
+        from ..checks import require
+        require(compressed_tensors.COMPRESSED_TENSORS, None, "--format compressed-tensors", "compressed-tensors")
     out = check_new_folder(args.out)                  # fail before the slow part
     check_model_args(args)
     plan = BitPlan.load(args.plan)

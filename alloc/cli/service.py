@@ -98,29 +98,21 @@ def cmd_worker(args) -> None:
 
 # what allocate --server cannot send: the service serves plans from stored tables, with its own calibration
 LOCAL_ONLY = {"calib": None, "include": "", "exclude": "", "eval": None,
-              "baselines": None, "nominal": False, "target": None, "no_cache": False, "device": None}
-
-
-def _search(args) -> dict:
-    """--generations/--time-limit/--seed, for the solvers that use them (as `bitalloc allocate` passes them)."""
-    if args.solver not in ("evolutionary", "optuna"):
-        return {}
-    return {"generations": args.generations, "time_limit": args.time_limit, "seed": args.seed}
+              "baselines": None, "nominal": False, "no_cache": False, "device": None, "stream": "auto"}
 
 
 def allocate_on_server(args) -> None:
+    from ..service.catalog import FIELD_NAMES
     from ..service.client import Client
+    from .common import allocate_config
     for key, default in LOCAL_ONLY.items():
         if getattr(args, key, default) != default:
             raise BitallocError(f"--{key.replace('_', '-')} is not served by --server (plans come from the "
                                 "server's stored tables): drop it, or run allocate locally")
+    config = allocate_config(args).to_json()          # the server resolves the same config from these fields
     client = Client(args.server, getattr(args, "token", None))
-    plan = client.allocate(args.model or "refllama-s", args.budget, granularity=args.granularity, solver=args.solver,
-                           probe=args.probe, quantizer=args.quantizer, fuse=args.fuse or None, experts=args.experts,
-                           options=args.options, group_size=args.group_size, symmetric=args.symmetric or None,
-                           n_windows=args.n_windows, seq_len=args.seq_len, dtype=args.dtype,
-                           check=args.check or None, refine=args.refine,
-                           **_search(args))
+    plan = client.allocate(args.model or "refllama-s", args.budget,
+                           **{k: config[k] for k in FIELD_NAMES if k != "budget_bits"})
     from .common import print_plan
     print_plan(plan)
     print(f"\ntrue {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver} "

@@ -32,6 +32,8 @@ from ..plan import BitPlan
 
 from .folder import WEIGHTS
 
+COMPRESSED_TENSORS = "compressed_tensors"      # the package whose helpers pack the codes (base install)
+
 
 def storable_specs(plan: BitPlan, units, *, exact: bool) -> dict[str, QuantSpec]:
     """{unit: the spec it is stored in}: row-plan layers at their widest row (or refused with ``exact``)."""
@@ -92,9 +94,11 @@ def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokeniz
     """Write ``model`` quantized by ``plan`` as a compressed-tensors folder ``out_dir`` (appears whole or not at
     all). The model's own weights are left as they are. Returns {"specs": {layer: spec}, "bytes": file size,
     "plan": the plan as stored (rows rounded up)}."""
+    from ..checks import require
     from ..packed import check_new_folder, planned_units
     from ..provenance import check_plan_model
     from .folder import checkpoint_tensors, warn_mixed_experts, write_folder
+    require(COMPRESSED_TENSORS, None, "a compressed-tensors checkpoint", "compressed-tensors")   # before the work
     out = check_new_folder(out_dir)
     units = planned_units(model, plan)
     plan = check_plan_model(plan, model, units, info, force=force)

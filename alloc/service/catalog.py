@@ -4,9 +4,9 @@ Every step calls the verbs of alloc/api.py (``prepare``/``measure`` on workers, 
 here measures or solves by itself.
 
     register_model(store, root, path)     load once under --models-root: hash, architecture, units
-    table_request(model, request)         the request fields a table depends on, normalized; its key
-    stored_table(store, job)              the table a finished job wrote (kept in memory, 8 at most)
-    solve_plan(store, model, table_row, request)   BitPlan from a stored table, saved as a plan row
+    config_of(request)                    the request's AllocateConfig (alloc/config.py: every default there)
+    table_request(model, config)          the settings a table depends on, plus the model; its key
+    solve_plan(store, tables, model, table_id, config)   api.plan_for on a stored table, saved as a plan row
 """
 from __future__ import annotations
 
@@ -24,9 +24,6 @@ from .store import ModelRow, PlanRow, Store, TableRow, new_id
 
 EMBEDDED = "@embedded"            # the path of the model that ships with bitalloc (refllama-s)
 
-# the fields of a plan request that choose the table, with allocate's defaults
-TABLE_FIELDS = {"probe": "fisher", "quantizer": "rtn", "options": None, "group_size": 128, "symmetric": False,
-                "experts": "per-expert", "n_windows": 128, "seq_len": 512, "dtype": "auto"}
 
 
 # -- models ---------------------------------------------------------------------------------------------
@@ -110,11 +107,29 @@ def get_model(store: Store, model_id: str) -> ModelRow:
                                            "lists them)")
 
 
+# -- requests -------------------------------------------------------------------------------------------
+def config_of(request: dict):
+    """The AllocateConfig of a plan request's fields (None and ``model`` left out); a bad setting is a 422 that
+    names its JSON field."""
+    from ..config import AllocateConfig
+    from ..errors import BitallocError, SettingError
+    try:
+        return AllocateConfig.from_fields({k: v for k, v in request.items() if v is not None and k != "model"})
+    except SettingError as e:
+        raise Unprocessable(e.worded(f"field '{e.field}'") if e.field in FIELD_NAMES else str(e)) from None
+    except BitallocError as e:
+        raise Unprocessable(str(e)) from None
+
+
+FIELD_NAMES = ("budget_bits", "probe", "solver", "granularity", "quantizer", "options", "group_size", "symmetric",
+               "fuse", "experts", "target", "seq_len", "n_windows", "dtype", "check", "refine", "generations",
+               "time_limit", "seed")
+
+
 # -- tables ---------------------------------------------------------------------------------------------
-def table_request(model: ModelRow, request: dict) -> dict:
-    """The request's table fields with allocate's defaults, plus the model's hash: equal dicts, one table."""
-    out = {k: request.get(k) if request.get(k) is not None else v for k, v in TABLE_FIELDS.items()}
-    return {"model": model.id, "model_hash": model.hash, **out}
+def table_request(model: ModelRow, config) -> dict:
+    """The settings a table depends on (resolved by the config), plus the model's hash: equal dicts, one table."""
+    return {"model": model.id, "model_hash": model.hash, **config.table_fields()}
 
 
 def request_key(treq: dict) -> str:
@@ -186,43 +201,34 @@ def find_table(store: Store, key: str) -> TableRow | None:
 
 
 # -- plans ----------------------------------------------------------------------------------------------
-def solve_plan(store: Store, tables: TableCache, model: ModelRow, table_id: str, request: dict) -> PlanRow:
-    """The plan of the request on the stored table (api.solve, as `bitalloc allocate` does), kept in the store;
-    the same request again gets the same plan."""
-    key = (table_id, json.dumps(request, sort_keys=True))
-    return tables.plans.get(key, lambda: _solve_plan(store, tables, model, table_id, request))
+def solve_plan(store: Store, tables: TableCache, model: ModelRow, table_id: str, config) -> PlanRow:
+    """The plan of ``config`` on the stored table (``api.plan_for``, as `bitalloc allocate` makes it), kept in the
+    store; the same request again gets the same plan. Only plans made from the table alone (not
+    ``config.on_model``: those are jobs)."""
+    key = (table_id, json.dumps(config.to_json(), sort_keys=True))
+    return tables.plans.get(key, lambda: _solve_plan(store, tables, model, table_id, config))
 
 
-def _solve_plan(store: Store, tables: TableCache, model: ModelRow, table_id: str, request: dict) -> PlanRow:
-    from ..api import finish
+def _solve_plan(store: Store, tables: TableCache, model: ModelRow, table_id: str, config) -> PlanRow:
+    from ..api import plan_for
     table = tables.table(store, table_id)
-    plan = plan_from_table(table, model, request)
-    if plan.row_bits:
-        # the check of a row plan against the layer plan scores both on the model: a job (``"check": true``)
-        plan.extra["row_check"] = "not run (served from the stored table; ask with \"check\": true to run it)"
-    else:
-        plan = finish(None, table, plan, quantizer=table_request(model, request)["quantizer"])
-    return save_plan(store, model, table_id, request, plan)
+    check_table(table, model, config)
+    return save_plan(store, model, table_id, config, plan_for(table, config))
 
 
-def plan_from_table(table, model: ModelRow, request: dict, settings: dict | None = None):
-    """``api.solve`` of the request on ``table`` (the solver and granularity defaults of `bitalloc allocate`);
-    ``settings``: the search solvers' (their fitness on the model: a plan job, jobs.py)."""
-    from ..api import solve
+def check_table(table, model: ModelRow, config) -> None:
+    """The stored table was measured on this model, and the budget is feasible on its units."""
     if table.meta.get("model", {}).get("hash") != model.hash:
         raise Conflict(f"the table was measured on another model than {model.id!r} (hash "
                        f"{table.meta.get('model', {}).get('hash')} ≠ {model.hash}): measure it again")
-    budget, granularity = request["budget_bits"], request.get("granularity") or "layer"
-    solver = request.get("solver") or ("closed_form" if granularity == "row" else "ilp")
     floor = float(table.sizes().min(dim=1).values.sum() / table.numels().sum())
-    if budget < floor - 1e-9:
-        raise Unprocessable(f"budget_bits {budget} is below the cheapest plan of {model.id!r}: the feasible "
-                            f"minimum is {math.ceil(floor * 1e4) / 1e4} true bits per weight")
-    return solve(table, budget, solver, settings=settings, fuse=bool(request.get("fuse")), granularity=granularity)
+    if config.budget_bits < floor - 1e-9:
+        raise Unprocessable(f"budget_bits {config.budget_bits} is below the cheapest plan of {model.id!r}: the "
+                            f"feasible minimum is {math.ceil(floor * 1e4) / 1e4} true bits per weight")
 
 
-def save_plan(store: Store, model: ModelRow, table_id: str, request: dict, plan) -> PlanRow:
-    row = PlanRow(id=new_id("plan"), model_id=model.id, table_id=table_id, request=request, plan=plan.dumps(),
+def save_plan(store: Store, model: ModelRow, table_id: str, config, plan) -> PlanRow:
+    row = PlanRow(id=new_id("plan"), model_id=model.id, table_id=table_id, request=config.to_json(), plan=plan.dumps(),
                   true_bpw=plan.true_bpw)
     with store.session() as s:
         s.add(row)

@@ -142,38 +142,48 @@ def _one_line(e: BaseException) -> str:
 
 
 def _work(store: Store, job_id: str, models_root, t0: float) -> tuple[str, str | None, dict]:
-    """(table id, plan id, an apply job's {"checkpoint": its path on this worker}): prepare → measure exactly
-    as `bitalloc allocate` does with these settings; a "plan"
-    job then solves and finishes the plan on the model (the row check, --check, --refine: api.finish)."""
+    """(table id, plan id, an apply job's {"checkpoint": its path on this worker}). A table job measures the table
+    as `bitalloc allocate` does (api.prepare_for → api.measure_for, kept in the store); a "plan" job runs
+    api.run_allocate with the request's config and the store as its table cache."""
+    from ..api import measure_for, prepare_for, run_allocate
+    from .catalog import config_of, save_plan
     with store.session() as s:
         job = s.get(JobRow, job_id)
         model = s.get(ModelRow, job.model_id)
     treq = job.request["table"] if job.kind in ("plan", "apply") else job.request
     if job.kind == "apply":
         return _apply(store, model, treq, job.request["apply"], models_root)
-    prepared, table_id = _measure(store, model, treq, models_root, t0)
+    tables = StoreTables(store, model, t0)
     if job.kind != "plan":
-        return table_id, None, {}
-    from ..api import finish, with_fitness
-    from .catalog import plan_from_table, save_plan, table_from_row
-    table = table_from_row(store.fetch(TableRow, table_id, f"no table {table_id!r}"))
-    request = job.request["plan"]
-    settings = with_fitness(prepared, request.get("solver") or "ilp", search_settings(request),
-                            quantizer=treq["quantizer"])
-    plan = plan_from_table(table, model, request, settings)
-    plan = finish(prepared, table, plan, quantizer=treq["quantizer"], refine=request.get("refine"),
-                  check=bool(request.get("check")), fitness=settings.get("fitness"))
-    return table_id, save_plan(store, model, table_id, request, plan).id, {}
+        config = config_of({"budget_bits": 16, **_table_fields(treq)})     # a table request has no budget
+        measure_for(_checked(prepare_for(config, _path(model, models_root)), model), config, tables)
+        return tables.table_id, None, {}
+    config = config_of({**_table_fields(treq), **job.request["plan"]})
+    done = run_allocate(config, _path(model, models_root), tables=tables,
+                        on_prepared=lambda prepared: _checked(prepared, model))
+    return tables.table_id, save_plan(store, model, tables.table_id, config, done.plan).id, {}
 
 
-def search_settings(request: dict) -> dict:
-    """The search solvers' settings from the request, with `bitalloc allocate`'s defaults (cli/common.py)."""
-    solver, seed = request.get("solver"), request.get("seed", 0)
-    if solver == "evolutionary":
-        return {"generations": request.get("generations", 50), "time_limit": request.get("time_limit"), "seed": seed}
-    if solver == "optuna":
-        return {"n_trials": request.get("generations", 50), "timeout": request.get("time_limit"), "seed": seed}
-    return {}
+def plan_fields(config) -> dict:
+    """The part of a plan request (its resolved config) that is not the table's: a plan job's request."""
+    from ..config import TABLE_FIELDS
+    return {k: v for k, v in config.to_json().items() if k not in TABLE_FIELDS}
+
+
+def _table_fields(treq: dict) -> dict:
+    return {k: v for k, v in treq.items() if k not in ("model", "model_hash")}
+
+
+def _path(model: ModelRow, models_root) -> str | None:
+    return None if model.path == EMBEDDED else str(model_path(models_root, model))    # None: the embedded one
+
+
+def _checked(prepared, model: ModelRow):
+    if prepared.info["hash"] != model.hash:
+        from .errors import Conflict
+        raise Conflict(f"the files of model {model.id!r} changed since it was registered (hash "
+                       f"{prepared.info['hash']} ≠ {model.hash}): register them under another name")
+    return prepared
 
 
 def _prepare(model: ModelRow, r: dict, models_root):
@@ -181,14 +191,9 @@ def _prepare(model: ModelRow, r: dict, models_root):
     from ..api import prepare
     from ..options import parse_options
     options = parse_options(r["options"], group_size=r["group_size"], symmetric=r["symmetric"])
-    path = None if model.path == EMBEDDED else str(model_path(models_root, model))    # None: the embedded one
-    prepared = prepare(path, options=options, seq_len=r["seq_len"],
+    prepared = prepare(_path(model, models_root), options=options, seq_len=r["seq_len"],
                        n_windows=r["n_windows"], experts=r["experts"], dtype=r["dtype"])
-    if prepared.info["hash"] != model.hash:
-        from .errors import Conflict
-        raise Conflict(f"the files of model {model.id!r} changed since it was registered (hash "
-                       f"{prepared.info['hash']} ≠ {model.hash}): register them under another name")
-    return prepared
+    return _checked(prepared, model)
 
 
 def checkpoint_path(apply: dict) -> Path:
@@ -214,23 +219,28 @@ def _apply(store: Store, model: ModelRow, treq: dict, apply: dict, models_root) 
     return plan_row.table_id, plan_row.id, {"checkpoint": str(out)}
 
 
-def _measure(store: Store, model: ModelRow, r: dict, models_root, t0: float):
-    """(prepared model, table id): the stored table of request ``r``, measured here if it is not stored yet
-    (written once)."""
-    from ..api import measure, quantizer_settings
-    from ..sensitivity import get_probe
-    from ..table_cache import key_inputs, table_key
-    prepared = _prepare(model, r, models_root)
-    settings = quantizer_settings(r["probe"], r["quantizer"], {"stream": "auto"})
-    probe_settings = get_probe(r["probe"], **settings).settings()
-    key = table_key(prepared, r["probe"], probe_settings)
-    found = store_find(store, key)
-    if found:                                  # measured before (another request key, or imported)
-        return prepared, found
-    table = measure(prepared, r["probe"], settings=settings, cache=False)
-    row = table_row_from(table, key, key_inputs(prepared, r["probe"], probe_settings), model, r["quantizer"],
-                         time.time() - t0)
-    return prepared, write_table(store, row)
+class StoreTables:
+    """The store as ``api.measure_for``'s table cache: a table already stored under the measurement's key is
+    read from it, otherwise measured here and written once (``table_id`` then names it)."""
+
+    def __init__(self, store: Store, model: ModelRow, t0: float):
+        self.store, self.model, self.t0, self.table_id = store, model, t0, None
+
+    def table(self, prepared, probe: str, settings: dict, measure):
+        from ..sensitivity import get_probe
+        from ..table_cache import key_inputs, table_key
+        from .catalog import table_from_row
+        probe_settings = get_probe(probe, **settings).settings()
+        key = table_key(prepared, probe, probe_settings)
+        self.table_id = store_find(self.store, key)
+        if self.table_id is None:
+            table = measure()
+            row = table_row_from(table, key, key_inputs(prepared, probe, probe_settings), self.model,
+                                 settings.get("quantizer", "rtn"), time.time() - self.t0)
+            self.table_id = write_table(self.store, row)
+            if self.table_id == row.id:
+                return table
+        return table_from_row(self.store.fetch(TableRow, self.table_id, f"no table {self.table_id!r}"))
 
 
 def store_find(store: Store, key: str) -> str | None:

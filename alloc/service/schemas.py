@@ -43,6 +43,8 @@ class PlanIn(BaseModel):
     n_windows: int | None = Field(None, ge=1, le=100000)
     seq_len: int | None = Field(None, ge=1, le=1 << 20)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] | None = None
+    target: Literal["vllm", "llama.cpp", "transformers"] | None = Field(
+        None, description="only what this engine serves fast (sets options, symmetric, fuse, experts)")
     check: bool = False
     refine: float | None = Field(None, gt=0, le=3600, description="seconds of EvoPress search on the model")
     generations: int | None = Field(None, ge=1, le=100000, description="evolutionary: generations; optuna: trials")
@@ -52,7 +54,7 @@ class PlanIn(BaseModel):
     @field_validator("probe")
     @classmethod
     def _probe(cls, v):
-        from ..sensitivity.base import PROBES
+        from ..registry import PROBES
         if v is not None and v not in PROBES:
             raise ValueError(f"unknown probe {v!r}: choose one of {', '.join(PROBES)}")
         return v
@@ -60,7 +62,7 @@ class PlanIn(BaseModel):
     @field_validator("solver")
     @classmethod
     def _solver(cls, v):
-        from ..solvers.base import SOLVERS
+        from ..registry import SOLVERS
         choices = list(SOLVERS) + ["greedy"]
         if v is not None and v not in choices:
             raise ValueError(f"unknown solver {v!r}: choose one of {', '.join(choices)}")

@@ -119,3 +119,24 @@ def test_python_apply_writes_each_format_and_leaves_the_model_as_it_is(prepared,
     assert not (tmp_path / "awq").exists()
     packed = bitalloc.apply(copy.deepcopy(model), plan, out=tmp_path / "packed", progress=False)
     assert packed.bitalloc_plan.layers == plan.layers and (tmp_path / "packed" / "plan.json").exists()
+
+
+def test_a_missing_compressed_tensors_package_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """`apply --format compressed-tensors` without the package: one line naming the pip install, before the model
+    loads (it used to quantize for 52 s, then fail); the Python writer refuses before quantizing too."""
+    import importlib.util
+
+    import bitalloc
+    from bitalloc.cli import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "compressed_tensors"
+                        else real(name, *a))
+    code = main(["apply", "--plan", str(tmp_path / "never-read.json"), "--format", "compressed-tensors",
+                 "--out", str(tmp_path / "ct")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pip install compressed-tensors" in err[0], err
+    assert not (tmp_path / "ct").exists()
+    with pytest.raises(bitalloc.BitallocError, match="pip install compressed-tensors"):
+        bitalloc.apply(torch.nn.Sequential(torch.nn.Linear(64, 64)), bitalloc.BitPlan({}, {}), format="compressed-tensors",
+                       out=tmp_path / "ct2")
+    assert not (tmp_path / "ct2").exists()

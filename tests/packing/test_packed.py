@@ -3,6 +3,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,8 +135,11 @@ def test_cli_apply(tiny_llama_dir, calib_file, tmp_path, capsys):
 def test_models_load_in_their_own_dtype_and_save_unquantized_tensors_in_it(tmp_path):
     from bitalloc.models.loading import DEFAULT_MODEL
     from bitalloc.packed import _read_header
+    from bitalloc.models.loading import compute_dtype
     model, _, _ = load_model(DEFAULT_MODEL)                       # refllama-s is a bf16 checkpoint
-    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.bitalloc_source_dtype == torch.bfloat16
+    # "auto": its own dtype, or fp32 on a CPU without half-precision arithmetic (test_auto_dtype_...)
+    assert model.model.embed_tokens.weight.dtype == compute_dtype(torch.bfloat16, Path(DEFAULT_MODEL))
     fp32, tok, _ = load_model(DEFAULT_MODEL, dtype="fp32")
     assert fp32.model.embed_tokens.weight.dtype == torch.float32
     units = find_units(fp32)
@@ -150,6 +154,24 @@ def test_models_load_in_their_own_dtype_and_save_unquantized_tensors_in_it(tmp_p
     rest = sum(p.numel() for n, p in fp32.named_parameters())        # unquantized parameters, in bf16
     assert report["actual_bytes"] < 1.02 * (report["true_bpw"] * report["quantized_params"] / 8 + 2 * rest + 4096)
     assert load(out).model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_auto_dtype_widens_half_checkpoints_only_where_the_cpu_has_no_half_arithmetic(monkeypatch, tmp_path):
+    from bitalloc.models import loading
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 1000)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loading, "fast_half_on_cpu", lambda: False)
+    assert loading.compute_dtype(torch.bfloat16, tmp_path) == torch.float32          # small: fp32 is fast here
+    assert loading.compute_dtype(torch.float16, tmp_path) == torch.float32
+    assert loading.compute_dtype(torch.float32, tmp_path) == torch.float32
+    monkeypatch.setattr(loading, "FP32_SHARE_OF_RAM", 1e-12)                          # too large for RAM in fp32
+    assert loading.compute_dtype(torch.bfloat16, tmp_path) == torch.bfloat16
+    monkeypatch.setattr(loading, "FP32_SHARE_OF_RAM", 0.25)
+    monkeypatch.setattr(loading, "fast_half_on_cpu", lambda: True)                    # AVX512-BF16 / AMX
+    assert loading.compute_dtype(torch.bfloat16, tmp_path) == torch.bfloat16
+    monkeypatch.setattr(loading, "fast_half_on_cpu", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)                     # the work runs on the GPU
+    assert loading.compute_dtype(torch.bfloat16, tmp_path) == torch.bfloat16
 
 
 def test_unknown_dtype_is_one_line(capsys):

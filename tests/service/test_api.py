@@ -48,12 +48,13 @@ def test_concurrent_identical_requests_share_one_job(server):
 
 
 def test_row_plans_exports_pareto_and_charts(server, small_plan):
-    status, headers, raw = server.call("POST", "/v1/plans", {"model": "refllama-s", "budget_bits": 3.25,
-                                                             "granularity": "row", **SMALL})
+    # a row plan is made on the model, as `bitalloc allocate` makes it (checked against the layer plan): a job
+    status, headers, raw = server.call("POST", "/v1/plans?wait=300", {"model": "refllama-s", "budget_bits": 3.25,
+                                                                      "granularity": "row", **SMALL})
     assert status == 200, raw
     plan = json.loads(raw)
     assert plan["version"] == 2 and any("row_bits" in v for v in plan["layers"].values())
-    assert "not run" in plan["extra"]["row_check"]
+    assert plan["extra"]["row_check"]["row_kl"] <= plan["extra"]["row_check"]["layer_kl"]
     pid = headers["x-bitalloc-plan-id"]
     status, headers, text = server.call("GET", f"/v1/plans/{pid}/export/llama.cpp")
     assert status == 200 and b"blk\\." in text and "x-bitalloc-warning" in headers     # rows rounded up, said so
@@ -176,7 +177,7 @@ def test_a_table_measured_on_another_model_is_a_conflict(server, small_plan):
         s.add(other)
         s.add(TableRow(id="tbl_other", key="other-key", model_id="other", model_hash="not-refllama", probe="fisher",
                        quantizer="rtn", key_inputs={}, sidecar=source.sidecar, data=source.data, seconds=0.0))
-        treq = catalog.table_request(other, {})
+        treq = catalog.table_request(other, catalog.config_of({"budget_bits": 3.2}))
         s.add(JobRow(id=new_id("job"), kind="table", request_key=catalog.request_key(treq), request=treq,
                      model_id="other", state="done", attempts=1, progress={}, table_id="tbl_other"))
         s.commit()
@@ -194,12 +195,14 @@ def test_allocate_server_refuses_what_it_cannot_send(server, capsys):
 def test_a_checked_row_plan_is_made_on_the_model_as_allocate_makes_it(server, small_plan, tmp_path):
     from bitalloc.cli import main
     body = {"model": "refllama-s", "budget_bits": 3.25, "granularity": "row", "check": True, **SMALL}
-    status, job = server.json("POST", "/v1/plans", body)
-    assert status == 202 and job["kind"] == "plan"
-    done = server.wait_job(job["id"])
-    assert done["state"] == "done" and done["plan_id"], done
-    status, headers, served = server.call("POST", "/v1/plans", body)
-    assert status == 200 and headers["x-bitalloc-plan-id"] == done["plan_id"]
+    status, headers, served = server.call("POST", "/v1/plans?wait=300", body)
+    assert status == 200, served
+    _, jobs = server.json("GET", "/v1/jobs")
+    made = [j for j in jobs if j["plan_id"] == headers["x-bitalloc-plan-id"]]
+    assert made and made[0]["kind"] == "plan"                    # made on the model by a worker's job
+    # a row plan is always checked: the same request without "check" is the same config, the same job
+    status, again, _ = server.call("POST", "/v1/plans", {k: v for k, v in body.items() if k != "check"})
+    assert status == 200 and again["x-bitalloc-plan-id"] == headers["x-bitalloc-plan-id"]
     out = tmp_path / "rows.json"
     assert main(["allocate", "--budget", "3.25", "--granularity", "row", "--n-windows", "4", "--seq-len", "64",
                  "--out", str(out)]) == 0

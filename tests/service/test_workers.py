@@ -10,7 +10,7 @@ import pytest
 
 from tests.servers import Postgres, Serve, bitalloc
 
-LONG = {"n_windows": 48, "seq_len": 256}          # long enough (~10 s here) to be killed in the middle
+LONG = {"n_windows": 48, "seq_len": 256, "dtype": "fp32"}   # long enough (~15 s here) to be killed in the middle
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""The README tells the truth: its test command is what CI runs, and its Python snippet runs when the
-README is followed in order (after the walk-through has written plan.json and packed/)."""
+"""The README tells the truth: its test command is what CI runs, it stays a front page (≤ 12 KB), its links
+lead to files, and the Python API page's snippet runs (after the walk-through has written plan.json and packed/)."""
 import os
 import re
 import subprocess
@@ -10,11 +10,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
+PYTHON_API = (REPO / "docs" / "python-api.md").read_text()
 
 
-def _block(after: str, lang: str) -> str:
-    start = README.index(after)
-    m = re.compile(rf"```{lang}\n(.*?)```", re.S).search(README, start)
+def _block(after: str, lang: str, text: str = README) -> str:
+    start = text.index(after)
+    m = re.compile(rf"```{lang}\n(.*?)```", re.S).search(text, start)
     return m.group(1)
 
 
@@ -24,9 +25,17 @@ def test_the_readme_test_command_is_what_ci_runs():
     assert command in ci
 
 
+def test_the_readme_is_a_front_page_whose_links_lead_somewhere():
+    assert len(README.encode()) <= 12 * 1024
+    for page in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
 @pytest.mark.slow
 def test_the_python_snippet_runs_after_the_walk_through(tmp_path):
-    snippet = _block("## Using it", "python")
+    snippet = _block("# Python API", "python", PYTHON_API)
     (tmp_path / "plan.json").write_text("{}")               # what the walk-through left behind
     (tmp_path / "packed").mkdir()
     (tmp_path / "packed" / "model.safetensors").write_text("walk-through")

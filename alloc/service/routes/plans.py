@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 
 from ... import checks
-from ...errors import BitallocError, BitallocWarning
+from ...errors import BitallocWarning, SettingError
 from .. import catalog, charts, jobs
 from ..errors import NotFound, Unprocessable
 from ..schemas import CheckpointIn, PlanIn
@@ -25,23 +25,14 @@ def plan_response(row: PlanRow, status: int = 200) -> Response:
                     headers={"Location": f"/v1/plans/{row.id}", "X-Bitalloc-Plan-Id": row.id})
 
 
-def _check_request(body: PlanIn, treq: dict) -> None:
-    """What can be refused before any table exists: the options' cheapest width, row costs of the probe."""
-    from ...options import parse_options
-    from ...sensitivity import get_probe
-    options = parse_options(treq["options"], group_size=treq["group_size"], symmetric=treq["symmetric"])
+def _config(body: PlanIn):
+    """The request's AllocateConfig; what can be refused before any table exists is refused here (422)."""
+    config = catalog.config_of(body.model_dump())
     try:
-        checks.feasible(body.budget_bits, options)
-    except BitallocError as e:
-        raise Unprocessable(str(e).replace("give --budget", "give budget_bits")) from None
-    if body.granularity == "row" and not get_probe(treq["probe"]).gives_rows:
-        raise Unprocessable(f"field 'probe': the {treq['probe']} probe gives no per-row costs: use fisher, kfac or "
-                            "output_error with granularity row")
-    from ...api import ROW_SOLVERS
-    if body.granularity == "row" and body.solver is not None and body.solver not in ROW_SOLVERS:
-        raise Unprocessable(f"field 'solver': {body.solver} has no row granularity: use {', '.join(ROW_SOLVERS)}")
-    if body.solver == "greedy" and body.granularity != "row":
-        raise Unprocessable("field 'solver': greedy works at row granularity: add \"granularity\": \"row\", or use ilp")
+        checks.feasible(config.budget_bits, config.specs(), count_overhead=config.count_overhead)
+    except SettingError as e:
+        raise Unprocessable(e.worded("budget_bits")) from None
+    return config
 
 
 def _waited(svc, job: JobRow, wait: float) -> JobRow:
@@ -61,16 +52,9 @@ def create_plan(body: PlanIn, request: Request, wait: float = Query(0, ge=0, le=
     (``?wait=SECONDS``: wait that long for the job first)."""
     svc = service(request)
     model = catalog.get_model(svc.store, body.model)
-    request_fields = body.model_dump(exclude_none=True, exclude_defaults=True)
-    request_fields["budget_bits"] = body.budget_bits
-    treq = catalog.table_request(model, request_fields)
-    _check_request(body, treq)
-    from ...solvers.base import NEEDS_MODEL
-    on_model = bool(body.check or body.refine or body.solver in NEEDS_MODEL)   # made on the model, by a worker
-    if body.solver in NEEDS_MODEL:                       # allocate's defaults: equal searches, one job
-        request_fields.setdefault("generations", 50)
-        request_fields.setdefault("seed", 0)
-    plan_fields = {k: v for k, v in request_fields.items() if k not in catalog.TABLE_FIELDS} if on_model else None
+    config = _config(body)
+    treq = catalog.table_request(model, config)
+    plan_fields = jobs.plan_fields(config) if config.on_model else None     # made on the model, by a worker
     key = catalog.request_key(treq if plan_fields is None else {"table": treq, "plan": plan_fields})
     with svc.store.session() as s:
         job = s.scalars(select(JobRow).where(JobRow.request_key == key)).first()
@@ -79,8 +63,8 @@ def create_plan(body: PlanIn, request: Request, wait: float = Query(0, ge=0, le=
         job = _waited(svc, job, wait)
     if job.state == "done" and job.plan_id:
         return plan_response(catalog.get_plan(svc.store, job.plan_id))
-    if job.state == "done" and job.table_id and not on_model:
-        return plan_response(catalog.solve_plan(svc.store, svc.tables, model, job.table_id, request_fields))
+    if job.state == "done" and job.table_id and plan_fields is None:
+        return plan_response(catalog.solve_plan(svc.store, svc.tables, model, job.table_id, config))
     return JSONResponse(job_out(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
@@ -98,7 +82,7 @@ def create_checkpoint(plan_id: str, body: CheckpointIn, request: Request, wait: 
     if body.format == "gptq" and plan.row_bits:
         raise Unprocessable("field 'format': a GPTQ layer has one width and this is a row plan: ask for format "
                             "bitalloc (compressed-tensors and gguf round its rows up), or for a layer plan")
-    job = jobs.submit(svc.store, model, catalog.table_request(model, row.request), svc.queue.enqueue,
+    job = jobs.submit(svc.store, model, catalog.table_request(model, catalog.config_of(row.request)), svc.queue.enqueue,
                       apply={"plan": row.id, "format": body.format, "quantizer": quantizer})
     job = _waited(svc, job, wait)
     return JSONResponse(job_out(job), status_code=200 if job.state == "done" else 202,

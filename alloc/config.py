@@ -1,0 +1,248 @@
+"""What ``allocate`` is asked to do, with every default resolved in this one place.
+
+``AllocateConfig`` is the frozen configuration of the allocate verb. The Python API (``bitalloc.allocate``),
+the CLI (``bitalloc allocate``) and the service (``POST /v1/plans`` and its jobs) only build one and call
+``api.run_allocate``; none of them resolves a default of its own. The defaults that depend on other choices
+are resolved in ``__post_init__``:
+
+    solver      ilp for a layer plan, closed_form for a row plan
+    target      vllm: symmetric W4/W8, fused q/k/v and gate/up, one width per layer's MoE experts;
+                llama.cpp: the ggml types; transformers: symmetric formats
+    search      evolutionary/optuna: generations (optuna: trials), time limit and seed
+
+A plan records the resolved configuration (``plan.extra["config"]``). Errors name the setting (its field
+here, ``SettingError.field``); each surface words it its own way (``--budget`` on the command line,
+``field 'budget_bits'`` in the service).
+
+This module imports nothing heavy: the CLI builds its parser from it in well under a second.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import checks
+from .errors import SettingError
+from .registry import NEEDS_MODEL, PROBES, ROW_PROBES, ROW_SOLVERS, SOLVERS
+
+DEFAULT_PROBE = "fisher"
+DEFAULT_SEQ_LEN = 512
+DEFAULT_WINDOWS = 128
+DEFAULT_GROUP_SIZE = 128
+DEFAULT_GENERATIONS = 50
+DEFAULT_STORAGE = "sqlite:///bitalloc-search.db"     # Optuna studies (search, --solver optuna, dashboard)
+EVAL_WINDOWS = 32          # one default for every command that scores plans on held-out text
+
+QUANTIZERS = ("rtn", "gptq")
+GRANULARITIES = ("layer", "row")
+EXPERTS = ("per-expert", "per-layer")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+STREAM_MODES = ("auto", "on", "off")
+
+# What each serving engine runs fast (peers' users' reports; issue #22): a target chooses the options and ties.
+#   vllm          the Marlin kernels take symmetric 4- and 8-bit only (W2/W3 fall back to slow kernels and
+#                 asymmetric W2/W3 is not served); q/k/v and gate/up must share a scheme; so must a layer's experts
+#   llama.cpp     ggml types at their true sizes (options ggml), llama.cpp's fallbacks on narrow rows
+#   transformers  symmetric formats (its compressed-tensors reader takes no packed zero points)
+TARGETS: dict[str, dict[str, Any]] = {
+    "vllm": {"options": "4,8", "symmetric": True, "fuse": True},      # and MoE experts per layer (experts_for)
+    "llama.cpp": {"options": "ggml"},
+    "transformers": {"symmetric": True},
+}
+TARGET_FORMAT = {"vllm": "compressed-tensors", "llama.cpp": "gguf", "transformers": "compressed-tensors"}
+
+# the fields a sensitivity table depends on (the service keys its stored tables by them)
+TABLE_FIELDS = ("probe", "quantizer", "options", "group_size", "symmetric", "experts", "n_windows", "seq_len",
+                "dtype")
+# fields that change no number of the plan: not recorded in it
+UNRECORDED = ("cache", "device")
+
+
+@dataclass(frozen=True)
+class AllocateConfig:
+    """The settings of one allocation. Every field has its default here; ``None`` fields are resolved from the
+    others in ``__post_init__`` (see the module docstring).
+
+    budget_bits     average TRUE bits per quantized weight (codes + scales + zeros); nominal with
+                    ``count_overhead=False``
+    probe           sensitivity probe (registry.PROBES)
+    solver          registry.SOLVERS, or greedy for row plans; None: ilp per layer, closed_form per row
+    granularity     "layer" (one width per layer) or "row" (one per output row)
+    quantizer       what the plan will be applied with (rtn or gptq): the probe's costs, checks and scores use it
+    options         candidate widths, e.g. "2,3,4,8", "3g64", "ggml"; None: 2,3,4,8 at ``group_size``
+    group_size      weights per scale along the input
+    symmetric       codes without zero points
+    fuse            q/k/v and gate/up share one width
+    count_overhead  False: the budget counts code bits only
+    experts         MoE experts: a width "per-expert" or one "per-layer"
+    include         also quantize these modules (names or globs, e.g. lm_head)
+    exclude         keep these modules in full precision
+    target          vllm, llama.cpp or transformers: only what that engine serves fast (sets options,
+                    symmetric, fuse, and vllm a MoE model's experts; a conflicting explicit value is an error)
+    calib           calibration text file; None: the default text
+    seq_len         calibration window length in tokens
+    n_windows       calibration windows
+    dtype           the model's dtype on load: auto (the checkpoint's own), bf16, fp16, fp32
+    stream          run the probe one decoder block at a time: auto, on, off
+    check           score the plan against the one without widths below the budget's floor, keep the better
+                    (always on for a row plan, which is also checked against the layer plan, and with refine)
+    refine          seconds of EvoPress-style search on the model after the solver
+    generations     evolutionary: generations; optuna: trials (only for those solvers)
+    time_limit      evolutionary/optuna: seconds (only for those solvers)
+    seed            evolutionary/optuna: random seed (only for those solvers)
+    cache           read and write the table cache (changes no number; not recorded)
+    device          cpu or cuda; None: cuda when available for a model loaded from a path (not recorded)
+    """
+
+    budget_bits: float
+    probe: str = DEFAULT_PROBE
+    solver: str | None = None
+    granularity: str = "layer"
+    quantizer: str = "rtn"
+    options: Any = None                         # str, or a tuple of QuantSpec from the Python API
+    group_size: int = DEFAULT_GROUP_SIZE
+    symmetric: bool = False
+    fuse: bool = False
+    count_overhead: bool = True
+    experts: str = "per-expert"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    target: str | None = None
+    calib: str | None = None
+    seq_len: int = DEFAULT_SEQ_LEN
+    n_windows: int = DEFAULT_WINDOWS
+    dtype: str = "auto"
+    stream: str = "auto"
+    check: bool = False
+    refine: float | None = None
+    generations: int | None = None
+    time_limit: float | None = None
+    seed: int | None = None
+    cache: bool = True
+    device: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)   # noqa: E731 (frozen: resolve once)
+        set_("budget_bits", checks.budget(self.budget_bits))
+        checks.one_of(self.probe, list(PROBES), "probe")
+        checks.one_of(self.granularity, GRANULARITIES, "granularity")
+        checks.one_of(self.quantizer, QUANTIZERS, "quantizer")
+        checks.one_of(self.experts, EXPERTS, "experts")
+        checks.one_of(self.stream, STREAM_MODES, "stream")
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
+            raise SettingError("dtype", f"unknown {{name}} {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        for name in ("seq_len", "n_windows", "group_size"):
+            set_(name, checks.count(getattr(self, name), name))
+        for name in ("include", "exclude"):
+            set_(name, _names(getattr(self, name), name))
+        set_("refine", checks.positive(self.refine, "refine", allow_none=True))
+        if isinstance(self.options, list):
+            set_("options", tuple(self.options))
+        self._resolve_target(set_)
+        if self.solver is None:
+            set_("solver", default_solver(self.granularity))
+        if self.granularity == "row":
+            if self.solver not in ROW_SOLVERS:
+                raise SettingError("solver", f"{{name}} {self.solver!r} has no row granularity: use "
+                                             f"{', '.join(ROW_SOLVERS)}")
+            if self.probe not in ROW_PROBES:
+                raise SettingError("probe", f"the {self.probe} probe gives no per-row costs: use {{name}} "
+                                            f"{', '.join(ROW_PROBES)} with granularity row")
+        else:
+            if self.solver == "greedy":
+                raise SettingError("solver", "the greedy solver works at row granularity: set granularity row, or "
+                                             "use ilp")
+            checks.one_of(self.solver, list(SOLVERS), "solver")
+        self._resolve_search(set_)
+        if self.granularity == "row" or self.refine:
+            set_("check", True)               # a row plan and a refined plan are always checked (alloc/finish.py)
+
+    def _resolve_target(self, set_) -> None:
+        if self.target is None:
+            return
+        checks.one_of(self.target, list(TARGETS), "target")
+        if self.granularity == "row":
+            raise SettingError("granularity", f"target {self.target} stores one format per layer: drop {{name}} row")
+        if self.target == "vllm" and self.experts != "per-expert":
+            raise SettingError("experts", "target vllm plans MoE experts per layer itself: drop {name}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, value in TARGETS[self.target].items():
+            given = getattr(self, key)
+            if given not in (defaults[key], value):
+                raise SettingError(key, f"target {self.target} sets {key} {value}: drop {{name}} {given}")
+            set_(key, value)
+
+    def _resolve_search(self, set_) -> None:
+        """Generations, time limit and seed mean something to the search solvers only: resolved for them,
+        None for the others (so a plan request does not depend on unused fields)."""
+        if self.solver in NEEDS_MODEL:
+            set_("generations", checks.count(self.generations if self.generations is not None
+                                             else DEFAULT_GENERATIONS, "generations"))
+            set_("time_limit", checks.positive(self.time_limit, "time_limit", allow_none=True))
+            set_("seed", 0 if self.seed is None else int(self.seed))
+        else:
+            for name in ("generations", "time_limit", "seed"):
+                set_(name, None)
+
+    # -- what the flow's steps read ------------------------------------------------------------------------
+    def specs(self) -> list:
+        """The candidate formats (QuantSpec) of ``options``."""
+        from .options import parse_options
+        if isinstance(self.options, tuple):
+            return list(self.options)
+        return parse_options(self.options, group_size=self.group_size, symmetric=self.symmetric)
+
+    def experts_for(self, moe: bool) -> str:
+        """How a model's MoE experts are planned: vLLM's fused MoE takes one scheme per layer, so target vllm
+        plans a MoE model's experts per layer; otherwise ``experts``."""
+        return "per-layer" if moe and self.target == "vllm" else self.experts
+
+    def solver_settings(self) -> dict:
+        """The search solvers' own settings (their fitness on the model is added by the flow)."""
+        if self.solver == "evolutionary":
+            return {"generations": self.generations, "time_limit": self.time_limit, "seed": self.seed}
+        if self.solver == "optuna":
+            return {"n_trials": self.generations, "timeout": self.time_limit, "seed": self.seed}
+        return {}
+
+    @property
+    def on_model(self) -> bool:
+        """Whether the plan is made on the model (checks, search), not from the table alone."""
+        return bool(self.check or self.refine or self.solver in NEEDS_MODEL or self.granularity == "row")
+
+    def table_fields(self) -> dict:
+        return {k: _jsonable(getattr(self, k)) for k in TABLE_FIELDS}
+
+    def to_json(self) -> dict:
+        """The resolved configuration as recorded in a plan (``plan.extra["config"]``)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in UNRECORDED}
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> "AllocateConfig":
+        """A config from a request's fields (unknown names refused in one line)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise SettingError(unknown[0], f"unknown setting {{name}}: known are {', '.join(sorted(known))}")
+        return cls(**fields)
+
+
+def default_solver(granularity: str) -> str:
+    """ilp for a layer plan (exact), closed_form for a row plan (millions of rows)."""
+    return "closed_form" if granularity == "row" else "ilp"
+
+
+def _names(value, name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not all(isinstance(v, str) for v in value):
+        raise SettingError(name, f"{{name}} must be module names, got {value!r}")
+    return tuple(v.strip() for v in value if v.strip())
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [v.to_json() if hasattr(v, "to_json") else v for v in value]
+    return value
