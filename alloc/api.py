@@ -19,10 +19,10 @@ from .calibration import calibration_text, check_text_file, data_hash, read_text
 from .config import DEFAULT_GROUP_SIZE, DEFAULT_PROBE, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS, GRANULARITIES, AllocateConfig
 from .errors import BitallocError, SettingError
 from .registry import ROW_SOLVERS
-from .models.loading import load_model, model_info, parse_dtype
+from .models.identity import model_info
+from .models.loading import load_model
 from .models.workload import make_workload
 from .options import QuantSpec, parse_options
-from .quantize import as_quantizer
 from .plan import BitPlan
 from .table_cache import lookup, store, table_path
 from .units import EXPERT_KINDS, Unit, check_weights, find_units

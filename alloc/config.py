@@ -200,11 +200,7 @@ class AllocateConfig:
 
     def solver_settings(self) -> dict:
         """The search solvers' own settings (their fitness on the model is added by the flow)."""
-        if self.solver == "evolutionary":
-            return {"generations": self.generations, "time_limit": self.time_limit, "seed": self.seed}
-        if self.solver == "optuna":
-            return {"n_trials": self.generations, "timeout": self.time_limit, "seed": self.seed}
-        return {}
+        return search_settings(self.solver, self.generations, self.time_limit, self.seed)
 
     @property
     def on_model(self) -> bool:
@@ -227,6 +223,17 @@ class AllocateConfig:
         if unknown:
             raise SettingError(unknown[0], f"unknown setting {{name}}: known are {', '.join(sorted(known))}")
         return cls(**fields)
+
+
+def search_settings(solver: str, generations: int | None, time_limit: float | None, seed: int | None) -> dict:
+    """The settings a search solver takes, by its own names (optuna: trials and timeout); {} for the others."""
+    generations = DEFAULT_GENERATIONS if generations is None else generations
+    seed = 0 if seed is None else seed
+    if solver == "evolutionary":
+        return {"generations": generations, "time_limit": time_limit, "seed": seed}
+    if solver == "optuna":
+        return {"n_trials": generations, "timeout": time_limit, "seed": seed}
+    return {}
 
 
 def default_solver(granularity: str) -> str:

@@ -165,3 +165,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def check_new_folder(path: str | os.PathLike) -> Path:
+    """A checkpoint folder to create: its parent must exist and it must not hold anything yet."""
+    out = check_parent(path)
+    check_writable(out.parent, try_it=True)
+    if out.exists() and not out.is_dir():
+        raise BitallocError(f"{str(out)!r} is a file: give a new folder name for the packed checkpoint")
+    if out.exists() and any(out.iterdir()):
+        raise BitallocError(f"{str(out)!r} exists and is not empty: choose a new folder")
+    return out

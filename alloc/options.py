@@ -63,8 +63,7 @@ class QuantSpec:
     def ggml_for(self, in_features: int) -> str:
         """The ggml type a matrix with rows of ``in_features`` weights is stored in (llama.cpp's fallback when
         the type's block does not divide them)."""
-        from .ggml.plan_types import FALLBACK
-        from .ggml.types import TYPES
+        from .ggml.types import FALLBACK, TYPES
         name = self.ggml
         if not TYPES[name].fits(in_features):
             name = FALLBACK.get(name, name)

@@ -8,7 +8,6 @@ A packed checkpoint folder holds
 """
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
@@ -18,36 +17,15 @@ import torch
 from torch import nn
 
 from .errors import BitallocError, few
-from .files import check_parent, check_writable
 from .plan import BitPlan
 from .quantize_model import quantize_model
-from .units import EXPERT_KINDS, find_units, unit_weight
+from .files import check_new_folder
+from .formats.folder import in_source_dtype as _in_source_dtype
+from .units import EXPERT_KINDS, planned_units, unit_weight
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 PLAN = "plan.json"
-
-
-def planned_units(model: nn.Module, plan: BitPlan):
-    """The model's units as the plan was made: with the include/exclude/experts settings it records
-    (``extra["scope"]``), else the default units plus any the plan names (e.g. lm_head), MoE experts per expert
-    or per layer as the plan has them. Every one must be planned: a plan that leaves units out is refused,
-    never packed in part (name them in ``--exclude`` when making the plan to keep them in full precision)."""
-    scope = plan.extra.get("scope")
-    if isinstance(scope, dict):
-        units = find_units(model, include=tuple(scope.get("include", ())), exclude=tuple(scope.get("exclude", ())),
-                           experts=scope.get("experts", "per-expert"), fuse=False, check_coverage=False)
-        plan.check_units(units)
-        return units
-    names = {n for n, _ in model.named_modules()}
-    extra = tuple(n for n in plan.layers if n in names)
-    units = find_units(model, include=extra, fuse=False, check_coverage=False)
-    if any(u.kind in EXPERT_KINDS and u.name not in plan.layers for u in units):
-        stacks = find_units(model, include=extra, fuse=False, check_coverage=False, experts="per-layer")
-        if any(u.kind in EXPERT_KINDS and u.name in plan.layers for u in stacks):
-            units = stacks
-    plan.check_units(units)
-    return units
 
 
 def _attach_experts(model: nn.Module, units, make_part) -> None:
@@ -163,17 +141,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def check_new_folder(path: str | os.PathLike) -> Path:
-    """A checkpoint folder to create: its parent must exist and it must not hold anything yet."""
-    out = check_parent(path)
-    check_writable(out.parent, try_it=True)
-    if out.exists() and not out.is_dir():
-        raise BitallocError(f"{str(out)!r} is a file: give a new folder name for the packed checkpoint")
-    if out.exists() and any(out.iterdir()):
-        raise BitallocError(f"{str(out)!r} exists and is not empty: choose a new folder")
-    return out
-
-
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write a packed model (see the module docstring). The folder appears whole or not at all."""
     from safetensors.torch import save_model
@@ -212,26 +179,6 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
             raise BitallocError(os_error_line(e, out, need_bytes=need)) from None
         raise
     return out
-
-
-def _in_source_dtype(model: nn.Module) -> tuple[nn.Module, torch.dtype]:
-    """The model with every unquantized float tensor in the checkpoint's own dtype (a copy only when the
-    model was loaded in another dtype, e.g. ``--dtype fp32``), and that dtype."""
-    from .kernels.qexperts import FloatExpert
-    from .kernels.qlinear import QuantLinear
-    from .kernels.qmixed import MixedQuantLinear
-    current = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    source = getattr(model, "bitalloc_source_dtype", None) or current
-    if source == current:
-        return model, current
-    copy_ = copy.deepcopy(model)
-    for module in copy_.modules():
-        if isinstance(module, (QuantLinear, MixedQuantLinear, FloatExpert)):
-            continue
-        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            if t.is_floating_point():
-                t.data = t.data.to(source)
-    return copy_, source
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -8,38 +8,15 @@ moves the projection by ~0.002) and still tells a negated, shuffled or other mat
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
-import torch
 from torch import nn
 
 from .errors import BitallocError, BitallocWarning, few
+from .models.identity import fingerprint, model_info
 
-SAMPLES = 4096
 RMS_RTOL = 1e-2
 Z_ATOL = 0.05
-
-
-def _pattern(k: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(20261202)
-    return torch.randint(0, 2, (k,), generator=g, dtype=torch.float64) * 2 - 1
-
-
-def fingerprint(model: nn.Module, units) -> dict[str, list[float]]:
-    """unit name -> [rms, z] of its weight."""
-    from .units import unit_weight
-    modules = dict(model.named_modules())
-    out, pattern = {}, _pattern(SAMPLES)
-    for u in units:
-        w = unit_weight(modules, u).detach().reshape(-1)
-        rms = float(torch.linalg.vector_norm(w, dtype=torch.float32)) / math.sqrt(max(w.numel(), 1))
-        k = min(SAMPLES, w.numel())
-        x = w[torch.linspace(0, w.numel() - 1, k).long()].double()
-        scale = float(x.pow(2).mean().sqrt()) * math.sqrt(k)
-        z = float((x * pattern[:k]).sum()) / scale if scale > 0 else 0.0
-        out[u.name] = [float(f"{rms:.6g}"), round(z, 4)]
-    return out
 
 
 def differing(recorded: dict, current: dict) -> list[str]:
@@ -60,7 +37,6 @@ def check_plan_model(plan, model: nn.Module, units, info: dict | None = None, *,
     """``plan`` if it was made for ``model``; else a one-line refusal (``force``: a copy of the plan naming this
     model, the one it was made for recorded under extra["forced"], and a warning). ``info``: the model's
     model_info when already computed (its hash). A plan that records no model is used with a warning."""
-    from .models.loading import model_info
     made = plan.model or {}
     if not made.get("hash"):
         warnings.warn(f"the plan records no model (hand-made, or from an old table CSV): {what} cannot check it "

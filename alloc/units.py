@@ -301,3 +301,25 @@ def check_weights(model: nn.Module, units: list[Unit]) -> None:
                                 "(model.to(torch.bfloat16), or a bf16 checkpoint)")
         if not torch.isfinite(W).all():
             raise BitallocError(f"layer {unit.name!r} has NaN or Inf weights: fix or re-export the checkpoint first")
+
+
+def planned_units(model: nn.Module, plan) -> list[Unit]:
+    """The model's units as the plan was made: with the include/exclude/experts settings it records
+    (``extra["scope"]``), else the default units plus any the plan names (e.g. lm_head), MoE experts per expert
+    or per layer as the plan has them. Every one must be planned: a plan that leaves units out is refused,
+    never packed in part (name them in ``--exclude`` when making the plan to keep them in full precision)."""
+    scope = plan.extra.get("scope")
+    if isinstance(scope, dict):
+        units = find_units(model, include=tuple(scope.get("include", ())), exclude=tuple(scope.get("exclude", ())),
+                           experts=scope.get("experts", "per-expert"), fuse=False, check_coverage=False)
+        plan.check_units(units)
+        return units
+    names = {n for n, _ in model.named_modules()}
+    extra = tuple(n for n in plan.layers if n in names)
+    units = find_units(model, include=extra, fuse=False, check_coverage=False)
+    if any(u.kind in EXPERT_KINDS and u.name not in plan.layers for u in units):
+        stacks = find_units(model, include=extra, fuse=False, check_coverage=False, experts="per-layer")
+        if any(u.kind in EXPERT_KINDS and u.name in plan.layers for u in stacks):
+            units = stacks
+    plan.check_units(units)
+    return units

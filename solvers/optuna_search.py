@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from ..config import DEFAULT_STORAGE
 from ..errors import BitallocError
 from ..plan import BitPlan
 from .base import Problem, Solver, get_solver

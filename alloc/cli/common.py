@@ -174,14 +174,50 @@ def place_model(prepared, args, can_stream: bool) -> None:
     place(prepared, getattr(args, "device", None), stream=getattr(args, "stream", "auto") if can_stream else "off")
 
 
+def _discard(name, q) -> None:
+    """quantize_model sink for fake quantization only: the codes are not needed."""
+
+
+def plan_calibration(args, plan) -> None:
+    """--calib, --n-windows and --seq-len left out: the calibration the plan was made with (its recorded config),
+    so GPTQ calibrates on what the probe measured; a recorded file that is not here falls back to the default
+    text, with a warning."""
+    import warnings
+    from pathlib import Path
+
+    from ..config import DEFAULT_SEQ_LEN, DEFAULT_WINDOWS
+    from ..errors import BitallocWarning
+    recorded = plan.extra.get("config") if isinstance(plan.extra.get("config"), dict) else {}
+    if args.calib is None and recorded.get("calib"):
+        if Path(recorded["calib"]).is_file():
+            args.calib = recorded["calib"]
+        else:
+            warnings.warn(f"the plan was calibrated on {recorded['calib']!r}, which is not here: calibrating on the "
+                          "default text (give --calib)", BitallocWarning, stacklevel=2)
+    args.n_windows = args.n_windows or recorded.get("n_windows") or DEFAULT_WINDOWS
+    args.seq_len = args.seq_len or recorded.get("seq_len") or DEFAULT_SEQ_LEN
+
+
+def prepare_for_plan(args, plan):
+    """The model of ``args`` with the units the plan was made with (its include/exclude/experts; every one
+    planned, units.planned_units), calibrated on --n-windows × --seq-len tokens of --calib (by default the
+    plan's own calibration: ``plan_calibration``)."""
+    from ..api import prepare
+    from ..units import planned_units
+    plan_calibration(args, plan)
+    scope = plan.extra.get("scope") if isinstance(plan.extra.get("scope"), dict) else {}
+    prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len,
+                       dtype=args.dtype, experts=scope.get("experts", plan.extra.get("experts", "per-expert")),
+                       exclude=tuple(scope.get("exclude", ())), include=tuple(scope.get("include", ())))
+    prepared.units = planned_units(prepared.model, plan)
+    return prepared
+
+
 def solver_settings(args, prepared) -> dict:
     """--generations/--time-limit/--seed for the search solvers, plus their KL fitness on the model."""
     from ..api import with_fitness
-    settings = {}
-    if args.solver == "evolutionary":
-        settings = {"generations": args.generations, "time_limit": args.time_limit, "seed": args.seed}
-    elif args.solver == "optuna":
-        settings = {"n_trials": args.generations, "timeout": args.time_limit, "seed": args.seed}
+    from ..config import search_settings
+    settings = search_settings(args.solver, args.generations, args.time_limit, args.seed)
     return with_fitness(prepared, args.solver, settings, quantizer=getattr(args, "quantizer", None) or "rtn")
 
 

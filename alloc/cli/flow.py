@@ -7,8 +7,8 @@ import time
 
 from .. import checks
 from ..errors import BitallocError
-from .common import (allocate_config, check_model_args, eval_tokens, place_model, prepare_model, print_plan,
-                     print_scores, probe_settings, resolve_solver)
+from .common import (_discard, allocate_config, check_model_args, eval_tokens, place_model, prepare_for_plan,
+                     prepare_model, print_plan, print_scores, probe_settings, resolve_solver)
 
 
 def print_calibration(prepared, args) -> None:
@@ -36,6 +36,8 @@ def cmd_allocate(args) -> None:
     print(f"\nbudget {args.budget} {'nominal' if args.nominal else 'true'} bits/weight · "
           f"true {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver}"
           f" · {len(plan.layers)} layers, {plan.n_params:,} weights, {plan.size_bytes() / 2**20:.2f} MiB packed")
+    for line in check_lines(plan):
+        print(line)
     if "refine" in plan.extra:
         r = plan.extra["refine"]
         print(f"refine: KL on {r['kl_windows']} calibration windows {r['seed_kl']:.5f} -> {r['kl']:.5f} "
@@ -46,6 +48,24 @@ def cmd_allocate(args) -> None:
     print(f"plan written to {args.out} ({time.time() - t0:.1f} s)")
     if config.target:
         print(f"for {config.target}: bitalloc apply --plan {args.out} --format {TARGET_FORMAT[config.target]} --out …")
+
+
+def check_lines(plan) -> list[str]:
+    """What the measured checks (alloc/finish.py) decided, one line each."""
+    lines = []
+    rows = plan.extra.get("row_check")
+    if isinstance(rows, dict):
+        kept = "kept the row plan" if plan.row_bits else "returned the layer plan"
+        lines.append(f"row check: KL on {rows['windows']} calibration windows, row plan {rows['row_kl']:.5f} vs layer "
+                     f"plan {rows['layer_kl']:.5f}: {kept}")
+    widths = plan.extra.get("width_check")
+    if isinstance(widths, dict):
+        others = ", ".join(f"{k.removesuffix('_kl').replace('_', ' ')} {v:.5f}" for k, v in widths.items()
+                           if k.startswith("without") and k.endswith("_kl"))
+        chosen = widths.get("chosen", "kept the plan")
+        lines.append(f"width check: KL on {widths['windows']} calibration windows, the plan {widths['kl']:.5f} vs "
+                     f"{others}: {chosen}")
+    return lines
 
 
 def _evaluate_plans(args, prepared, table, plan) -> None:
@@ -107,23 +127,6 @@ def cmd_solve(args) -> None:
     print(f"\ntrue {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · objective {plan.objective:.6g}")
     plan.save(args.out)
     print(f"plan written to {args.out}")
-
-
-def _discard(name, q) -> None:
-    """quantize_model sink for fake quantization only: the codes are not needed."""
-
-
-def prepare_for_plan(args, plan):
-    """The model of ``args`` with the units the plan was made with (its include/exclude/experts; every one
-    planned, packed.planned_units), calibrated on --n-windows × --seq-len tokens of --calib."""
-    from ..api import prepare
-    from ..packed import planned_units
-    scope = plan.extra.get("scope") if isinstance(plan.extra.get("scope"), dict) else {}
-    prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len,
-                       dtype=args.dtype, experts=scope.get("experts", plan.extra.get("experts", "per-expert")),
-                       exclude=tuple(scope.get("exclude", ())), include=tuple(scope.get("include", ())))
-    prepared.units = planned_units(prepared.model, plan)
-    return prepared
 
 
 def cmd_eval(args) -> None:

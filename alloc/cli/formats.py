@@ -16,7 +16,7 @@ def apply_gguf(args) -> None:
     from ..ggml.checkpoint import fake_quantize, save_gguf
     from ..ggml.plan_types import plan_types
     from ..plan import BitPlan
-    from .flow import prepare_for_plan
+    from .common import prepare_for_plan
     out = check_parent(args.out)
     if out.suffix != ".gguf":
         raise BitallocError(f"--out {str(out)!r}: --format gguf writes one file; give it a name ending in .gguf")
@@ -65,7 +65,7 @@ def apply_folder_format(args) -> None:
     from ..packed import check_new_folder
     from ..plan import BitPlan
     from ..quantize_model import quantize_model
-    from .flow import _discard, prepare_for_plan
+    from .common import _discard, prepare_for_plan
     writer = {"compressed-tensors": compressed_tensors, "gptq": gptq}[args.format]
     if writer is compressed_tensors:                  # before the model loads
         from ..checks import require

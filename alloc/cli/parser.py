@@ -46,8 +46,10 @@ def add_fuse_nominal(p) -> None:
 
 
 def add_window_args(p) -> None:
-    p.add_argument("--seq-len", type=count_type, default=512, help="calibration window length in tokens (default 512)")
-    p.add_argument("--n-windows", type=count_type, default=128, help="GPTQ calibration windows (default 128)")
+    p.add_argument("--seq-len", type=count_type, default=None,
+                   help="calibration window length in tokens (default: the plan's own, else 512)")
+    p.add_argument("--n-windows", type=count_type, default=None,
+                   help="GPTQ calibration windows (default: the plan's own, else 128)")
 
 
 def add_force_arg(p, verb: str) -> None:
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local Hugging Face model folder or .gguf file (default: the embedded refllama-s)")
     p.add_argument("--plan", required=True, help="plan JSON (from allocate, solve or search)")
     p.add_argument("--text", required=True, help="evaluation text file")
-    p.add_argument("--calib", help="calibration text for GPTQ")
+    p.add_argument("--calib", help="calibration text for GPTQ (default: the plan's own, else Python's help topics)")
     p.add_argument("--quantizer", default=None, choices=["rtn", "gptq"],
                    help="default: the quantizer the plan was made for (its JSON records it), else rtn")
     add_window_args(p)
@@ -145,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantizer", default=None, choices=["rtn", "gptq"],
                    help="default: the quantizer the plan was made for (its JSON records it), else rtn "
                    "(--format gguf rounds by its own importance-weighted search)")
-    p.add_argument("--calib", help="calibration text for GPTQ (default: Python's own help topics)")
+    p.add_argument("--calib", help="calibration text for GPTQ (default: the plan's own, else Python's help topics)")
     add_window_args(p)
     p.add_argument("--eval", help="text file: perplexity of the packed model and of the fake-quantized one")
     add_eval_windows(p)

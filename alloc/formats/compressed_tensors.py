@@ -95,7 +95,8 @@ def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokeniz
     all). The model's own weights are left as they are. Returns {"specs": {layer: spec}, "bytes": file size,
     "plan": the plan as stored (rows rounded up)}."""
     from ..checks import require
-    from ..packed import check_new_folder, planned_units
+    from ..files import check_new_folder
+    from ..units import planned_units
     from ..provenance import check_plan_model
     from .folder import checkpoint_tensors, warn_mixed_experts, write_folder
     require(COMPRESSED_TENSORS, None, "a compressed-tensors checkpoint", "compressed-tensors")   # before the work

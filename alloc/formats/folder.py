@@ -3,6 +3,7 @@ quantizers into a format's tensors, keep every other tensor in the checkpoint's 
 whole or not at all (config.json with a ``quantization_config``, model.safetensors, the plan, the tokenizer)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -31,7 +32,6 @@ def checkpoint_tensors(model: nn.Module, units, plan: BitPlan, pack: Callable, *
     (local names); every other tensor is kept in the checkpoint's own dtype under its name on disk (16-bit
     units fp16-rounded). The caller's model is left as it was (quantize_model writes GPTQ weights back and
     rounds 16-bit units in place)."""
-    from ..packed import _in_source_dtype
     from ..quantize_model import quantize_model, set_unit_weights
     from .disk import disk_layout, state_tensors
     layout = disk_layout(model)
@@ -51,7 +51,7 @@ def checkpoint_tensors(model: nn.Module, units, plan: BitPlan, pack: Callable, *
                        sink=sink, write_back=quantizer != "rtn")
     finally:
         set_unit_weights(model, units, saved)
-    source, _ = _in_source_dtype(model)
+    source, _ = in_source_dtype(model)
     packed = {p.disk for u, pieces in spans.items() if not plan.layers[u].is_float for p, _ in pieces}
     rounded = {p.disk for u, pieces in spans.items() if plan.layers[u].is_float for p, _ in pieces}
     for name, t in state_tensors(source).items():
@@ -104,8 +104,7 @@ def write_folder(out: Path, model: nn.Module, tensors: dict[str, torch.Tensor], 
     weights file's size."""
     from safetensors.torch import save_file
 
-    from ..packed import _in_source_dtype
-    _, dtype = _in_source_dtype(model)
+    _, dtype = in_source_dtype(model)
     clean_stale(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))
     try:
@@ -127,3 +126,23 @@ def write_folder(out: Path, model: nn.Module, tensors: dict[str, torch.Tensor], 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return (out / WEIGHTS).stat().st_size
+
+
+def in_source_dtype(model: nn.Module) -> tuple[nn.Module, torch.dtype]:
+    """The model with every unquantized float tensor in the checkpoint's own dtype (a copy only when the
+    model was loaded in another dtype, e.g. ``--dtype fp32``), and that dtype."""
+    from ..kernels.qexperts import FloatExpert
+    from ..kernels.qlinear import QuantLinear
+    from ..kernels.qmixed import MixedQuantLinear
+    current = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    source = getattr(model, "bitalloc_source_dtype", None) or current
+    if source == current:
+        return model, current
+    copy_ = copy.deepcopy(model)
+    for module in copy_.modules():
+        if isinstance(module, (QuantLinear, MixedQuantLinear, FloatExpert)):
+            continue
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if t.is_floating_point():
+                t.data = t.data.to(source)
+    return copy_, source

@@ -95,7 +95,8 @@ def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokeniz
     """Write ``model`` quantized by ``plan`` as a GPTQ folder ``out_dir`` (whole or not at all); the model's own
     weights are left as they are. Returns {"bytes": the weights file's size, "config": quantization_config}."""
     from ..export import gptqmodel_config
-    from ..packed import check_new_folder, planned_units
+    from ..files import check_new_folder
+    from ..units import planned_units
     from ..provenance import check_plan_model
     from .folder import checkpoint_tensors, warn_mixed_experts, write_folder
     out = check_new_folder(out_dir)

@@ -35,7 +35,7 @@ def save_gguf(model: nn.Module, plan: BitPlan | str | os.PathLike, out: str | os
     embedding included, "importance": the input energies (or None), "imatrix_entries": tensors in the imatrix
     file (None when not written)}."""
     from ..errors import BitallocError
-    from ..packed import planned_units
+    from ..units import planned_units
     from ..provenance import check_plan_model
     from .writer import write
     if quantizer not in ("rtn", "gptq"):

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from ..gptq_sweep import damped, sweep
 from .types import GgmlQuantized, GgmlType, quantize
 
 
 def gptq_ggml(W: torch.Tensor, H: torch.Tensor, t: GgmlType, *, damp: float = 0.01,
               block_size: int = 128) -> GgmlQuantized:
     """``W`` (out, in) in ggml type ``t`` by GPTQ with act order on ``t``'s grid; ``H`` = XᵀX (in, in)."""
-    from ..quantize import damped, sweep
     out_f, in_f = W.shape
     W, H, h = damped(W, H, damp)
     grid = quantize(W, t, h)                                        # the static grid, from the original weights

@@ -15,10 +15,7 @@ from collections import Counter
 from ..errors import BitallocError, BitallocWarning, few
 from ..plan import BitPlan
 from ..units import EXPERT_KINDS
-from .types import TYPES
-
-BY_BITS = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"}
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+from .types import BY_BITS, FALLBACK, TYPES
 
 
 def ggml_type(bits: int, in_features: int) -> str:

@@ -67,6 +67,11 @@ TYPES = {t.name: t for t in (
 FLOAT_TYPES = {"F16": 16, "BF16": 16, "F32": 32}
 
 
+# the K-quant of each width, and llama.cpp's fallback where a row is not a multiple of its 256-weight block
+BY_BITS = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
 def get_type(name: str) -> GgmlType:
     t = TYPES.get(str(name).upper())
     if t is None:

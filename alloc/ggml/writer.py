@@ -228,7 +228,7 @@ def _hf_metadata(w, config, arch: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = getattr(config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    w.add_name(getattr(config, "_name_or_path", "") or arch)
+    w.add_name(Path(getattr(config, "_name_or_path", "") or arch).name or arch)     # the folder's name, not its path
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_block_count(config.num_hidden_layers)
@@ -278,3 +278,9 @@ def _hf_tokenizer(w, tokenizer, vocab_size: int) -> None:
         value = getattr(tokenizer, what, None)
         if value is not None:
             add(int(value))
+    ids = tokenizer("a", add_special_tokens=True).input_ids          # what the tokenizer adds around a text
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    w.add_add_bos_token(bos is not None and bool(ids) and ids[0] == bos)
+    w.add_add_eos_token(eos is not None and len(ids) > 1 and ids[-1] == eos)
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        w.add_chat_template(tokenizer.chat_template)

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import BitallocError
 
@@ -144,17 +143,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 
 
-def model_hash(model: nn.Module) -> str:
-    """Content hash of every parameter and buffer (names, shapes, dtypes and bytes), in their own dtype:
-    the bytes are hashed in place, no copy of the model is made."""
-    h = hashlib.blake2b(digest_size=12)
-    for name, t in list(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 def check_model_path(path: str | os.PathLike) -> Path:
     """A local model: a folder holding config.json, or a GGUF file."""
     path = Path(path)
@@ -176,22 +164,3 @@ def check_model_path(path: str | os.PathLike) -> Path:
 # what a folder needs for AutoTokenizer to build a tokenizer (one of them)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model")
-
-
-def model_info(model: nn.Module, units=None) -> dict:
-    """What a plan records of its model: id (folder or GGUF file name), content hash (of a GGUF: of the file
-    and the dtype it was read in), architecture, and the path only when the user gave one, exactly as given
-    (never the install location of the default model); with ``units``, each one's weight fingerprint
-    (alloc/provenance.py: what ``apply`` and ``eval`` check a plan against)."""
-    source = getattr(model, "name_or_path", "") or ""
-    given = getattr(model, "bitalloc_given_path", source if source and Path(source).is_dir() else None)
-    info = {"id": Path(source).name if source else type(model).__name__,
-            "architecture": type(model).__name__,
-            "hash": getattr(model, "bitalloc_file_hash", None) or model_hash(model),
-            "dtype": str(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))}
-    if given:
-        info["path"] = given
-    if units is not None:
-        from ..provenance import fingerprint
-        info["fingerprint"] = fingerprint(model, units)
-    return info

@@ -49,7 +49,8 @@ def model_path(root: Path, row: ModelRow) -> Path:
 
 
 def _describe(path) -> dict:
-    from ..models.loading import load_model, model_info
+    from ..models.identity import model_info
+    from ..models.loading import load_model
     from ..units import find_units
     model, _, _ = load_model(path)
     units = find_units(model)
@@ -234,6 +235,12 @@ def save_plan(store: Store, model: ModelRow, table_id: str, config, plan) -> Pla
         s.add(row)
         s.commit()
     return row
+
+
+def load_plan(row: PlanRow):
+    """The BitPlan a plan row stores."""
+    from ..plan import BitPlan
+    return BitPlan.from_json(json.loads(row.plan), source=f"plan {row.id}")
 
 
 def get_plan(store: Store, plan_id: str) -> PlanRow:

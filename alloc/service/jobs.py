@@ -208,7 +208,7 @@ def _apply(store: Store, model: ModelRow, treq: dict, apply: dict, models_root) 
     calibration settings: GPTQ calibrates on them). A checkpoint already there (a retried job whose worker died
     after writing it) is kept: the writers make it appear whole or not at all."""
     from ..packed import apply as apply_plan
-    from .routes.plans import load_plan
+    from .catalog import load_plan
     plan_row = store.fetch(PlanRow, apply["plan"], f"no plan {apply['plan']!r}")
     out = checkpoint_path(apply)
     if not out.exists():

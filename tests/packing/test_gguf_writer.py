@@ -65,6 +65,15 @@ def test_a_ggml_plan_reads_back_through_transformers_as_we_quantized_it(k_llama_
     text = "The quick brown fox, 1234 times: <|endoftext|> done."
     assert theirs_tok(text).input_ids == tokenizer(text).input_ids
 
+    # what llama.cpp reads of the tokenizer beyond its vocabulary: whether it adds BOS/EOS itself (as the
+    # model's tokenizer does), and the model's name (the folder's name, never a relative path)
+    fields = {f.name: f for f in reader.fields.values()}
+    value = lambda key: fields[key].contents()                                             # noqa: E731
+    ids = tokenizer("a").input_ids
+    assert value("tokenizer.ggml.add_bos_token") == (ids[0] == tokenizer.bos_token_id)
+    assert value("tokenizer.ggml.add_eos_token") == (len(ids) > 1 and ids[-1] == tokenizer.eos_token_id)
+    assert value("general.name") == k_llama_dir.name
+
 
 @pytest.mark.slow
 def test_a_plan_in_our_formats_takes_llama_cpp_fallbacks_on_narrow_rows(tiny_llama_dir, calib_file, tmp_path, capsys):

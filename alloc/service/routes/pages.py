@@ -11,7 +11,6 @@ from .. import catalog
 from ..store import JobRow, ModelRow, PlanRow, TableRow
 from . import service
 from .jobs import job_out
-from .plans import load_plan
 
 router = APIRouter(include_in_schema=False)
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -66,7 +65,7 @@ def plan_page(plan_id: str, request: Request):
     from ...export import FORMATS
     svc = service(request)
     row = catalog.get_plan(svc.store, plan_id)
-    plan = load_plan(row)
+    plan = catalog.load_plan(row)
     with svc.store.session() as s:
         jobs = _jobs(s, row.model_id)
     return render("plan.html", row=row, plan=plan, layers=plan.table(), formats=FORMATS, jobs=jobs,

@@ -17,6 +17,8 @@ from ..store import ExportRow, JobRow, PlanRow, new_id
 from . import service, writer
 from .jobs import job_out
 
+load_plan = catalog.load_plan
+
 router = APIRouter(prefix="/v1/plans", tags=["plans"])
 
 
@@ -104,13 +106,6 @@ def list_plans(request: Request, model: str | None = None, limit: int = 100) -> 
 @router.get("/{plan_id}")
 def read_plan(plan_id: str, request: Request):
     return plan_response(catalog.get_plan(service(request).store, plan_id))
-
-
-def load_plan(row: PlanRow):
-    import json
-
-    from ...plan import BitPlan
-    return BitPlan.from_json(json.loads(row.plan), source=f"plan {row.id}")
 
 
 @router.get("/{plan_id}/export/{fmt}", responses={200: {"content": {"text/plain": {}}}})
