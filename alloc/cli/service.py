@@ -56,6 +56,7 @@ def cmd_serve(args) -> None:
     from ..service.security import check_no_auth, load_or_create_token, token_path
     from ..service.store import data_dir
     check_no_auth(args.host, args.no_auth)
+    _check_port(args.host, args.port)                 # before the banner and the store: a port in use is one line
     store, root, queue = _open(args)
     token = None if args.no_auth else load_or_create_token(data_dir())
     catalog.register_embedded(store)
@@ -63,7 +64,8 @@ def cmd_serve(args) -> None:
         from ..service.imports import import_cache
         n, skipped = import_cache(store)
         print(f"imported {n} cached table(s) ({skipped} measured on models not registered here were left)")
-    app = create_app(Service(store, queue, root, token, dashboard=args.dashboard))
+    from ..service.security import LOOPBACK
+    app = create_app(Service(store, queue, root, token, dashboard=args.dashboard, loopback_only=args.host in LOOPBACK))
     worker = None if args.no_worker else Worker(queue)
     print(f"bitalloc serve: http://{args.host}:{args.port} (API docs /docs) · store {store.shown} · models root {root}")
     print("writes need no token (--no-auth)" if token is None else
@@ -78,6 +80,19 @@ def cmd_serve(args) -> None:
     finally:
         if worker:
             worker.stop()
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse, in one line, an address this process cannot listen on (a port in use, a host not of this machine)."""
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)          # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise BitallocError(f"cannot listen on {host}:{port} ({e.strerror or e}): another program uses the port, "
+                                "or the address is not this machine's; give another --port or --host") from None
 
 
 def cmd_worker(args) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import BitallocError
 from .catalog import TableCache
 from .errors import ServiceError
+from .guard import refusal
 from .store import Store, StoreUnavailable, unavailable
 
 MAX_BODY = 64 * 1024           # bytes: a plan request is a few hundred
@@ -29,6 +30,7 @@ class Service:
     dashboard: str | None = None               # an Optuna dashboard on the same store, linked from the pages
     tables: TableCache = field(default_factory=TableCache)
     max_body: int = MAX_BODY
+    loopback_only: bool = False                # listening on loopback: requests must name a loopback host
 
 
 def error(status: int, message: str):
@@ -37,19 +39,19 @@ def error(status: int, message: str):
 
 
 class BodyLimit:
-    """ASGI middleware: a body over ``limit`` bytes is a 413 (declared or streamed), before any handler."""
+    """ASGI middleware: a body over ``limit`` bytes is a 413 (declared or streamed), and what guard.py refuses
+    (cross-site writes, another Host on a loopback server) a 415/403, before any handler."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, loopback_only: bool = False):
+        self.app, self.limit, self.loopback_only = app, limit, loopback_only
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if scope["method"] == "POST" and not headers.get(b"content-type", b"").startswith(b"application/json"):
-            # `curl -d '{…}'` says form-urlencoded: the API takes JSON bodies only, so read it as JSON
-            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                     + [(b"content-type", b"application/json")]}
+        refused = refusal(scope["method"], headers, self.loopback_only)      # cross-site writes, rebinding
+        if refused is not None:
+            return await error(*refused)(scope, receive, send)
         declared = headers.get(b"content-length")
         too_big = f"the request body is over {self.limit:,} bytes: a plan request is a small JSON object"
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
@@ -135,4 +137,4 @@ def create_app(service: Service):
 
     for router in (models.router, plans.router, jobs.router, pages.router):
         app.include_router(router)
-    return BodyLimit(app, service.max_body)
+    return BodyLimit(app, service.max_body, loopback_only=service.loopback_only)

@@ -39,9 +39,10 @@ def check_no_auth(host: str, no_auth: bool) -> None:
 
 
 def authorized(header: str | None, token: str | None) -> bool:
-    """``header`` is ``Authorization: Bearer <token>``; no token configured (``--no-auth``) lets everyone in."""
+    """``header`` is ``Authorization: Bearer <token>`` (any case of "Bearer"); no token configured (``--no-auth``) lets everyone in."""
     if token is None:
         return True
-    if not header or not header.startswith("Bearer "):
+    scheme, _, given = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer":                  # the scheme is case-insensitive (RFC 7235)
         return False
-    return hmac.compare_digest(header[len("Bearer "):].strip().encode(), token.encode())
+    return hmac.compare_digest(given.strip().encode(), token.encode())

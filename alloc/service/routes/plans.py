@@ -13,7 +13,7 @@ from ...errors import BitallocWarning, SettingError
 from .. import catalog, charts, jobs
 from ..errors import NotFound, Unprocessable
 from ..schemas import CheckpointIn, PlanIn
-from ..store import ExportRow, JobRow, PlanRow, new_id
+from ..store import JobRow, PlanRow
 from . import service, writer
 from .jobs import job_out
 
@@ -121,9 +121,7 @@ def export_plan(plan_id: str, fmt: str, request: Request):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BitallocWarning)
         text = export(load_plan(row), fmt)
-    with svc.store.session() as s:
-        s.add(ExportRow(id=new_id("exp"), plan_id=row.id, format=fmt, content=text))
-        s.commit()
+    # a read: nothing is stored (the export is a pure function of the stored plan; an anonymous GET never writes)
     said = [str(w.message) for w in caught if issubclass(w.category, BitallocWarning)]
     media = "text/plain" if fmt == "llama.cpp" else "application/json"
     filename = {"llama.cpp": "tensor-types.txt"}.get(fmt, f"{fmt}.json")
