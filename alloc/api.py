@@ -16,7 +16,8 @@ from torch import nn
 
 from . import checks
 from .calibration import calibration_text, check_text_file, data_hash, read_text, windows
-from .config import DEFAULT_GROUP_SIZE, DEFAULT_PROBE, DEFAULT_SEQ_LEN, DEFAULT_WINDOWS, GRANULARITIES, AllocateConfig
+from .config import (CHECK_WINDOWS, DEFAULT_EFFORT, DEFAULT_GROUP_SIZE, DEFAULT_PROBE, DEFAULT_SEQ_LEN,
+                     DEFAULT_WINDOWS, GRANULARITIES, AllocateConfig)
 from .errors import BitallocError, SettingError
 from .registry import ROW_SOLVERS
 from .models.identity import model_info
@@ -44,6 +45,7 @@ class Prepared:
     compute_device: str | None = None     # weights on the host, probes streamed block by block to this device
     scope: dict = field(default_factory=dict)   # which modules are units: include, exclude, experts (plans record it)
     tokenizer_folder: str | None = None           # where ``tokenizer`` loads from once let go
+    held_out: torch.Tensor | None = None          # calibration windows after ``tokens``: the checks score on them
 
     @property
     def tokenizer(self):
@@ -64,13 +66,15 @@ def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: 
             calib_file: str | os.PathLike | None = None, tokenizer: Any = None, options: list[QuantSpec] | str | None = None,
             include: tuple[str, ...] = (), seq_len: int = DEFAULT_SEQ_LEN, n_windows: int = DEFAULT_WINDOWS,
             batch_size: int = 8, strict_windows: bool = False, experts: str = "per-expert",
-            exclude: tuple[str, ...] = (), dtype: str | torch.dtype | None = "auto") -> Prepared:
+            exclude: tuple[str, ...] = (), dtype: str | torch.dtype | None = "auto",
+            held_out: int = 0) -> Prepared:
     """Load (if a path; in the checkpoint's own dtype unless ``dtype`` says otherwise), find units, tokenize
     calibration text into windows.
 
     ``calibration``: text, or a (n, seq) tensor of token ids; ``calib_file``: a text file; neither: Python's
     own help topics (alloc/calibration.py). ``experts``: MoE experts per-expert or per-layer; ``exclude``:
-    modules kept in full precision."""
+    modules kept in full precision; ``held_out``: up to this many more windows of the text, after the
+    calibration windows, kept apart (``Prepared.held_out``) for the checks to score plans on."""
     seq_len, n_windows = checks.count(seq_len, "seq_len"), checks.count(n_windows, "n_windows")
     batch_size = checks.count(batch_size, "batch_size")
     checks.one_of(experts, ("per-expert", "per-layer"), "experts")
@@ -105,16 +109,19 @@ def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: 
     if max_len and seq_len > max_len:
         seq_len = max_len
     if isinstance(calibration, torch.Tensor):
-        tokens = calibration.long()
+        tokens, spare = calibration.long(), calibration[:0]
         if tokens.dim() != 2 or tokens.numel() == 0:
             raise BitallocError("calibration token ids must be a non-empty (n_windows, seq_len) tensor")
     else:
         text = _calibration_prefix(tokenizer, calibration if isinstance(calibration, str) else calib_file,
-                                   n_windows * seq_len, is_file=not isinstance(calibration, str) and calib_file is not None)
+                                   (n_windows + held_out) * seq_len,
+                                   is_file=not isinstance(calibration, str) and calib_file is not None)
         if not text.strip():
             raise BitallocError("calibration text is empty: give at least one window of text")
         source = f"calibration file {str(calib_file)!r}" if calib_file else "calibration text"
-        tokens = windows(tokenizer, text, seq_len=seq_len, n_windows=n_windows, source=source, strict=strict_windows)
+        tokens = windows(tokenizer, text, seq_len=seq_len, n_windows=n_windows, source=source, strict=strict_windows,
+                         spare=held_out)
+        tokens, spare = tokens[:n_windows], tokens[n_windows:]
     info = model_info(model, units)
     scope = {"include": list(include), "exclude": list(exclude), "experts": experts}
     if ours:                              # let it go: loaded again when asked for (Prepared.tokenizer)
@@ -122,7 +129,7 @@ def prepare(model: nn.Module | str | os.PathLike | None = None, *, calibration: 
         from .sensitivity.streamed import release_freed_memory
         release_freed_memory()
     return Prepared(model, tokenizer, kind, units, list(options), tokens, info, batch_size, scope=scope,
-                    tokenizer_folder=folder if tokenizer is None else None)
+                    tokenizer_folder=folder if tokenizer is None else None, held_out=spare if len(spare) else None)
 
 
 def _calibration_prefix(tokenizer, source, tokens: int, *, is_file: bool) -> str:
@@ -186,27 +193,32 @@ def _say_if_saturated(table, plan: BitPlan, budget_bits: float, count_overhead: 
                       BitallocWarning, stacklevel=3)
 
 
-def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: float = 3.2, *,
-             calibration: str | torch.Tensor | None = None, tokenizer: Any = None, probe: str = DEFAULT_PROBE,
-             solver: str | None = None, options: list[QuantSpec] | str | None = None,
+def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: float | None = None, *,
+             size: int | str | None = None,
+             calibration: str | torch.Tensor | None = None, tokenizer: Any = None, effort: Any = DEFAULT_EFFORT,
+             probe: str | None = None, solver: str | None = None, options: list[QuantSpec] | str | None = None,
              include: tuple[str, ...] = (), fuse: bool = False, count_overhead: bool = True,
-             seq_len: int = DEFAULT_SEQ_LEN, n_windows: int = DEFAULT_WINDOWS, cache: bool = True,
+             seq_len: int = DEFAULT_SEQ_LEN, n_windows: int | None = None, cache: bool = True,
              experts: str = "per-expert", exclude: tuple[str, ...] = (), dtype: str = "auto",
-             granularity: str = "layer", quantizer: str = "rtn", refine: float | None = None,
-             check: bool = False, target: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
+             granularity: str = "layer", quantizer: str | None = None, refine: float | None = None,
+             check: bool | None = None, target: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
              symmetric: bool = False, generations: int | None = None, time_limit: float | None = None,
              seed: int | None = None, stream: str = "auto", device: str | None = None,
              progress: bool = True) -> BitPlan:
-    """Choose a width per layer so the model fits ``budget_bits`` TRUE bits per weight on average.
+    """Choose a width per layer so the model fits ``budget_bits`` TRUE bits per weight on average (default
+    3.2), or a GGUF file of ``size`` bytes (e.g. "240MB"; with ``target="llama.cpp"``).
 
     ``model``: an ``nn.Module`` (with ``tokenizer=`` or token-id ``calibration``) or a local model folder (None:
     the embedded refllama-s); ``calibration``: text, a (n, seq) tensor of token ids, or None for the default
     text. Every other argument is a field of ``AllocateConfig`` (alloc/config.py documents each and resolves
-    the defaults that depend on others, e.g. ``solver`` None: ilp per layer, closed_form per row), so this
-    call, `bitalloc allocate` and the service give the same plan for the same settings.
+    the defaults that depend on others: ``effort`` sets probe, quantizer, n_windows, check and refine where
+    they are None; ``solver`` None is ilp per layer, closed_form per row), so this call, `bitalloc allocate`
+    and the service give the same plan for the same settings.
     """
+    if budget_bits is None and size is None:
+        budget_bits = 3.2
     config = AllocateConfig(
-        budget_bits=budget_bits, probe=probe, solver=solver, granularity=granularity, quantizer=quantizer,
+        budget_bits=budget_bits, size=size, effort=effort, probe=probe, solver=solver, granularity=granularity, quantizer=quantizer,
         options=options, group_size=group_size, symmetric=symmetric, fuse=fuse, count_overhead=count_overhead,
         experts=experts, include=tuple(include), exclude=tuple(exclude), target=target, seq_len=seq_len,
         n_windows=n_windows, dtype=dtype, stream=stream, check=check, refine=refine, generations=generations,
@@ -231,11 +243,37 @@ def run_allocate(config: AllocateConfig, model: nn.Module | str | os.PathLike | 
     (default the file cache; the service passes its store); ``on_prepared(prepared)``: called once the model
     is loaded and calibrated (the CLI prints the calibration there)."""
     prepared = prepare_for(config, model, calibration=calibration, tokenizer=tokenizer)
+    config = config.for_model(moe=any(u.kind in EXPERT_KINDS for u in prepared.units))
     if on_prepared is not None:
         on_prepared(prepared)
-    table = measure_for(prepared, config, tables)
-    plan = plan_for(table, config, prepared, progress=progress)
+    if config.size is None:
+        table = measure_for(prepared, config, tables)
+        plan = plan_for(table, config, prepared, progress=progress)
+    else:                                     # a size too small is refused before the probe runs
+        from .budgets import bits_for_size
+        bits = bits_for_size(prepared.model, prepared.tokenizer, prepared.units, prepared.options, config.size)
+        table = measure_for(prepared, config, tables)
+        plan = _plan_for_size(table, config, prepared, bits, progress)
     return Allocation(config, prepared, table, plan)
+
+
+def _plan_for_size(table, config: AllocateConfig, prepared: Prepared, bits: float, progress: bool) -> BitPlan:
+    """The plan whose GGUF file fits ``config.size`` bytes, from ``bits`` per planned weight (what the size
+    leaves them); should the exact size (header written) pass the target, the budget shrinks by the excess."""
+    from .budgets import predicted_bytes
+    tokenizer = prepared.tokenizer
+    numel = sum(u.numel for u in prepared.units)
+    for _ in range(4):
+        plan = plan_for(table, config, prepared, progress=progress, budget_bits=bits)
+        predicted = predicted_bytes(prepared.model, tokenizer, plan, prepared.units)
+        if predicted <= config.size:
+            break
+        bits -= (predicted - config.size) * 8 / numel
+    else:
+        raise BitallocError(f"no plan found under {config.size:,} B (the last took {predicted:,} B): give a larger size")
+    plan.extra["size"] = {"format": "gguf", "asked_bytes": config.size, "predicted_bytes": predicted,
+                          "budget_bits": bits}
+    return plan
 
 
 def prepare_for(config: AllocateConfig, model=None, *, calibration=None, tokenizer=None) -> Prepared:
@@ -244,12 +282,20 @@ def prepare_for(config: AllocateConfig, model=None, *, calibration=None, tokeniz
     loaded_here = model is None or isinstance(model, (str, os.PathLike))
     prepared = prepare(model, calibration=calibration, calib_file=config.calib, tokenizer=tokenizer,
                        options=config.specs(), include=config.include, exclude=config.exclude,
-                       seq_len=config.seq_len, n_windows=config.n_windows, experts=config.experts, dtype=config.dtype)
+                       seq_len=config.seq_len, n_windows=config.n_windows, experts=config.experts, dtype=config.dtype,
+                       held_out=CHECK_WINDOWS if config.on_model else 0)
     if config.experts_for(moe=True) != config.experts and any(u.kind in EXPERT_KINDS for u in prepared.units):
         per_layer = config.experts_for(moe=True)
         prepared.units = find_units(prepared.model, include=config.include, exclude=config.exclude, experts=per_layer)
         prepared.info = model_info(prepared.model, prepared.units)
         prepared.scope["experts"] = per_layer
+    if config.size is not None:              # every byte is the solver's: the embedding and head are units too
+        from .budgets import size_units
+        include = tuple(dict.fromkeys(config.include + tuple(size_units(prepared.model))))
+        prepared.units = find_units(prepared.model, include=include, exclude=config.exclude,
+                                    experts=prepared.scope.get("experts", config.experts))
+        prepared.info = model_info(prepared.model, prepared.units)
+        prepared.scope["include"] = list(include)
     if loaded_here or config.device is not None:
         place(prepared, config.device, stream=config.stream)
     return prepared
@@ -269,7 +315,8 @@ def measure_for(prepared: Prepared, config: AllocateConfig, tables=None):
     return measure(prepared, config.probe, settings=settings, cache=config.cache)
 
 
-def plan_for(table, config: AllocateConfig, prepared: Prepared | None = None, *, progress: bool = True) -> BitPlan:
+def plan_for(table, config: AllocateConfig, prepared: Prepared | None = None, *, progress: bool = True,
+             budget_bits: float | None = None) -> BitPlan:
     """solve → finish on ``table`` as ``config`` says. Without ``prepared`` (the service answering from a stored
     table) only plans that need no model can be made (``config.on_model`` False)."""
     if prepared is None and config.on_model:
@@ -278,13 +325,15 @@ def plan_for(table, config: AllocateConfig, prepared: Prepared | None = None, *,
     settings = config.solver_settings()
     if prepared is not None:
         settings = with_fitness(prepared, config.solver, settings, quantizer=config.quantizer)
-    plan = solve(table, config.budget_bits, config.solver, settings=settings, count_overhead=config.count_overhead,
+    plan = solve(table, budget_bits or config.budget_bits, config.solver, settings=settings, count_overhead=config.count_overhead,
                  fuse=config.fuse, granularity=config.granularity)
     plan = finish(prepared, table, plan, quantizer=config.quantizer, refine=config.refine, progress=progress,
                   check=config.check, fitness=settings.get("fitness"))
     if config.target:
         plan.extra["target"] = config.target
     plan.extra["config"] = config.to_json()
+    if config.by_effort:
+        plan.extra["chosen"] = config.reasons()
     return plan
 
 

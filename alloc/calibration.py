@@ -89,8 +89,9 @@ MIN_DISTINCT = 50          # distinct tokens natural text shows in any window se
 
 
 def windows(tokenizer, text: str, *, seq_len: int, n_windows: int, source: str = "text",
-            strict: bool = False) -> torch.Tensor:
-    """The first ``n_windows`` non-overlapping windows of ``seq_len`` tokens: (n, seq_len) int64.
+            strict: bool = False, spare: int = 0) -> torch.Tensor:
+    """The first ``n_windows`` non-overlapping windows of ``seq_len`` tokens: (n, seq_len) int64, and up to
+    ``spare`` more where the text has them (held-out windows; no warning when they are missing).
 
     Fewer tokens than one window is an error; fewer than ``n_windows`` windows is an error when ``strict``
     and otherwise a warning (what there is gets used). Text with very few distinct tokens (a character
@@ -107,7 +108,8 @@ def windows(tokenizer, text: str, *, seq_len: int, n_windows: int, source: str =
         raise BitallocError(f"{source} gives {available} windows of {seq_len} tokens, fewer than the {n_windows} "
                             "requested: give more text or ask for fewer windows")
     n = min(n_windows, available)
-    out = ids[: n * seq_len].view(n, seq_len).clone()
+    taken = min(n_windows + spare, available)
+    out = ids[: taken * seq_len].view(taken, seq_len).clone()
     distinct, need = int(out.unique().numel()), min(MIN_DISTINCT, out.numel() // 4)
     if distinct < need:
         raise BitallocError(f"{source} has only {distinct} distinct tokens in {out.numel():,}: that is not natural "

@@ -9,6 +9,8 @@ are resolved in ``__post_init__``:
     target      vllm: symmetric W4/W8, fused q/k/v and gate/up, one width per layer's MoE experts;
                 llama.cpp: the ggml types; transformers: symmetric formats
     search      evolutionary/optuna: generations (optuna: trials), time limit and seed
+    effort      probe, quantizer, calibration windows, check and refine, where left unset (EFFORT_SETTINGS):
+                fast, balanced (the default) or best; a number of seconds is balanced plus that long a refine
 
 A plan records the resolved configuration (``plan.extra["config"]``). Errors name the setting (its field
 here, ``SettingError.field``); each surface words it its own way (``--budget`` on the command line,
@@ -32,9 +34,23 @@ DEFAULT_WINDOWS = 128
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_GENERATIONS = 50
 DEFAULT_STORAGE = "sqlite:///bitalloc-search.db"     # Optuna studies (search, --solver optuna, dashboard)
+CHECK_WINDOWS = 8          # held-out calibration windows (after the probe's) on which the checks score plans
 EVAL_WINDOWS = 32          # one default for every command that scores plans on held-out text
 
 QUANTIZERS = ("rtn", "gptq")
+EFFORTS = ("fast", "balanced", "best")
+DEFAULT_EFFORT = "balanced"
+# What each effort sets when the user leaves it unset: the path that measured best for its time (kfac measures
+# the damage of the quantizer the plan is applied with; the check scores the plan against the alternatives on
+# held-out calibration windows). Measured on Gemma-3-270M and refllama-s: docs/effort.md.
+EFFORT_SETTINGS: dict[str, dict[str, Any]] = {
+    "fast": {"probe": "kfac", "quantizer": "rtn", "n_windows": 8, "check": False},
+    "balanced": {"probe": "kfac", "quantizer": "gptq", "n_windows": 16, "check": True},
+    "best": {"probe": "kfac", "quantizer": "gptq", "n_windows": 64, "check": True, "refine": 600.0},
+}
+EFFORT_FIELDS = ("probe", "quantizer", "n_windows", "check", "refine")
+# probes that cannot see what each MoE expert receives: a MoE model takes this one instead, when effort chose
+MOE_PROBE = "fisher"
 GRANULARITIES = ("layer", "row")
 EXPERTS = ("per-expert", "per-layer")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -55,8 +71,8 @@ TARGET_FORMAT = {"vllm": "compressed-tensors", "llama.cpp": "gguf", "transformer
 # the fields a sensitivity table depends on (the service keys its stored tables by them)
 TABLE_FIELDS = ("probe", "quantizer", "options", "group_size", "symmetric", "experts", "n_windows", "seq_len",
                 "dtype")
-# fields that change no number of the plan: not recorded in it
-UNRECORDED = ("cache", "device")
+# fields that change no number of the plan: not recorded in it (by_effort is recorded as the plan's "chosen")
+UNRECORDED = ("cache", "device", "by_effort")
 
 
 @dataclass(frozen=True)
@@ -66,10 +82,16 @@ class AllocateConfig:
 
     budget_bits     average TRUE bits per quantized weight (codes + scales + zeros); nominal with
                     ``count_overhead=False``
-    probe           sensitivity probe (registry.PROBES)
+    size            instead of budget_bits: the bytes of the whole file written (GGUF: target llama.cpp), the
+                    token embedding and an untied head planned like any layer; the flow turns it into bits
+                    per planned weight once the model is loaded (alloc/budgets.py; the plan records both)
+    effort          fast, balanced or best (or seconds: balanced plus that long a refine): sets the fields
+                    below marked (effort) that are left None, and ``by_effort`` lists which it set
+    probe           sensitivity probe (registry.PROBES) (effort)
     solver          registry.SOLVERS, or greedy for row plans; None: ilp per layer, closed_form per row
     granularity     "layer" (one width per layer) or "row" (one per output row)
-    quantizer       what the plan will be applied with (rtn or gptq): the probe's costs, checks and scores use it
+    quantizer       what the plan will be applied with (rtn or gptq): the probe's costs, checks and scores use
+                    it (effort)
     options         candidate widths, e.g. "2,3,4,8", "3g64", "ggml"; None: 2,3,4,8 at ``group_size``
     group_size      weights per scale along the input
     symmetric       codes without zero points
@@ -82,12 +104,14 @@ class AllocateConfig:
                     symmetric, fuse, and vllm a MoE model's experts; a conflicting explicit value is an error)
     calib           calibration text file; None: the default text
     seq_len         calibration window length in tokens
-    n_windows       calibration windows
+    n_windows       calibration windows the probe measures on (effort); the check scores on CHECK_WINDOWS more
     dtype           the model's dtype on load: auto (the checkpoint's own), bf16, fp16, fp32
     stream          run the probe one decoder block at a time: auto, on, off
-    check           score the plan against the one without widths below the budget's floor, keep the better
-                    (always on for a row plan, which is also checked against the layer plan, and with refine)
-    refine          seconds of EvoPress-style search on the model after the solver
+    check           score the plan on held-out calibration windows against the alternatives (the plan without
+                    widths below the budget's floor, uniform, llama.cpp's mix for ggml options), return the
+                    best (always on for a row plan, which is also checked against the layer plan, and with
+                    refine) (effort)
+    refine          seconds of EvoPress-style search on the model after the solver (effort)
     generations     evolutionary: generations; optuna: trials (only for those solvers)
     time_limit      evolutionary/optuna: seconds (only for those solvers)
     seed            evolutionary/optuna: random seed (only for those solvers)
@@ -95,11 +119,13 @@ class AllocateConfig:
     device          cpu or cuda; None: cuda when available for a model loaded from a path (not recorded)
     """
 
-    budget_bits: float
-    probe: str = DEFAULT_PROBE
+    budget_bits: float | None = None
+    size: Any = None                            # bytes, or text such as "240MB" (alloc/budgets.py)
+    effort: Any = DEFAULT_EFFORT
+    probe: str | None = None
     solver: str | None = None
     granularity: str = "layer"
-    quantizer: str = "rtn"
+    quantizer: str | None = None
     options: Any = None                         # str, or a tuple of QuantSpec from the Python API
     group_size: int = DEFAULT_GROUP_SIZE
     symmetric: bool = False
@@ -111,20 +137,22 @@ class AllocateConfig:
     target: str | None = None
     calib: str | None = None
     seq_len: int = DEFAULT_SEQ_LEN
-    n_windows: int = DEFAULT_WINDOWS
+    n_windows: int | None = None
     dtype: str = "auto"
     stream: str = "auto"
-    check: bool = False
+    check: bool | None = None
     refine: float | None = None
     generations: int | None = None
     time_limit: float | None = None
     seed: int | None = None
     cache: bool = True
     device: str | None = field(default=None, compare=False)
+    by_effort: tuple[str, ...] = ()            # the fields effort set (filled in by __post_init__)
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)   # noqa: E731 (frozen: resolve once)
-        set_("budget_bits", checks.budget(self.budget_bits))
+        self._resolve_budget(set_)
+        self._resolve_effort(set_)
         checks.one_of(self.probe, list(PROBES), "probe")
         checks.one_of(self.granularity, GRANULARITIES, "granularity")
         checks.one_of(self.quantizer, QUANTIZERS, "quantizer")
@@ -157,6 +185,60 @@ class AllocateConfig:
         self._resolve_search(set_)
         if self.granularity == "row" or self.refine:
             set_("check", True)               # a row plan and a refined plan are always checked (alloc/finish.py)
+            if self.check and "refine" not in self.by_effort:     # forced, not the effort's choice
+                set_("by_effort", tuple(n for n in self.by_effort if n != "check"))
+
+    def _resolve_budget(self, set_) -> None:
+        if self.size is None:
+            if self.budget_bits is None:
+                raise SettingError("budget_bits", "give {name} (bits per weight) or a size in bytes")
+            set_("budget_bits", checks.budget(self.budget_bits))
+            return
+        from .budgets import parse_size
+        set_("size", parse_size(self.size))
+        if self.target != "llama.cpp":
+            raise SettingError("size", "{name} counts the bytes of a GGUF file so far: plan for target llama.cpp "
+                                       "(for other formats give the budget in bits per weight)")
+        if self.budget_bits is not None:
+            raise SettingError("size", "give {name} or a budget in bits per weight, not both")
+
+    def _resolve_effort(self, set_) -> None:
+        effort = self.effort
+        if isinstance(effort, str) and effort.strip().replace(".", "", 1).isdigit():
+            effort = float(effort)
+        if isinstance(effort, (int, float)) and not isinstance(effort, bool):
+            set_("effort", checks.positive(float(effort), "effort"))
+            settings = dict(EFFORT_SETTINGS["balanced"], refine=float(effort))
+        elif effort in EFFORTS:
+            settings = EFFORT_SETTINGS[effort]
+        else:
+            raise SettingError("effort", f"unknown {{name}} {effort!r}: choose fast, balanced, best or a number of "
+                                         "seconds")
+        chosen = set(self.by_effort)
+        for name in EFFORT_FIELDS:
+            if getattr(self, name) is None and name in settings:
+                set_(name, settings[name])
+                chosen.add(name)
+        for name, default in (("check", False), ("n_windows", DEFAULT_WINDOWS)):
+            if getattr(self, name) is None:
+                set_(name, default)
+        set_("by_effort", tuple(n for n in EFFORT_FIELDS if n in chosen))
+
+    def for_model(self, moe: bool) -> "AllocateConfig":
+        """The config for a model: effort's probe, when it cannot see MoE experts, is MOE_PROBE on a MoE model."""
+        from .registry import BLIND_TO_EXPERTS
+        if moe and "probe" in self.by_effort and self.probe in BLIND_TO_EXPERTS:
+            return dataclasses.replace(self, probe=MOE_PROBE)
+        return self
+
+    def reasons(self) -> dict:
+        """Why each effort-set field has its value (recorded in the plan)."""
+        name = self.effort if isinstance(self.effort, str) else f"{self.effort:g} s"
+        out = {k: f"effort {name}" for k in self.by_effort}
+        settings = EFFORT_SETTINGS.get(self.effort, EFFORT_SETTINGS["balanced"])
+        if "probe" in out and self.probe != settings["probe"]:
+            out["probe"] += f": {settings['probe']} cannot measure MoE experts"
+        return out
 
     def _resolve_target(self, set_) -> None:
         if self.target is None:
@@ -205,7 +287,8 @@ class AllocateConfig:
     @property
     def on_model(self) -> bool:
         """Whether the plan is made on the model (checks, search), not from the table alone."""
-        return bool(self.check or self.refine or self.solver in NEEDS_MODEL or self.granularity == "row")
+        return bool(self.check or self.refine or self.solver in NEEDS_MODEL or self.granularity == "row"
+                    or self.size is not None)
 
     def table_fields(self) -> dict:
         return {k: _jsonable(getattr(self, k)) for k in TABLE_FIELDS}

@@ -7,7 +7,9 @@ plan from the table's additive costs,
     check_widths(...)  the plan against the ones solved without the widths below the budget's floor and one bit
                        below it (2 bits at 3.25): additive costs under-rate what very low widths do together
                        (Gemma-3-270M, GPTQ, kfac, 3.25 bpw: ppl 66.6 with 2-bit layers, 57.1 without, uniform
-                       W3 61.5; in ggml types at Q3_K_M's 4.54 bpw: 51.9 with Q2_K, 47.5 without)
+                       W3 61.5; in ggml types at Q3_K_M's 4.54 bpw: 51.9 with Q2_K, 47.5 without), and
+                       against the alternatives a user would otherwise pick at that budget (``alternatives``:
+                       uniform, llama.cpp's preset for ggml options); the best measured is returned
     refine_plan(...)   the EvoPress search of solvers/refine.py for ``seconds``, layer or row plan alike
 
 Both score plans with the quantizer the plan will be applied with (RTN, or GPTQ per unit on its own XᵀX).
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 import warnings
 
+from .config import CHECK_WINDOWS
 from .errors import BitallocWarning
 from .plan import BitPlan
 
-REFINE_WINDOWS = 8          # calibration windows of the refine fitness's last selection stage
+REFINE_WINDOWS = CHECK_WINDOWS    # windows of the checks and of the refine fitness's last selection stage
 REFINE_STRIDE = 4           # the fitness takes the KL at every 4th position (the LM head's cost; the decoder runs all)
 
 
@@ -30,8 +33,20 @@ def problem_of(table, plan: BitPlan):
 
 
 def fitness_for(prepared, quantizer, windows: int = REFINE_WINDOWS, stride: int = REFINE_STRIDE):
+    """The checks' fitness: on the held-out windows (``Prepared.held_out``, which the probe did not see; GPTQ's
+    XᵀX then comes from the calibration windows after them), else on the first calibration windows."""
+    import dataclasses
+
+    import torch
+
     from .fitness import make_fitness
-    return make_fitness(prepared, max_windows=windows, quantizer=quantizer, stride=stride)
+    held = getattr(prepared, "held_out", None)
+    if held is not None and len(held):
+        prepared = dataclasses.replace(prepared, tokens=torch.cat([held, prepared.tokens]), held_out=None)
+        windows = min(windows, len(held))
+    fitness = make_fitness(prepared, max_windows=windows, quantizer=quantizer, stride=stride)
+    fitness.held_out = held is not None and len(held) > 0
+    return fitness
 
 
 def _choice(table, plan: BitPlan) -> list:
@@ -55,11 +70,13 @@ def check_rows(table, row_plan: BitPlan, fitness, windows: int = REFINE_WINDOWS)
         return row_plan
     layer = ILPSolver().solve(problem_of(table, row_plan))
     kl_row, kl_layer = fitness(_choice(table, row_plan), windows), fitness(_choice(table, layer), windows)
-    checked = {"row_kl": kl_row, "layer_kl": kl_layer, "windows": windows}
+    checked = {"row_kl": kl_row, "layer_kl": kl_layer, "windows": windows,
+               "held_out": bool(getattr(fitness, "held_out", False))}
     if kl_row <= kl_layer:
         row_plan.extra["row_check"] = checked
         return row_plan
-    warnings.warn(f"the row plan scores worse than the layer plan on {windows} calibration windows (KL {kl_row:.5f} "
+    where = "held-out calibration" if checked["held_out"] else "calibration"
+    warnings.warn(f"the row plan scores worse than the layer plan on {windows} {where} windows (KL {kl_row:.5f} "
                   f"vs {kl_layer:.5f}): returning the layer plan", BitallocWarning, stacklevel=3)
     layer.extra.update(granularity="row", fallback="the layer plan scored better on calibration windows",
                        row_check=checked)
@@ -118,31 +135,67 @@ def _same(a: BitPlan, b: BitPlan) -> bool:
         all(bool((a.row_bits[n] == b.row_bits[n]).all()) for n in b.row_bits)
 
 
-def check_widths(table, plan: BitPlan, fitness, windows: int = REFINE_WINDOWS) -> BitPlan:
+def alternatives(table, plan: BitPlan) -> dict[str, BitPlan]:
+    """The plans a user would otherwise pick that fit ``plan``'s budget: one width for every unit (the widest
+    option that fits everywhere), and with ggml options the largest of llama.cpp's presets that fits (its
+    type mix, as ``llama-quantize`` makes it)."""
+    import torch
+
+    from .reporting.baselines import PRESETS, llama_cpp_plan
+    from .solvers.uniform import UniformSolver
+    problem = problem_of(table, plan)
+    out = {}
+    uniform = UniformSolver().solve(problem)
+    if "note" not in uniform.extra:
+        out[f"uniform {next(iter(uniform.layers.values())).label()}"] = uniform
+    if any(o.ggml for o in table.options):
+        index = {o: j for j, o in enumerate(table.options)}
+        fitting = []
+        for preset in PRESETS:
+            mix = llama_cpp_plan(preset, table)
+            choice = torch.tensor([index[mix.layers[u.name]] for u in table.units])
+            if problem.fits(choice):
+                fitting.append((problem.total(choice)[1], preset, choice))
+        if fitting:
+            _, preset, choice = max(fitting)
+            out[f"llama.cpp {preset}"] = problem.plan(choice, f"llama.cpp {preset}")
+    return out
+
+
+def check_widths(table, plan: BitPlan, fitness, windows: int = REFINE_WINDOWS, *, compare: bool = True) -> BitPlan:
     """``plan``, or the best on ``fitness`` of the plans solved without widths below ⌊budget⌋ and below
-    ⌊budget⌋ − 1 (``without_low_widths``; at 4.5 bpw in ggml types: no Q2_K/Q3_K, then no Q2_K)."""
+    ⌊budget⌋ − 1 (``without_low_widths``; at 4.5 bpw in ggml types: no Q2_K/Q3_K, then no Q2_K) and, with
+    ``compare``, of the ``alternatives`` at the same budget: the plan returned is never worse on the fitness."""
     top = int(plan.budget_bits)
-    candidates = {}
+    candidates: dict = {}
     for floor in (top, top - 1):
         if floor >= 3:
             other = without_low_widths(table, plan, floor)
             if other is not None and not any(_same(other, c) for c in candidates.values()):
-                candidates[floor] = other
-    if not candidates:
+                candidates[f"no widths below {floor} bits"] = other
+    others = {name: p for name, p in (alternatives(table, plan) if compare else {}).items()
+              if not _same(p, plan) and not any(_same(p, c) for c in candidates.values())}
+    if not candidates and not others:
         return plan
-    kl_plan = fitness(_choice(table, plan), windows)
-    kls = {floor: fitness(_choice(table, other), windows) for floor, other in candidates.items()}
+    from tqdm.auto import tqdm
+    scored = {"the plan": plan, **candidates, **others}
+    kls = {name: fitness(_choice(table, p), windows)
+           for name, p in tqdm(scored.items(), desc="check", total=len(scored), leave=False)}
+    kl_plan = kls.pop("the plan")
     checked = {"kl": kl_plan, "floor_bits": top, "windows": windows,
-               **{"without_low_widths_kl" if f == top else f"without_below_{f}_kl": kl for f, kl in kls.items()}}
+               "held_out": bool(getattr(fitness, "held_out", False)),
+               **{"without_low_widths_kl" if name.endswith(f" {top} bits") else
+                  f"without_below_{name.split()[-2]}_kl": kls[name] for name in candidates},
+               **({"alternatives": {name: kls[name] for name in others}} if others else {})}
     best = min(kls, key=kls.get)
     if kl_plan <= kls[best]:
         plan.extra["width_check"] = checked
         return plan
-    other = candidates[best]
+    other = {**candidates, **others}[best]
     for key in ("granularity", "row_check", "count_overhead", "fuse"):
         if key in plan.extra:
             other.extra.setdefault(key, plan.extra[key])
-    other.extra["width_check"] = dict(checked, chosen=f"no widths below {best} bits")
+    other.extra["width_check"] = dict(checked, chosen=best)
     return other
 
 

@@ -78,8 +78,8 @@ class KLFitness:
         out, last = {}, None
         for u in self.units:                   # q/k/v (and gate/up) come one after another: keep one copy
             h = H.get(u.name)
-            if h is None:
-                continue
+            if h is None or h.dim() != 2 or h.shape[0] != u.shape[1]:
+                continue                       # not the unit's own inputs (an MoE expert stack's hook): RTN
             h = h.float()
             out[u.name] = last = last if last is not None and last.shape == h.shape and torch.equal(last, h) else h
         return out

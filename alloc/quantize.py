@@ -305,6 +305,8 @@ class Quantizer:
         """W as this quantizer leaves it (float32; fp16 specs only round to fp16), the layer alone: GPTQ on
         the layer's own XᵀX ``H`` (the probes' view: the layers before it unquantized); RTN without one."""
         W = W.detach().float()
+        if H is not None and H.dim() == 1:
+            H = None                        # an embedding's token counts weigh its rows, not its inputs: RTN
         if spec.is_float:
             return W.half().float()
         if spec.ggml:

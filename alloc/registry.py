@@ -16,6 +16,7 @@ PROBES: dict[str, str] = {
     "measured_kl": "bitalloc.sensitivity.measured_kl:MeasuredKLProbe",
 }
 ROW_PROBES = ("fisher", "kfac", "output_error")      # the probes with per-row costs (Probe.gives_rows; a test checks)
+BLIND_TO_EXPERTS = ("kfac", "output_error")   # read inputs by hooks: cannot measure MoE experts (base.refuse_experts)
 SOLVERS: dict[str, str] = {
     "uniform": "bitalloc.solvers.uniform:UniformSolver",
     "ilp": "bitalloc.solvers.ilp:ILPSolver",

@@ -34,6 +34,11 @@ def kfac_cost(W: torch.Tensor, G: torch.Tensor, Hn: torch.Tensor, options: list[
     is the unit's cost), ΔW = what ``quantizer`` does to W (GPTQ: on this unit's own XᵀX)."""
     W = W.detach().float()
     rows = torch.zeros(W.shape[0], len(options), dtype=torch.float64)
+    if Hn.dim() == 1:             # an embedding: row v is token v's vector, read by its share Hn[v] of the tokens
+        for j, spec in enumerate(options):
+            dW = (quantizer.fake(W, spec, None) - W).double()
+            rows[:, j] = 0.5 * Hn * (dW.pow(2) @ G)
+        return rows
     for j, spec in enumerate(options):
         dW = (quantizer.fake(W, spec, Hn) - W).double()
         rows[:, j] = 0.5 * G * ((dW @ Hn) * dW).sum(1)
@@ -60,19 +65,24 @@ class KFACCollector:
         input tensor (q/k/v) share its product while the tensor lives."""
         seen: dict[int, torch.Tensor] = {}
 
-        def hook(name):
+        def hook(name, kind):
             def fn(module, args, output):
                 x = args[0]
-                if id(x) not in seen:
+                if kind == "embedding":           # a one-hot input: XᵀX is the diagonal of token counts
+                    counts = torch.bincount(x.reshape(-1), minlength=module.weight.shape[0]).double()
+                    scale = float(getattr(module, "embed_scale", 1.0))      # Gemma scales its embeddings by √d
+                    self.H[name] = self.H.get(name, 0) + counts * scale ** 2
+                elif id(x) not in seen:
                     x2 = x.detach().reshape(-1, x.shape[-1]).float()
                     seen[id(x)] = (x2.T @ x2).double()
                     weakref.finalize(x, seen.pop, id(x), None)      # gone with x: an id is never reused stale
-                self.H[name] = self.H.get(name, 0) + seen[id(x)]
+                if kind != "embedding":
+                    self.H[name] = self.H.get(name, 0) + seen[id(x)]
                 output.register_hook(lambda g: self.G.__setitem__(
                     name, self.G.get(name, 0) + g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0)))
             return fn
 
-        handles = [self.modules[u.module_name].register_forward_hook(hook(u.name)) for u in units]
+        handles = [self.modules[u.module_name].register_forward_hook(hook(u.name, u.kind)) for u in units]
         try:
             yield
         finally:

@@ -29,6 +29,17 @@ count_type = _argtype(int, lambda v: checks.count(v, "the value"), "{text!r} is 
 seconds_type = _argtype(float, lambda v: checks.positive(v, "the value"), "{text!r} is not a number of seconds")
 
 
+def effort_type(text: str):
+    """--effort: fast, balanced, best, or seconds."""
+    from ..config import EFFORTS
+    if text in EFFORTS:
+        return text
+    try:
+        return seconds_type(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"effort {text!r}: choose fast, balanced, best or a number of seconds") from None
+
+
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="dtype to load the model in (default auto: the checkpoint's own)")
@@ -39,7 +50,7 @@ def add_eval_windows(p: argparse.ArgumentParser) -> None:
                    help=f"held-out windows to score (default {EVAL_WINDOWS}, the same for every command)")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, windows: int | None = 128) -> None:
     p.add_argument("--model", help="local Hugging Face model folder or .gguf file (default: the embedded refllama-s)")
     p.add_argument("--calib", help="calibration text file (default: Python's own help topics)")
     p.add_argument("--options", help="candidate widths, e.g. 2,3,4,8 or 3g64 (default 2,3,4,8 at --group-size); ggml: llama.cpp's "
@@ -57,7 +68,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="run the probe one decoder block at a time (hessian_trace: a block-local estimate) (default auto: "
                         "when the whole-model state would pass 1 GiB, or the weights stay on the host for a GPU)")
     p.add_argument("--seq-len", type=count_type, default=512, help="calibration window length in tokens (default 512)")
-    p.add_argument("--n-windows", type=count_type, default=128, help="calibration windows (default 128)")
+    p.add_argument("--n-windows", type=count_type, default=windows,
+                   help=f"calibration windows (default {windows})" if windows else
+                   "calibration windows the probe measures on (default: the effort's, 16; fast 8, best 64); the "
+                   "check scores on 8 more")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the sensitivity-table cache")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
@@ -104,7 +118,7 @@ def allocate_config(args):
     """The AllocateConfig of `bitalloc allocate`'s arguments: every default resolved there, not here."""
     from ..config import AllocateConfig
     return AllocateConfig(
-        budget_bits=args.budget, probe=args.probe, solver=args.solver, granularity=args.granularity,
+        budget_bits=args.budget, size=args.size, effort=args.effort, probe=args.probe, solver=args.solver, granularity=args.granularity,
         quantizer=args.quantizer, options=args.options, group_size=args.group_size, symmetric=args.symmetric,
         fuse=args.fuse, count_overhead=not args.nominal, experts=args.experts, include=split_list(args.include),
         exclude=split_list(args.exclude), target=args.target, calib=args.calib, seq_len=args.seq_len,

@@ -25,6 +25,8 @@ def cmd_allocate(args) -> None:
     if getattr(args, "server", None):
         from .service import allocate_on_server
         return allocate_on_server(args)
+    if args.budget is None and args.size is None:
+        raise BitallocError("give --budget BITS (per weight) or --size BYTES (the whole GGUF file, with --target llama.cpp)")
     config = allocate_config(args)
     check_model_args(args)
     if args.baselines and not args.eval:
@@ -32,12 +34,19 @@ def cmd_allocate(args) -> None:
     t0 = time.time()
     done = run_allocate(config, args.model, on_prepared=lambda prepared: print_calibration(prepared, args))
     plan = done.plan
+    args.quantizer = done.config.quantizer             # what --eval scores with
     print_plan(plan)
-    print(f"\nbudget {args.budget} {'nominal' if args.nominal else 'true'} bits/weight · "
+    sized = plan.extra.get("size")
+    if sized:
+        print(f"\nsize {sized['asked_bytes']:,} B asked: the GGUF file will take {sized['predicted_bytes']:,} B "
+              f"({sized['budget_bits']:.4f} bits per planned weight, embedding and head included)", end="")
+    print(f"\nbudget {plan.budget_bits:.6g} {'nominal' if args.nominal else 'true'} bits/weight · "
           f"true {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver}"
           f" · {len(plan.layers)} layers, {plan.n_params:,} weights, {plan.size_bytes() / 2**20:.2f} MiB packed")
     for line in check_lines(plan):
         print(line)
+    if plan.extra.get("chosen"):
+        print(effort_line(done.config, plan.extra["chosen"]))
     if "refine" in plan.extra:
         r = plan.extra["refine"]
         print(f"refine: KL on {r['kl_windows']} calibration windows {r['seed_kl']:.5f} -> {r['kl']:.5f} "
@@ -50,20 +59,33 @@ def cmd_allocate(args) -> None:
         print(f"for {config.target}: bitalloc apply --plan {args.out} --format {TARGET_FORMAT[config.target]} --out …")
 
 
+def effort_line(config, chosen: dict) -> str:
+    """What --effort set, e.g. "effort balanced chose: probe kfac, quantizer gptq, 16 windows, check on"."""
+    said = {"probe": f"probe {config.probe}", "quantizer": f"quantizer {config.quantizer}",
+            "n_windows": f"{config.n_windows} windows", "check": f"check {'on' if config.check else 'off'}",
+            "refine": f"refine {config.refine:g} s" if config.refine else "no refine"}
+    why = [reason.split(": ", 1)[1] for reason in chosen.values() if ": " in reason]
+    effort = config.effort if isinstance(config.effort, str) else f"{config.effort:g} s"
+    return f"effort {effort} chose: {', '.join(said[k] for k in chosen)}" + "".join(f" ({w})" for w in why)
+
+
 def check_lines(plan) -> list[str]:
     """What the measured checks (alloc/finish.py) decided, one line each."""
     lines = []
     rows = plan.extra.get("row_check")
     if isinstance(rows, dict):
         kept = "kept the row plan" if plan.row_bits else "returned the layer plan"
-        lines.append(f"row check: KL on {rows['windows']} calibration windows, row plan {rows['row_kl']:.5f} vs layer "
+        where = "held-out calibration" if rows.get("held_out") else "calibration"
+        lines.append(f"row check: KL on {rows['windows']} {where} windows, row plan {rows['row_kl']:.5f} vs layer "
                      f"plan {rows['layer_kl']:.5f}: {kept}")
     widths = plan.extra.get("width_check")
     if isinstance(widths, dict):
         others = ", ".join(f"{k.removesuffix('_kl').replace('_', ' ')} {v:.5f}" for k, v in widths.items()
                            if k.startswith("without") and k.endswith("_kl"))
+        others = ", ".join(filter(None, [others] + [f"{k} {v:.5f}" for k, v in widths.get("alternatives", {}).items()]))
         chosen = widths.get("chosen", "kept the plan")
-        lines.append(f"width check: KL on {widths['windows']} calibration windows, the plan {widths['kl']:.5f} vs "
+        where = "held-out calibration" if widths.get("held_out") else "calibration"
+        lines.append(f"check: KL on {widths['windows']} {where} windows, the plan {widths['kl']:.5f} vs "
                      f"{others}: {chosen}")
     return lines
 
@@ -72,7 +94,7 @@ def _evaluate_plans(args, prepared, table, plan) -> None:
     from ..api import solve
     from ..evaluate import score_plans
     tokens = eval_tokens(prepared, args.eval, args.eval_windows, prepared.tokens.shape[1])
-    uniform = solve(table, args.budget, "uniform", count_overhead=not args.nominal)
+    uniform = solve(table, plan.budget_bits, "uniform", count_overhead=not args.nominal)
     plans = [("plan", plan), (f"uniform {next(iter(uniform.layers.values())).label()}", uniform)]
     if args.baselines:
         from ..reporting.baselines import baseline_plans

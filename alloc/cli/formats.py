@@ -44,6 +44,12 @@ def apply_gguf(args) -> None:
     print(f"wrote {sum(report['types'].values())} layers as {mix} ({args.quantizer}): {report['bpw']:.4f} bpw in ggml types "
           f"(the plan: {report['plan_bpw']:.4f} true bpw){embedding} -> {args.out}\n"
           f"file {report['bytes']:,} bytes: tensors {report['tensor_bytes']:,} + metadata and tokenizer {rest:,}")
+    sized = plan.extra.get("size")
+    if sized:
+        verdict = "as predicted" if report["bytes"] == sized["predicted_bytes"] else \
+            f"{report['bytes'] - sized['predicted_bytes']:+,} B from the prediction"
+        print(f"size: asked {sized['asked_bytes']:,} B, predicted {sized['predicted_bytes']:,} B, written "
+              f"{report['bytes']:,} B ({verdict}; {100 * report['bytes'] / sized['asked_bytes']:.2f} % of the size asked)")
     if imatrix is not None:
         print(f"imatrix: {report['imatrix_entries']} tensors' input statistics over {len(prepared.tokens)} windows of "
               f"{prepared.tokens.shape[1]} tokens -> {imatrix} (llama-quantize --imatrix {imatrix})")

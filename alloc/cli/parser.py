@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from .common import (add_dtype_arg, add_eval_windows, add_model_args, add_search_solver_args, add_solver_args,
-                     add_target_arg, budget_type, count_type, seconds_type)
+                     add_target_arg, budget_type, count_type, effort_type, seconds_type)
 from .explore import cmd_dashboard, cmd_search, cmd_sweep
 from .flow import cmd_allocate, cmd_apply, cmd_eval, cmd_probe, cmd_solve
 from .publish import cmd_export, cmd_report
@@ -16,7 +16,8 @@ BASELINES = ["llama.cpp"]
 # one example per command, shown at the end of its --help
 EXAMPLES = {
     "allocate": "bitalloc allocate --budget 3.2 --out plan.json\n"
-                "  bitalloc allocate --model ./my-model --budget 4.5 --target llama.cpp --out plan.json",
+                "  bitalloc allocate --model ./my-model --budget 4.5 --target llama.cpp --out plan.json\n"
+                "  bitalloc allocate --model ./my-model --size 240MB --target llama.cpp --out plan.json",
     "probe": "bitalloc probe --probe kfac --out kfac.csv",
     "solve": "bitalloc solve --table kfac.csv --budget 3.2 --out plan.json",
     "eval": "bitalloc eval --plan plan.json --text held-out.txt",
@@ -59,7 +60,7 @@ def add_force_arg(p, verb: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
-    from ..config import DEFAULT_PROBE
+    from ..config import DEFAULT_EFFORT, DEFAULT_PROBE
     from ..registry import PROBES
     PROBE_NAMES = list(PROBES)
     from ..config import DEFAULT_STORAGE
@@ -68,20 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("allocate", help="probe, solve and write a plan (the whole flow)")
-    add_model_args(p)
-    p.add_argument("--budget", type=budget_type, required=True, help="average TRUE bits per weight (codes+scales+zeros)")
-    p.add_argument("--probe", default=DEFAULT_PROBE, choices=PROBE_NAMES,
-                   help=f"sensitivity probe (default {DEFAULT_PROBE})")
+    add_model_args(p, windows=None)
+    p.add_argument("--budget", type=budget_type, default=None, help="average TRUE bits per weight (codes+scales+zeros)")
+    p.add_argument("--size", default=None, metavar="BYTES",
+                   help="instead of --budget: the whole GGUF file at most this big, e.g. 240MB, 0.25GB, 230MiB "
+                        "(with --target llama.cpp; the token embedding and head are planned like any layer)")
+    p.add_argument("--effort", type=effort_type, default=DEFAULT_EFFORT, metavar="fast|balanced|best|SECONDS",
+                   help="how much work buys quality: sets --probe, --quantizer, --n-windows, --check and --refine "
+                        "where you leave them out (fast: kfac, rtn, 8 windows, no check; balanced: kfac, gptq, 16 "
+                        "windows, check; best: 64 windows and a 600 s refine; SECONDS: balanced plus that long a "
+                        f"refine; default {DEFAULT_EFFORT})")
+    p.add_argument("--probe", default=None, choices=PROBE_NAMES,
+                   help="sensitivity probe (default: the effort's, kfac; fisher on MoE models)")
     add_solver_args(p)
-    p.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"],
+    p.add_argument("--quantizer", default=None, choices=["rtn", "gptq"],
                    help="what the plan will be applied with: the probe's costs (kfac, output_error, measured_kl), "
-                        "the row check, --refine and --eval use it (default rtn)")
+                        "the checks, --refine and --eval use it (default: the effort's, gptq; fast: rtn)")
     p.add_argument("--refine", type=seconds_type, default=None, metavar="SECONDS",
                    help="after the solver, search this many seconds for a plan with a lower KL to the fp model "
                         "on calibration windows (EvoPress-style; layer and row plans)")
-    p.add_argument("--check", action="store_true",
-                   help="score the plan on calibration windows against the plan without widths below the budget's "
-                        "floor (2 bits at 3.25) and keep the better (always on with --granularity row or --refine)")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                   help="score the plan on held-out calibration windows against the plan without widths below the "
+                        "budget's floor, uniform and (ggml options) llama.cpp's mix at the budget, and return the "
+                        "best (default: the effort's, on; fast: off; always on with --granularity row or --refine)")
     p.add_argument("--fuse", action="store_true", help="q/k/v and gate/up share one width")
     add_target_arg(p)
     p.add_argument("--nominal", action="store_true", help="budget counts code bits only (count_overhead=False)")

@@ -124,10 +124,12 @@ def allocate_on_server(args) -> None:
         if getattr(args, key, default) != default:
             raise BitallocError(f"--{key.replace('_', '-')} is not served by --server (plans come from the "
                                 "server's stored tables): drop it, or run allocate locally")
-    config = allocate_config(args).to_json()          # the server resolves the same config from these fields
+    resolved = allocate_config(args)
+    # the server resolves the same config from these fields (what effort set, it sets again and records)
+    config = {k: v for k, v in resolved.to_json().items() if k not in resolved.by_effort}
     client = Client(args.server, getattr(args, "token", None))
     plan = client.allocate(args.model or "refllama-s", args.budget,
-                           **{k: config[k] for k in FIELD_NAMES if k != "budget_bits"})
+                           **{k: config[k] for k in FIELD_NAMES if k != "budget_bits" and k in config})
     from .common import print_plan
     print_plan(plan)
     print(f"\ntrue {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver} "

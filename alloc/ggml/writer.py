@@ -41,31 +41,51 @@ def write(model: nn.Module, tokenizer, types: dict[str, str], out: str | os.Path
     """Write ``model`` with each unit of ``types`` ({module name: ggml type}) quantized to the GGUF ``out``;
     ``packed``: units already quantized ({name: layout.pack's blocks}, e.g. by GPTQ), written as they are.
     Returns the bytes of its tensor data (the file adds the metadata and tokenizer)."""
+    with atomic_path(out) as tmp:
+        w, tensors, arch = _start(model, tokenizer, types, tmp)
+        for name, tensor, shape, type_name, unit in tqdm(tensors, desc="write gguf", leave=False, disable=not progress):
+            w.write_tensor_data(_data(tensor, type_name, unit, importance, model.config, arch, name, packed))
+        w.close()
+    return sum(nbytes(shape, type_name) for _, _, shape, type_name, _ in tensors)
+
+
+def file_bytes(model: nn.Module, tokenizer, types: dict[str, str]) -> int:
+    """The exact size of the file ``write`` makes with ``types``, without quantizing anything: its header,
+    metadata and tensor table (written to a scratch file), then each tensor's data padded to the alignment."""
+    import tempfile
+    from gguf import GGUFWriter
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "header.gguf"
+        w, tensors, _ = _start(model, tokenizer, types, path)
+        w.close()
+        head, align = path.stat().st_size, w.data_alignment
+    return GGUFWriter.ggml_pad(head, align) + sum(GGUFWriter.ggml_pad(nbytes(shape, t), align)
+                                                  for _, _, shape, t, _ in tensors)
+
+
+def _start(model, tokenizer, types, path):
+    """A GGUF writer at ``path`` with the metadata, tokenizer and tensor table written; (writer, tensors, arch)."""
     import gguf
     source = _source_gguf(model)
     arch = _arch(model, source)
     names = tensor_names(model)
     tensors = _tensor_list(model, types, names, arch)
-    with atomic_path(out) as tmp:
-        w = gguf.GGUFWriter(str(tmp), arch)
-        if source is not None:
-            _copy_metadata(w, source)
-        else:
-            _hf_metadata(w, model.config, arch)
-            _hf_tokenizer(w, tokenizer, model.config.vocab_size)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_file_type(_file_type(types))
-        for name, _, shape, type_name, _ in tensors:
-            qtype = getattr(gguf.GGMLQuantizationType, type_name)
-            w.add_tensor_info(name, shape, np.float32 if type_name == "F32" else np.float16, nbytes(shape, type_name),
-                              raw_dtype=qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for name, tensor, shape, type_name, unit in tqdm(tensors, desc="write gguf", leave=False, disable=not progress):
-            w.write_tensor_data(_data(tensor, type_name, unit, importance, model.config, arch, name, packed))
-        w.close()
-    return sum(nbytes(shape, type_name) for _, _, shape, type_name, _ in tensors)
+    w = gguf.GGUFWriter(str(path), arch)
+    if source is not None:
+        _copy_metadata(w, source)
+    else:
+        _hf_metadata(w, model.config, arch)
+        _hf_tokenizer(w, tokenizer, model.config.vocab_size)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_file_type(_file_type(types))
+    for name, _, shape, type_name, _ in tensors:
+        qtype = getattr(gguf.GGMLQuantizationType, type_name)
+        w.add_tensor_info(name, shape, np.float32 if type_name == "F32" else np.float16, nbytes(shape, type_name),
+                          raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    return w, tensors, arch
 
 
 def tensor_names(model: nn.Module):

@@ -102,12 +102,12 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     given = path is not None
     path = check_model_path(path) if given else default_model_path()
     gguf_file = None
+    from .gguf import DEFAULT_DTYPE
     if path.is_file():                    # a GGUF file: converted once into a cached folder (models/gguf.py)
         from ..files import cache_dir
-        from .gguf import DEFAULT_DTYPE, converted_folder
-        dtype = dtype or DTYPES[DEFAULT_DTYPE]
-        gguf_file = path
-        path, digest = converted_folder(path, dtype_name(dtype), cache_dir())
+        from .gguf import converted_folder
+        gguf_file = path                  # converted in bf16 (or the dtype asked), loaded as "auto" says below
+        path, digest = converted_folder(path, dtype_name(dtype or DTYPES[DEFAULT_DTYPE]), cache_dir())
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     if attn:
@@ -135,7 +135,8 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: str | torch.dtyp
     model.bitalloc_source_dtype = source
     if gguf_file is not None:             # the model is the file: its name, its bytes (and the dtype it is read in)
         model.name_or_path = model.bitalloc_given_path = str(gguf_file)
-        model.bitalloc_file_hash = hashlib.blake2b(f"{digest}:{dtype_name(dtype)}".encode(), digest_size=12).hexdigest()
+        converted = dtype_name(dtype or DTYPES[DEFAULT_DTYPE])            # the bytes read, as converted
+        model.bitalloc_file_hash = hashlib.blake2b(f"{digest}:{converted}".encode(), digest_size=12).hexdigest()
     return model, tokenizer, kind
 
 

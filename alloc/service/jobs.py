@@ -167,7 +167,8 @@ def _work(store: Store, job_id: str, models_root, t0: float) -> tuple[str, str |
 def plan_fields(config) -> dict:
     """The part of a plan request (its resolved config) that is not the table's: a plan job's request."""
     from ..config import TABLE_FIELDS
-    return {k: v for k, v in config.to_json().items() if k not in TABLE_FIELDS}
+    fields = {k: v for k, v in config.to_json().items() if k not in TABLE_FIELDS}
+    return {**fields, "by_effort": list(config.by_effort)} if config.by_effort else fields
 
 
 def _table_fields(treq: dict) -> dict:

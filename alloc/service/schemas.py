@@ -29,11 +29,15 @@ class PlanIn(BaseModel):
     (evolutionary, optuna)."""
     model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=64, description="a registered model's id")
-    budget_bits: float = Field(gt=0, le=32, description="average TRUE bits per weight")
+    budget_bits: float | None = Field(None, gt=0, le=32, description="average TRUE bits per weight (or size)")
+    size: int | str | None = Field(None, description="instead of budget_bits: the GGUF file's bytes, e.g. 240MB "
+                                                     "(target llama.cpp)")
+    effort: Literal["fast", "balanced", "best"] | float | None = Field(
+        None, description="sets probe, quantizer, n_windows, check and refine where left out (default balanced)")
     granularity: Literal["layer", "row"] = "layer"
     solver: str | None = Field(None, description="ilp, closed_form, uniform (row: closed_form, greedy, ilp); "
                                                  "default ilp per layer, closed_form per row")
-    probe: str | None = Field(None, description="default fisher")
+    probe: str | None = Field(None, description="default: the effort's (kfac; fisher on MoE models)")
     quantizer: Literal["rtn", "gptq"] | None = None
     fuse: bool = False
     experts: Literal["per-expert", "per-layer"] | None = None
@@ -45,7 +49,7 @@ class PlanIn(BaseModel):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] | None = None
     target: Literal["vllm", "llama.cpp", "transformers"] | None = Field(
         None, description="only what this engine serves fast (sets options, symmetric, fuse, experts)")
-    check: bool = False
+    check: bool | None = Field(None, description="default: the effort's (on; fast: off)")
     refine: float | None = Field(None, gt=0, le=3600, description="seconds of EvoPress search on the model")
     generations: int | None = Field(None, ge=1, le=100000, description="evolutionary: generations; optuna: trials")
     time_limit: float | None = Field(None, gt=0, le=3600, description="evolutionary/optuna: seconds")

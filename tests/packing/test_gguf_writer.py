@@ -24,7 +24,7 @@ def test_a_ggml_plan_reads_back_through_transformers_as_we_quantized_it(k_llama_
     from bitalloc.models.loading import load_model
     plan_path, out = tmp_path / "plan.json", tmp_path / "m.gguf"
     assert main(["allocate", "--model", str(k_llama_dir), "--calib", str(calib_file), "--budget", "4.0",
-                 "--options", "ggml", "--out", str(plan_path), *FAST]) == 0
+                 "--options", "ggml", "--quantizer", "rtn", "--out", str(plan_path), *FAST]) == 0
     plan = BitPlan.load(plan_path)
     kinds = {s.ggml for s in plan.layers.values()}
     assert len(kinds) >= 2 and kinds <= {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"}

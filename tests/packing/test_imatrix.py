@@ -18,7 +18,7 @@ def test_the_imatrix_file_holds_what_the_rounding_used(k_llama_dir, calib_file, 
     from bitalloc.models.loading import load_model
     plan_path, out, imat = tmp_path / "plan.json", tmp_path / "m.gguf", tmp_path / "imatrix.gguf"
     assert main(["allocate", "--model", str(k_llama_dir), "--calib", str(calib_file), "--budget", "3.6",
-                 "--options", "ggml", "--out", str(plan_path), *FAST]) == 0
+                 "--options", "ggml", "--quantizer", "rtn", "--out", str(plan_path), *FAST]) == 0
     capsys.readouterr()
     assert main(["apply", "--model", str(k_llama_dir), "--calib", str(calib_file), "--plan", str(plan_path),
                  "--format", "gguf", "--out", str(out), "--imatrix", str(imat), *FAST]) == 0

@@ -142,3 +142,18 @@ def test_fisher_group_costs_sum_to_layer_cost():
     assert groups.shape == (4,)
     assert float(groups.sum()) == pytest.approx(fisher_cost(F, dW), rel=1e-9)
     assert float(groups[1]) == pytest.approx(0.5 * float((F[:, 32:64].double() * dW[:, 32:64].double() ** 2).sum()))
+
+
+def test_kfac_prices_a_token_embedding_by_how_often_each_token_is_read(tiny_llama_dir, calib_text):
+    """With --size the embedding is a unit like any layer: kfac's row v costs token v's share of the text times
+    its gradient-weighted error, so a token the calibration never reads costs nothing."""
+    from bitalloc import api
+    prepared = api.prepare(tiny_llama_dir, calibration=calib_text, n_windows=2, seq_len=64,
+                           include=("model.embed_tokens",))
+    emb = next(i for i, u in enumerate(prepared.units) if u.kind == "embedding")
+    table = api.measure(prepared, "kfac", cache=False)
+    offset = sum(u.shape[0] for u in prepared.units[:emb])
+    rows = table.row_cost[offset:offset + prepared.units[emb].shape[0]]
+    seen = torch.bincount(prepared.tokens.reshape(-1), minlength=rows.shape[0]) > 0
+    assert torch.isfinite(rows).all() and (rows[~seen] == 0).all() and (rows[seen].sum(1) > 0).all()
+    assert table.cost[emb, 0] > table.cost[emb, -1] >= 0                 # 2 bits cost more than 8

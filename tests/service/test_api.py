@@ -110,7 +110,7 @@ def _line(body) -> str:
     ("GET", "/v1/jobs/job_nope", None, 404, "no job 'job_nope'"),
     ("POST", "/v1/plans", {"model": "nope", "budget_bits": 3.2}, 404, "POST /v1/models"),
     ("POST", "/v1/plans", {"model": "refllama-s", "budget_bits": 1.0}, 422, "infeasible"),
-    ("POST", "/v1/plans", {"model": "refllama-s"}, 422, "field 'budget_bits': Field required"),
+    ("POST", "/v1/plans", {"model": "refllama-s"}, 422, "give field 'budget_bits' (bits per weight) or a size"),
     ("POST", "/v1/plans", {"model": "refllama-s", "budget_bits": "lots"}, 422, "field 'budget_bits'"),
     ("POST", "/v1/plans", {"model": "refllama-s", "budget_bits": 3.2, "budjet": 1}, 422, "field 'budjet': is not a field"),
     ("POST", "/v1/plans", {"model": "refllama-s", "budget_bits": 3.2, "probe": "magic"}, 422, "unknown probe 'magic'"),
@@ -181,7 +181,7 @@ def test_a_table_measured_on_another_model_is_a_conflict(server, small_plan):
         s.add(JobRow(id=new_id("job"), kind="table", request_key=catalog.request_key(treq), request=treq,
                      model_id="other", state="done", attempts=1, progress={}, table_id="tbl_other"))
         s.commit()
-    status, body = server.json("POST", "/v1/plans", {"model": "other", "budget_bits": 3.2})
+    status, body = server.json("POST", "/v1/plans", {"model": "other", "budget_bits": 3.2, "check": False})
     assert status == 409 and "measured on another model" in _line(body)
 
 
@@ -221,14 +221,16 @@ def test_a_refined_plan_comes_from_a_job(server, small_plan):
 
 def test_the_evolutionary_solver_runs_on_a_worker(server, small_plan, tmp_path):
     from bitalloc.cli import main
-    body = {"model": "refllama-s", "budget_bits": 3.2, "solver": "evolutionary", "generations": 2, **SMALL}
+    body = {"model": "refllama-s", "budget_bits": 3.2, "solver": "evolutionary", "generations": 2, "check": False,
+            **SMALL}
     status, headers, raw = server.call("POST", "/v1/plans?wait=300", body)
     assert status == 200, raw
     plan = json.loads(raw)
     assert plan["solver"] == "evolutionary" and plan["true_bpw"] <= 3.2
     out = tmp_path / "evo.json"
     assert main(["allocate", "--server", server.url, "--token", server.token, "--budget", "3.2", "--solver",
-                 "evolutionary", "--generations", "2", "--n-windows", "4", "--seq-len", "64", "--out", str(out)]) == 0
+                 "evolutionary", "--generations", "2", "--no-check", "--n-windows", "4", "--seq-len", "64",
+                 "--out", str(out)]) == 0
     assert out.read_bytes() == raw                   # the same request: the plan that job made
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from tests.servers import Postgres, Serve, bitalloc
 
-LONG = {"n_windows": 48, "seq_len": 256, "dtype": "fp32"}   # long enough (~15 s here) to be killed in the middle
+LONG = {"n_windows": 48, "seq_len": 256, "dtype": "fp32", "probe": "fisher", "quantizer": "rtn",
+        "check": False}            # a table job long enough (~15 s here) to be killed in the middle
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,8 @@ def _the_table_equals_an_undisturbed_run(url, table_id):
     with store.session() as s:
         assert s.query(TableRow).count() == 1
         stored = table_from_row(s.get(TableRow, table_id))
-    local = measure(prepare(None, **LONG), "fisher", settings={"stream": "auto"}, cache=False)
+    local = measure(prepare(None, **{k: LONG[k] for k in ("n_windows", "seq_len", "dtype")}), "fisher",
+                    settings={"stream": "auto"}, cache=False)
     assert torch.equal(stored.cost, local.cost) and torch.equal(stored.row_cost, local.row_cost)
 
 

