@@ -27,7 +27,8 @@ def fingerprint(model: nn.Module, units) -> dict[str, list[float]]:
         w = unit_weight(modules, u).detach().reshape(-1)
         rms = float(torch.linalg.vector_norm(w, dtype=torch.float32)) / math.sqrt(max(w.numel(), 1))
         k = min(SAMPLES, w.numel())
-        x = w[torch.linspace(0, w.numel() - 1, k).long()].double()
+        # float32 positions (as plans record them); past 2**24 weights the last one rounds past the end: clamp
+        x = w[torch.linspace(0, w.numel() - 1, k).long().clamp(max=w.numel() - 1)].double()
         scale = float(x.pow(2).mean().sqrt()) * math.sqrt(k)
         z = float((x * pattern[:k]).sum()) / scale if scale > 0 else 0.0
         out[u.name] = [float(f"{rms:.6g}"), round(z, 4)]

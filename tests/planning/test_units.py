@@ -60,3 +60,15 @@ def test_minilm_encoder_units():
     units = find_units(model)
     assert len(units) == 6 * 6
     assert {u.fused_group for u in units if u.name.endswith(".attention.self.query")} != {None}
+
+
+def test_fingerprints_reach_the_last_weight_of_a_unit_past_2_to_the_24():
+    """Gemma's tied embedding (262144 × 640) made the float32 sample positions round past the end."""
+    from torch import nn
+
+    from bitalloc.models.identity import fingerprint
+    from bitalloc.units import find_units
+    model = nn.Sequential(nn.Linear(128, 131073, bias=False))          # 16,777,344 weights > 2**24
+    units = find_units(model)
+    rms, z = fingerprint(model, units)[units[0].name]
+    assert rms > 0 and z == z
