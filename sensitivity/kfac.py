@@ -29,15 +29,18 @@ from .table import SensitivityTable
 
 
 def kfac_cost(W: torch.Tensor, G: torch.Tensor, Hn: torch.Tensor, options: list[QuantSpec],
-              quantizer: Quantizer = DEFAULTS["rtn"]) -> torch.Tensor:
+              quantizer: Quantizer = DEFAULTS["rtn"], head: tuple | None = None) -> torch.Tensor:
     """(out, O) float64: ½ G_i (ΔW Hn ΔWᵀ)_ii of each output row i of one unit under each option (their sum
-    is the unit's cost), ΔW = what ``quantizer`` does to W (GPTQ: on this unit's own XᵀX)."""
+    is the unit's cost), ΔW = what ``quantizer`` does to W (GPTQ: on this unit's own XᵀX). ``head``: (G, Hn)
+    of the output head tied to this embedding: the same ΔW costs there too, as a Linear's."""
     W = W.detach().float()
     rows = torch.zeros(W.shape[0], len(options), dtype=torch.float64)
     if Hn.dim() == 1:             # an embedding: row v is token v's vector, read by its share Hn[v] of the tokens
         for j, spec in enumerate(options):
             dW = (quantizer.fake(W, spec, None) - W).double()
             rows[:, j] = 0.5 * Hn * (dW.pow(2) @ G)
+            if head is not None:
+                rows[:, j] += 0.5 * head[0] * ((dW @ head[1]) * dW).sum(1)
         return rows
     for j, spec in enumerate(options):
         dW = (quantizer.fake(W, spec, Hn) - W).double()
@@ -50,6 +53,10 @@ class KFACCollector:
 
     def __init__(self, model, options: list[QuantSpec], workload: Workload, quantizer: Quantizer = DEFAULTS["rtn"]):
         self.modules, self.options, self.quantizer = modules_by_name(model, []), options, quantizer
+        get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+        embedding, head = (get_in() if callable(get_in) else None), (get_out() if callable(get_out) else None)
+        self.tied_head = head if embedding is not None and head is not None and head.weight is embedding.weight \
+            else None                             # the output head reads the embedding's weight (Gemma, tied models)
         self.rows: dict[int, torch.Tensor] = {}           # unit index -> (out, O) row costs
         self.terms = getattr(workload, "loss_terms", lambda batch: 1)     # how many terms the loss averages
         self.H: dict[str, torch.Tensor] = {}
@@ -83,6 +90,8 @@ class KFACCollector:
             return fn
 
         handles = [self.modules[u.module_name].register_forward_hook(hook(u.name, u.kind)) for u in units]
+        handles += [self.tied_head.register_forward_hook(hook(f"{u.name} (head)", "linear"))
+                    for u in units if u.kind == "embedding" and self.tied_head is not None]
         try:
             yield
         finally:
@@ -92,8 +101,11 @@ class KFACCollector:
 
     def reduce(self, cost, rows, units, steps):
         for j, u in zip(rows, units):
+            head = None
+            if f"{u.name} (head)" in self.G:
+                head = (self.G.pop(f"{u.name} (head)"), self.H.pop(f"{u.name} (head)") / self.n_tokens)
             self.rows[j] = kfac_cost(unit_weight(self.modules, u), self.G.pop(u.name),
-                                     self.H.pop(u.name) / self.n_tokens, self.options, self.quantizer)
+                                     self.H.pop(u.name) / self.n_tokens, self.options, self.quantizer, head)
             cost[j] = self.rows[j].sum(0)
 
     def row_table(self, n_units: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..errors import BitallocError
 from ..files import atomic_path
 from . import layout
+from .pretokenizer import llama_cpp_pre
 from .types import TYPES, quantize
 
 ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe")   # from a Hugging Face config; any architecture from a GGUF file
@@ -289,7 +290,7 @@ def _hf_tokenizer(w, tokenizer, vocab_size: int) -> None:
         types[i] = 3 if special.get(i) else (4 if i in special else 1)     # CONTROL / USER_DEFINED / NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(llama_cpp_pre(spec))
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

@@ -12,8 +12,9 @@ division; "more bits" layers are i < n/8, i ≥ 7n/8 and every third layer betwe
     Q4_K_M   q4_K     q6_K on "more bits" layers, q4_K    q6_K on "more bits" layers      q4_K
 
 Models with 8 experts take q8_0 for attn_v and attn_k and q5_K for attn_output; MoE expert stacks follow the
-ffn rules of their projection; the output head (``lm_head``, when planned) takes q6_K. Units llama.cpp has
-no name for take the preset's default type.
+ffn rules of their projection; the output head (``lm_head``, when planned) takes q6_K, and so does a token
+embedding the head is tied to (planned with --size; Gemma). Units llama.cpp has no name for take the preset's
+default type.
 
 Each ggml type becomes the option with the nearest code width (q2_K → 2, q3_K → 3, q4_K → 4, q5_K → 5,
 q6_K → 6, q8_0 → 8; ties go to the wider option: with {2, 3, 4, 8}, q5_K → 4 and q6_K → 8), at the
@@ -104,10 +105,15 @@ def llama_cpp_plan(preset: str, table, config=None) -> BitPlan:
     n_gqa, n_expert, n_layers = _geometry(table, config)
     group = max(set(o.group_size for o in table.options), key=[o.group_size for o in table.options].count)
     specs, i_v = [], 0
+    # a token embedding the output head reads too (tied) takes the head's type in llama.cpp; with --size an
+    # untied head is a unit of its own, so no head among the units means tied unless the config says not
+    has_head = any(gguf_names(u.name) == ["output"] for u in table.units)
+    tied = not has_head and bool(getattr(config, "tie_word_embeddings", True))
     for u in table.units:
         names = gguf_names(u.name)
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)", names[0]) if names else None
-        role, i = (m.group(2), int(m.group(1))) if m else ("output" if names == ["output"] else "other", 0)
+        head = names == ["output"] or (names == ["token_embd"] and tied)
+        role, i = (m.group(2), int(m.group(1))) if m else ("output" if head else "other", 0)
         t = ggml_type(preset, role, i, n_layers, n_gqa=n_gqa, n_expert=n_expert, i_v=i_v)
         i_v += role == "attn_v"
         specs.append(_nearest_option(table.options, GGML_WIDTH[t], group))

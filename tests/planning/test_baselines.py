@@ -145,3 +145,15 @@ def test_dashboard_metric_is_named(tmp_path):
     solver.fitness = lambda choice, windows: float(choice.sum())
     solver.run(Problem(t, 3.5))
     assert optuna.load_study(study_name="named", storage=url).metric_names == ["KL to fp"]
+
+
+def test_a_token_embedding_tied_to_the_head_takes_the_head_s_type():
+    """As llama.cpp quantizes Gemma's tied token_embd: q6_K (-> 8 in {2,3,4,8}); untied, the default type."""
+    t = llama_table(2)
+    emb = Unit("model.embed_tokens", (8192, 4096), "embedding")
+    tied = SensitivityTable([*t.units, emb], t.options, torch.rand(len(t.units) + 1, 4, dtype=torch.float64), {})
+    assert llama_cpp_plan("Q3_K_M", tied).layers["model.embed_tokens"].bits == 8
+    head = Unit("lm_head", (8192, 4096), "linear")
+    untied = SensitivityTable([*tied.units, head], t.options, torch.rand(len(t.units) + 2, 4, dtype=torch.float64), {})
+    plan = llama_cpp_plan("Q3_K_M", untied)
+    assert plan.layers["model.embed_tokens"].bits == 3 and plan.layers["lm_head"].bits == 8

@@ -157,3 +157,32 @@ def test_kfac_prices_a_token_embedding_by_how_often_each_token_is_read(tiny_llam
     seen = torch.bincount(prepared.tokens.reshape(-1), minlength=rows.shape[0]) > 0
     assert torch.isfinite(rows).all() and (rows[~seen] == 0).all() and (rows[seen].sum(1) > 0).all()
     assert table.cost[emb, 0] > table.cost[emb, -1] >= 0                 # 2 bits cost more than 8
+
+
+def test_kfac_prices_a_tied_embedding_as_the_output_head_too(calib_text):
+    """Gemma's embedding is also its output head: a token the calibration never reads still scores at every
+    position, so its row costs what the head's error does there, and every row costs more than its lookup."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bitalloc import api
+    from bitalloc.models.loading import load_tokenizer
+    from ..conftest import REFLLAMA
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    tables = {}
+    for tied in (True, False):
+        model = LlamaForCausalLM(config).eval()
+        if not tied:                       # the same weights, the head a separate copy the units leave out
+            model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+        prepared = api.prepare(model, tokenizer=load_tokenizer(REFLLAMA), calibration=calib_text, n_windows=2,
+                               seq_len=64, include=("model.embed_tokens",))
+        emb = next(i for i, u in enumerate(prepared.units) if u.kind == "embedding")
+        offset = sum(u.shape[0] for u in prepared.units[:emb])
+        table = api.measure(prepared, "kfac", cache=False)
+        tables[tied] = (table.row_cost[offset:offset + prepared.units[emb].shape[0]], prepared.tokens)
+        torch.manual_seed(0)
+    (rows, tokens), (lookup, _) = tables[True], tables[False]
+    seen = torch.bincount(tokens.reshape(-1), minlength=rows.shape[0]) > 0
+    assert (lookup[~seen] == 0).all() and (rows[~seen].sum(1) > 0).all()
+    assert (rows.sum(1) > lookup.sum(1))[seen].all()
