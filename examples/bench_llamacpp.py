@@ -20,6 +20,7 @@ Writes OUT.md after every scored file; the work folder (--work) keeps the files,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -34,11 +35,17 @@ TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-tokenize"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bitalloc" / f"llama.cpp-{VERSION}"
 
 
+PEAK_RSS: dict[str, float] = {}          # log name -> the command's peak resident memory, GB
+
+
 def run(cmd, log: Path, **kw) -> tuple[str, float]:
     """Run one command, its output to LOG; a failure stops the benchmark with the log's tail."""
     t0 = time.time()
     with open(log, "w") as f:
-        rc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, **kw).returncode
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, **kw)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+    PEAK_RSS[log.stem] = usage.ru_maxrss / 1e6                   # kB on Linux
     text = log.read_text(errors="replace")
     if rc != 0:
         sys.exit(f"{Path(str(cmd[0])).name} failed (exit {rc}); last lines of {log}:\n" + "\n".join(text.splitlines()[-15:]))
@@ -116,8 +123,14 @@ def main() -> None:
     base = work / "bf16.kld"
     rows = []
 
+    cache_file = work / "scores.json"
+    cached = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+
     def score(label: str, path: Path, seconds: str = "") -> None:
-        if label == "BF16":
+        key = f"{path.name} {path.stat().st_size} {path.stat().st_mtime_ns} {args.chunks} {args.eval}"
+        if key in cached:                                  # a file scored by an earlier run (same bytes)
+            on_base, own = cached[key]
+        elif label == "BF16":
             text, _ = run([*ppl, "-m", path, "--kl-divergence-base", base], work / "ppl-bf16.log")
             on_base = perplexity_figures(text)
             own = on_base
@@ -125,6 +138,8 @@ def main() -> None:
             on_base = perplexity_figures(run([*ppl, "-m", path, "--kl-divergence-base", base, "--kl-divergence"],
                                              work / f"kld-{path.stem}.log")[0])
             own = perplexity_figures(run([*ppl, "-m", path], work / f"ppl-{path.stem}.log")[0])
+        cached[key] = (on_base, own)
+        cache_file.write_text(json.dumps(cached, indent=1))
         rows.append({"label": label, "bytes": path.stat().st_size, "ppl": on_base.get("ppl"),
                      "kl": on_base.get("kl"), "own": own.get("ppl"), "time": seconds})
         write_table(Path(args.out + ".md"), args, rows, stages)
@@ -178,6 +193,8 @@ def write_table(path: Path, args, rows: list[dict], stages: dict) -> None:
                      f"{fmt(r['kl'], 4)} | {fmt(r['own'], 4)} | {r['time']} |")
     lines += ["", "Wall time per stage on this machine:", ""]
     lines += [f"- {k}: {v:.0f} s" for k, v in stages.items()]
+    lines += ["", "Peak resident memory per command (GB):", ""]
+    lines += [f"- {k}: {v:.2f}" for k, v in PEAK_RSS.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

@@ -4,7 +4,7 @@ through the ``gguf`` package's writer, every planned weight in a ggml type quant
 
 Metadata: a model read from a GGUF file keeps that file's metadata and tokenizer (only the file type
 changes); a Hugging Face model of a supported architecture (ARCHS) gets llama.cpp's keys from its config and
-its byte-level BPE tokenizer from tokenizer.json. Tensors are named by the package's own name map and laid out
+its tokenizer from tokenizer.json (ggml/vocab.py). Tensors are named by the package's own name map and laid out
 as llama.cpp's converter lays them (llama: q/k rows permuted for its rope; gemma: norms stored as 1 + w).
 MoE experts (transformers 5 keeps them in 3-D parameters) are written as llama.cpp's merged
 ``ffn_{gate,up,down}_exps`` tensors (E × rows × cols, one ggml type for all experts of a projection; the
@@ -13,7 +13,6 @@ Tensors are quantized and written one at a time: the file never sits in memory w
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -26,8 +25,8 @@ from tqdm import tqdm
 from ..errors import BitallocError
 from ..files import atomic_path
 from . import layout
-from .pretokenizer import llama_cpp_pre
 from .types import TYPES, quantize
+from .vocab import write_tokenizer
 
 ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe")   # from a Hugging Face config; any architecture from a GGUF file
 GGUF_ARCH = {"qwen3_moe": "qwen3moe"}        # llama.cpp's name where it differs from transformers' model_type
@@ -76,7 +75,7 @@ def _start(model, tokenizer, types, path):
         _copy_metadata(w, source)
     else:
         _hf_metadata(w, model.config, arch)
-        _hf_tokenizer(w, tokenizer, model.config.vocab_size)
+        write_tokenizer(w, tokenizer, model.config.vocab_size)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_file_type(_file_type(types))
     for name, _, shape, type_name, _ in tensors:
@@ -266,42 +265,3 @@ def _hf_metadata(w, config, arch: str) -> None:
         w.add_expert_count(config.num_experts)
         w.add_expert_used_count(config.num_experts_per_tok)
         w.add_expert_feed_forward_length(config.moe_intermediate_size)
-
-
-def _hf_tokenizer(w, tokenizer, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer (GPT-2 style, as refllama-s, Llama 3 and Qwen use) as llama.cpp's "gpt2"."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise BitallocError("GGUF output writes byte-level BPE tokenizers only (this one is "
-                            f"{model.get('type', 'unknown')}{' with byte fallback' if model.get('byte_fallback') else ''}):"
-                            " convert the model with llama.cpp's convert_hf_to_gguf.py, then give bitalloc the .gguf")
-    vocab = dict(model["vocab"])
-    special = {}
-    for added in spec.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-        special[added["id"]] = added.get("special", False)
-    size = max(max(vocab.values()) + 1, vocab_size)          # the embedding's rows, padding included
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [5] * size                                # UNUSED until named
-    for token, i in vocab.items():
-        tokens[i] = token
-        types[i] = 3 if special.get(i) else (4 if i in special else 1)     # CONTROL / USER_DEFINED / NORMAL
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(llama_cpp_pre(spec))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    for what, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
-                      ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
-        value = getattr(tokenizer, what, None)
-        if value is not None:
-            add(int(value))
-    ids = tokenizer("a", add_special_tokens=True).input_ids          # what the tokenizer adds around a text
-    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
-    w.add_add_bos_token(bos is not None and bool(ids) and ids[0] == bos)
-    w.add_add_eos_token(eos is not None and len(ids) > 1 and ids[-1] == eos)
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        w.add_chat_template(tokenizer.chat_template)

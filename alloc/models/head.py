@@ -28,7 +28,10 @@ from torch.utils.checkpoint import checkpoint
 from .stream import BlockStream
 
 CHUNK_LOGITS = 1 << 24          # logits per chunk: 16M, 32 MB in bf16 (64 MB as float32)
-LOSS_CHUNK_LOGITS = 1 << 22     # with gradients (loss): 4M; a chunk's logits, their float32 copy and gradient live at once
+LOSS_CHUNK_LOGITS = 1 << 26     # with gradients (loss): 64M (256 MB as float32); a chunk's logits, their float32 copy
+                                # and gradient live at once. Smaller chunks read the whole head weight once per chunk
+                                # and twice more in backward: Gemma's 262k x 640 head in 16-position chunks made the
+                                # loss memory-bound (192 s per 4 windows)
 FUSE_ABOVE = 1 << 16            # vocabularies at least this large use the compiled reductions
 
 

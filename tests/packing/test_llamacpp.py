@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bitalloc.errors import BitallocError
-from bitalloc.ggml import pretokenizer
+from bitalloc.ggml import vocab
 from bitalloc.ggml.checkpoint import fake_quantize, save_gguf
 from bitalloc.ggml.types import TYPES
 from bitalloc.models import zoo
@@ -111,8 +111,8 @@ def _split(regex):
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 FAMILIES = {
     "gpt-2": dict(pre_tokenizer=BYTE_LEVEL),
-    "llama-bpe": dict(pre_tokenizer=_split(pretokenizer.LLAMA3), ignore_merges=True),
-    "qwen2": dict(pre_tokenizer=_split(pretokenizer.QWEN2), normalizer={"type": "NFC"}),
+    "llama-bpe": dict(pre_tokenizer=_split(vocab.LLAMA3), ignore_merges=True),
+    "qwen2": dict(pre_tokenizer=_split(vocab.QWEN2), normalizer={"type": "NFC"}),
     "smollm": dict(pre_tokenizer={"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, BYTE_LEVEL]}),
 }
@@ -138,6 +138,46 @@ def test_llama_cpp_tokenizes_as_the_model_s_tokenizer(family, tmp_path):
     llm = _llama(path, vocab_only=True)
     for text in (TEXT, "  leading spaces", "1 22 333 4444 55555", "line\r\nbreaks\n\n\nthree"):
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text).input_ids, text
+
+
+def _sentencepiece_tokenizer(folder):
+    """A Llama-2-style tokenizer.json, trained here: SentencePiece pieces (▁ for spaces, one put before the
+    text), BPE merges, 256 byte pieces to fall back on, <s> added before each text."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from bitalloc.calibration import default_text
+    specials = ["<unk>", "<s>", "</s>"]
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")       # words, as spm trains
+    trainer_tok.train_from_iterator(default_text()[:200000].splitlines(), trainers.BpeTrainer(
+        vocab_size=1200, special_tokens=specials, show_progress=False))
+    trained = json.loads(trainer_tok.to_str())["model"]
+    pieces = [f"<0x{b:02X}>" for b in range(256)] + [p for p, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1])
+                                                      if p not in specials]
+    vocab = {**{t: i for i, t in enumerate(specials)}, **{p: i + len(specials) for i, p in enumerate(pieces)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                     for m in trained["merges"]],
+                               unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_llama_cpp_tokenizes_as_a_sentencepiece_tokenizer(tmp_path):
+    tokenizer = _sentencepiece_tokenizer(tmp_path)
+    path = tmp_path / "m.gguf"
+    _tiny_gguf(tokenizer, path)
+    import gguf
+    fields = {f.name: f.contents() for f in gguf.GGUFReader(str(path)).fields.values()}
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_bos_token"]
+    llm = _llama(path, vocab_only=True)
+    for text in (TEXT, "  leading spaces", "1 22 333 4444", "line\r\nbreaks\n\n\nthree", "end</s>after </s> x"):
+        ids = tokenizer(text).input_ids
+        assert ids[0] == tokenizer.bos_token_id and len(ids) > 3
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids, text
 
 
 def test_split_rules_llama_cpp_does_not_know_are_refused_in_one_line(tmp_path):

@@ -186,3 +186,56 @@ def test_kfac_prices_a_tied_embedding_as_the_output_head_too(calib_text):
     seen = torch.bincount(tokens.reshape(-1), minlength=rows.shape[0]) > 0
     assert (lookup[~seen] == 0).all() and (rows[~seen].sum(1) > 0).all()
     assert (rows.sum(1) > lookup.sum(1))[seen].all()
+
+
+def test_kfac_counts_each_token_once_when_the_loss_runs_the_head_in_chunks(calib_text, monkeypatch):
+    """Gemma's 262k vocabulary sends the loss through the chunked head (alloc/models/head.py): the blocks'
+    stand-ins re-run the embedding and backward recomputes each chunk. kfac's table must not see either: it
+    equals the table of the plain loss, the tied embedding's two roles included."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bitalloc import api
+    from bitalloc.models import head, workload
+    from bitalloc.models.loading import load_tokenizer
+    from ..conftest import REFLLAMA
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    prepared = api.prepare(model, tokenizer=load_tokenizer(REFLLAMA), calibration=calib_text, n_windows=2,
+                           seq_len=64, include=("model.embed_tokens",))
+    plain = api.measure(prepared, "kfac", cache=False)
+    monkeypatch.setattr(workload, "LARGE_LOGITS", 0)
+    monkeypatch.setattr(head, "LOSS_CHUNK_LOGITS", 8192 * 16)            # 16 positions a chunk
+    chunked = api.measure(prepared, "kfac", cache=False)
+    # the chunked head reads the T-1 predicted positions, the plain one all T (the last with zero gradient):
+    # 1/64 of the head's input statistics apart (a row whose error that last position reads is further off);
+    # a token counted twice is 100 % off on every row it reads
+    assert torch.allclose(plain.cost, chunked.cost, rtol=2e-2, atol=0)
+    off = ~torch.isclose(plain.row_cost, chunked.row_cost, rtol=0.1, atol=1e-12)
+    assert off.float().mean() < 0.02
+
+
+def test_kfac_prices_the_unread_rows_of_a_tied_embedding_on_a_sample(calib_text, monkeypatch):
+    """Gemma's 262k rows are priced on an even sample of the rows no calibration token reads (times the
+    sampling step): the embedding's cost keeps its value within a few percent; read rows stay exact."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bitalloc import api
+    from bitalloc.models.loading import load_tokenizer
+    from bitalloc.sensitivity import kfac
+    from ..conftest import REFLLAMA
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    prepared = api.prepare(model, tokenizer=load_tokenizer(REFLLAMA), calibration=calib_text, n_windows=2,
+                           seq_len=64, include=("model.embed_tokens",))
+    emb = next(i for i, u in enumerate(prepared.units) if u.kind == "embedding")
+    exact = api.measure(prepared, "kfac", cache=False)
+    monkeypatch.setattr(kfac, "EMBEDDING_SAMPLE", 512)                    # every ~15th unread row
+    sampled = api.measure(prepared, "kfac", cache=False)
+    assert torch.allclose(sampled.cost[emb], exact.cost[emb], rtol=0.1)
+    others = [i for i in range(len(prepared.units)) if i != emb]
+    assert torch.equal(sampled.cost[others], exact.cost[others])
+    start = sum(u.shape[0] for u in prepared.units[:emb])
+    read = torch.bincount(prepared.tokens.reshape(-1), minlength=8192) > 0
+    assert torch.equal(sampled.row_cost[start:start + 8192][read], exact.row_cost[start:start + 8192][read])
