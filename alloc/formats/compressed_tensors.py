@@ -8,6 +8,8 @@ model computes with), written as the package defines them:
                                 ``pack_to_int32`` (the installed version's layout: dense since 2026-06)
     <layer>.weight_scale        (out, groups) float32 (our scales are fp16 values; bf16 cannot hold them)
     <layer>.weight_zero_point   asymmetric formats: the signed zeros, packed along the output dimension
+                                (transformers 5.25 cannot load these: save warns; --target transformers
+                                plans symmetric formats)
     <layer>.weight_shape        int64 [out, in]
 
 ``quantization_config`` has one config group per (width, group size, symmetry) whose ``targets`` are the
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import BitallocError, few
+from ..errors import BitallocError, BitallocWarning, few
 from ..options import QuantSpec
 from ..plan import BitPlan
 
@@ -104,6 +107,12 @@ def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokeniz
     units = planned_units(model, plan)
     plan = check_plan_model(plan, model, units, info, force=force)
     specs = storable_specs(plan, units, exact=exact)
+    asymmetric = sorted({str(specs[n]) for n in plan.layers if specs[n].bits < 16 and not specs[n].symmetric})
+    if asymmetric:                                  # said before the work, in one line
+        warnings.warn(BitallocWarning(
+            f"compressed-tensors: {few(asymmetric)} have zero points, which transformers' from_pretrained cannot "
+            "load (transformers 5.25 with compressed-tensors 0.20: packed zero points); vLLM and bitalloc's "
+            "reader can. For a file transformers loads, allocate with --target transformers (symmetric)"))
     stored = BitPlan({n: specs[n] for n in plan.layers}, dict(plan.shapes), plan.budget_bits, solver=plan.solver,
                      probe=plan.probe, model=plan.model, extra=plan.extra)
     tensors, modules = checkpoint_tensors(model, units, stored, lambda name, q: pack_layer(q, specs[name]),

@@ -32,6 +32,18 @@ def test_each_target_plans_only_what_its_engine_serves(tiny_llama_dir, calib_fil
 
 
 @pytest.mark.slow
+def test_a_transformers_plan_as_compressed_tensors_loads_with_from_pretrained(k_llama_dir, calib_file, tmp_path):
+    """The default plan for --target transformers, written as compressed-tensors, is a file transformers' own
+    from_pretrained loads, every weight (an asymmetric one it cannot: save warns)."""
+    assert _allocate(k_llama_dir, calib_file, tmp_path / "t.json", "--target", "transformers") == 0
+    assert main(["apply", "--model", str(k_llama_dir), "--plan", str(tmp_path / "t.json"), "--format",
+                 "compressed-tensors", "--out", str(tmp_path / "ct"), *FAST]) == 0
+    import transformers
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+
+
+@pytest.mark.slow
 def test_vllm_gives_each_layers_experts_one_width(tmp_path, calib_file):
     from bitalloc.models import zoo
     model = zoo.tiny("mixtral")
