@@ -177,7 +177,11 @@ def write_table(path: Path, args, rows: list[dict], stages: dict) -> None:
              "text. `excess` = ppl − BF16's; `× llama.cpp` = bitalloc's excess over the llama.cpp file's it matches. "
              "bitalloc's files come from the default command (no quality flags): "
              "`bitalloc allocate --model M --calib C --target llama.cpp --size <the llama.cpp file's bytes>`, then "
-             "`bitalloc apply --format gguf`.", "",
+             "`bitalloc apply --format gguf`."
+             + (" BF16 is the source .gguf dequantized (`llama-quantize --allow-requantize SRC BF16`)."
+                if str(args.model).endswith(".gguf") else "")
+             + " A later size reuses the first one's sensitivity table (bitalloc's cache): its allocate skips "
+             "the probe.", "",
              "| file | bytes | ppl | excess | × llama.cpp | KL | ppl (own tokens) | allocate + apply |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     theirs = None
