@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+from tqdm import tqdm
 
 from .evaluate import _Holding
 from .quantize import Quantizer, as_quantizer
@@ -53,7 +54,8 @@ class KLFitness:
         self._ref_head = (lambda: _Holding(self.modules, outside, self.fp_weights)) if outside else None
         self.H = self._hessians() if self.quantizer.method == "gptq" else {}
         with torch.no_grad():
-            self.reference = [self._outputs(b) for b in self.workload.batches()]
+            self.reference = [self._outputs(b) for b in tqdm(self.workload.batches(), total=self.workload.n_batches(),
+                                                              desc="fitness: fp reference", leave=False)]
             self.ref_logits = None                 # the reference's logits, kept when they are small enough
             if self.head is not None and self._ref_bytes() <= REF_LOGITS_BYTES:
                 self.ref_logits = [self.head.reference(h, b, stride=stride)
@@ -72,7 +74,8 @@ class KLFitness:
         from .sensitivity.output_error import hessian_hooks
         H: dict[str, torch.Tensor] = {}
         with hessian_hooks(self.modules, self.units, H) as new_batch, torch.no_grad():
-            for batch in self._gptq_workload.batches():
+            for batch in tqdm(self._gptq_workload.batches(), total=self._gptq_workload.n_batches(),
+                              desc="fitness: GPTQ inputs", leave=False):
                 new_batch()
                 self.workload.run(batch)
         out, last = {}, None
