@@ -101,10 +101,11 @@ class KFACCollector:
 
     @contextlib.contextmanager
     def collect(self, units):
-        """Forward hooks take each unit's Σ xᵀx and hook its output's gradient; both are added (to H and G)
-        when that gradient arrives, so a forward whose output the loss never reads (the block stand-ins' re-run
-        of the embedding, a checkpointed head chunk's recomputation) counts nothing. Units reading one input
-        tensor (q/k/v) share its product while the tensor lives."""
+        """Forward hooks add each unit's Σ xᵀx to H and hook its output's gradient into G. The embedding's and
+        the tied head's statistics are added only when that gradient arrives, so a forward whose output the
+        loss never reads (the block stand-ins' re-run of the embedding, a checkpointed head chunk's
+        recomputation) counts nothing. Units reading one input tensor (q/k/v) share its product while the
+        tensor lives."""
         seen: dict[int, torch.Tensor] = {}
 
         def hook(name, kind):
@@ -121,10 +122,17 @@ class KFACCollector:
                         weakref.finalize(x, seen.pop, id(x), None)  # gone with x: an id is never reused stale
                     h = seen[id(x)]
 
-                def arrived(g):
+                # the embedding and the tied head also run where the loss never reads them: their statistics
+                # wait for the gradient; a decoder layer's are added now (its XᵀX need not live until backward)
+                defer = kind == "embedding" or name.endswith(" (head)")
+                if not defer:
                     self.H[name] = self.H.get(name, 0) + h
+
+                def arrived(g):
+                    if defer:
+                        self.H[name] = self.H.get(name, 0) + h
                     self.G[name] = self.G.get(name, 0) + squares(g)
-                if output.requires_grad:
+                if output.requires_grad or not defer:
                     output.register_hook(arrived)
             return fn
 
