@@ -69,7 +69,7 @@ def llama_cpp_pre(spec: dict) -> str:
 def write_tokenizer(w, tokenizer, vocab_size: int) -> None:
     """A Hugging Face tokenizer's tokenizer.json as llama.cpp's keys: byte-level BPE (refllama-s, Llama 3,
     Qwen) as "gpt2" with the pre-tokenizer's name; BPE with byte fallback over SentencePiece pieces (Llama 2,
-    Mistral, Gemma folders) as "llama". Anything else is refused in one line."""
+    Mistral folders) as "llama". Anything else is refused in one line."""
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model", {})
