@@ -60,7 +60,7 @@ def test_api_cli_and_service_give_the_same_plan(settings, server, tmp_path, monk
     cli = out.read_bytes()
 
     status, _, served = server.call("POST", "/v1/plans?wait=600", {"model": "refllama-s", "budget_bits": budget,
-                                                                    **SMALL, **rest})
+                                                                    **SMALL, **rest}, timeout=660)   # as the server waits
     assert status == 200, served
 
     assert _without_timings(api) == _without_timings(cli), "the Python API's plan differs from the CLI's"
