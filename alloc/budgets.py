@@ -41,15 +41,10 @@ def parse_size(text) -> int:
 
 def size_units(model) -> list[str]:
     """Module names of the token embedding and, unless tied to it, the output head."""
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    emb = get_in() if callable(get_in) else None
-    head = get_out() if callable(get_out) else None
-    out = []
-    for name, module in model.named_modules():
-        if module is emb or (module is head and head is not None and
-                             (emb is None or head.weight is not emb.weight)):
-            out.append(name)
-    return out
+    from .units import embedding_and_head
+    emb, head, tied = embedding_and_head(model)
+    return [name for name, module in model.named_modules()
+            if module is emb or (module is head and head is not None and not tied)]
 
 
 def _types(model, plan, units) -> dict[str, str]:

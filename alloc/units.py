@@ -125,10 +125,18 @@ def set_unit_weight(modules: dict[str, nn.Module], unit: Unit, value: torch.Tens
             unit_slice(p, unit).copy_(value)
 
 
+def embedding_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, bool]:
+    """(token embedding, output head, whether the head reads the embedding's weight), by the model's own
+    accessors (None where it has none)."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    return emb, head, emb is not None and head is not None and head.weight is emb.weight
+
+
 def _head_names(model: nn.Module) -> set[str]:
     heads = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
+    _, out, _ = embedding_and_head(model)
     for name, module in model.named_modules():
         parts = name.split(".")
         if module is out or parts[-1] in HEAD_NAMES or any(p in HEAD_PARENTS for p in parts[:-1]):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..options import QuantSpec
 from ..quantize import DEFAULTS, Quantizer
-from ..units import Unit, unit_weight
+from ..units import Unit, embedding_and_head, unit_weight
 from .base import (Probe, Workload, check_loss, check_trainable, grads_only_for,
                    modules_by_name, refuse_experts, streams, unique_params)
 from .table import SensitivityTable
@@ -86,10 +86,8 @@ class KFACCollector:
 
     def __init__(self, model, options: list[QuantSpec], workload: Workload, quantizer: Quantizer = DEFAULTS["rtn"]):
         self.modules, self.options, self.quantizer = modules_by_name(model, []), options, quantizer
-        get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-        embedding, head = (get_in() if callable(get_in) else None), (get_out() if callable(get_out) else None)
-        self.tied_head = head if embedding is not None and head is not None and head.weight is embedding.weight \
-            else None                             # the output head reads the embedding's weight (Gemma, tied models)
+        _, head, tied = embedding_and_head(model)
+        self.tied_head = head if tied else None   # the output head reads the embedding's weight (Gemma, tied models)
         self.rows: dict[int, torch.Tensor] = {}           # unit index -> (out, O) row costs
         self.terms = getattr(workload, "loss_terms", lambda batch: 1)     # how many terms the loss averages
         self.H: dict[str, torch.Tensor] = {}
@@ -124,7 +122,7 @@ class KFACCollector:
 
                 # the embedding and the tied head also run where the loss never reads them: their statistics
                 # wait for the gradient; a decoder layer's are added now (its XᵀX need not live until backward)
-                defer = kind == "embedding" or name.endswith(" (head)")
+                defer = kind in ("embedding", "head")
                 if not defer:
                     self.H[name] = self.H.get(name, 0) + h
 
@@ -137,7 +135,7 @@ class KFACCollector:
             return fn
 
         handles = [self.modules[u.module_name].register_forward_hook(hook(u.name, u.kind)) for u in units]
-        handles += [self.tied_head.register_forward_hook(hook(f"{u.name} (head)", "linear"))
+        handles += [self.tied_head.register_forward_hook(hook(f"{u.name} (head)", "head"))
                     for u in units if u.kind == "embedding" and self.tied_head is not None]
         try:
             yield

@@ -121,9 +121,9 @@ def _sentencepiece(w, spec: dict, tokens: list[str], types: list[int], merges: l
     it gives the same merges. Spaces become ▁ and one is put before the text (add_space_prefix), as the
     Prepend + Replace normalizer of these folders does; the text is not split before merging."""
     normalizer = spec.get("normalizer") or {}
-    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    parts = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
     kinds = [(s.get("type"), s.get("prepend"), (s.get("pattern") or {}).get("String"), s.get("content"))
-             for s in steps]
+             for s in parts]
     if kinds != [("Prepend", SPACE, None, None), ("Replace", None, " ", SPACE)] or spec.get("pre_tokenizer"):
         raise BitallocError("GGUF output: this SentencePiece-style tokenizer does not prepend ▁ and turn spaces into "
                             "▁ as llama.cpp's llama tokenizer does (normalizer Prepend + Replace, no pre-tokenizer): "
