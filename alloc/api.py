@@ -362,7 +362,7 @@ def finish(prepared: Prepared, table, plan: BitPlan, *, quantizer: str = "rtn", 
     from . import finish as stage
     if plan.row_bits or refine or check:
         fitness = fitness if fitness is not None and getattr(fitness, "stride", 1) == stage.REFINE_STRIDE \
-            else stage.fitness_for(prepared, quantizer)
+            else stage.fitness_for(prepared, quantizer, grams=getattr(table, "grams", None))
         try:
             plan = stage.check_rows(table, plan, fitness)
             plan = stage.check_widths(table, plan, fitness)

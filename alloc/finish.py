@@ -32,9 +32,10 @@ def problem_of(table, plan: BitPlan):
                    fuse=plan.extra.get("fuse", False))
 
 
-def fitness_for(prepared, quantizer, windows: int = REFINE_WINDOWS, stride: int = REFINE_STRIDE):
+def fitness_for(prepared, quantizer, windows: int = REFINE_WINDOWS, stride: int = REFINE_STRIDE, grams=None):
     """The checks' fitness: on the held-out windows (``Prepared.held_out``, which the probe did not see; GPTQ's
-    XᵀX then comes from the calibration windows after them), else on the first calibration windows."""
+    XᵀX then comes from the calibration windows after them: the probe's, whose XᵀX ``grams`` the kfac probe
+    may have kept), else on the first calibration windows."""
     import dataclasses
 
     import torch
@@ -44,7 +45,9 @@ def fitness_for(prepared, quantizer, windows: int = REFINE_WINDOWS, stride: int 
     if held is not None and len(held):
         prepared = dataclasses.replace(prepared, tokens=torch.cat([held, prepared.tokens]), held_out=None)
         windows = min(windows, len(held))
-    fitness = make_fitness(prepared, max_windows=windows, quantizer=quantizer, stride=stride)
+    else:
+        grams = None                          # the GPTQ windows are not the probe's
+    fitness = make_fitness(prepared, max_windows=windows, quantizer=quantizer, stride=stride, grams=grams)
     fitness.held_out = held is not None and len(held) > 0
     return fitness
 

@@ -32,7 +32,7 @@ REF_LOGITS_BYTES = 1 << 30       # the reference's logits (at the fitness's posi
 
 class KLFitness:
     def __init__(self, prepared, *, max_windows: int | None = None, quantizer: "str | Quantizer" = "rtn",
-                 stride: int = 1):
+                 stride: int = 1, grams: dict | None = None):
         from .evaluate import final_states, head_of
         self.workload = prepared.workload
         if max_windows is not None:
@@ -42,7 +42,10 @@ class KLFitness:
         self._gptq_workload = _unscored(prepared.workload, len(self.workload.tokens))
         self.max_windows = len(self.workload.tokens)
         self.modules = dict(prepared.model.named_modules())
-        self.fp_weights = {u.name: unit_weight(self.modules, u).detach().clone() for u in self.units}
+        # the fp weights, to quantize from and to put back: in bf16 where that holds them exactly (a model
+        # loaded from bf16 and widened to fp32 for this CPU: half the copy, 0.5 GB for Gemma-3-270M)
+        self.fp_weights = {u.name: _compact(unit_weight(self.modules, u)) for u in self.units}
+        self.dtypes = {u.name: unit_weight(self.modules, u).dtype for u in self.units}
         self.loaded: list = [None] * len(self.units)                   # None: fp weights
         self.evaluations = 0
         self._cache: OrderedDict = OrderedDict()
@@ -51,8 +54,9 @@ class KLFitness:
         self._final = final_states
         outside = [u for u in self.units if self.stream is not None and self.stream.block_of(u) is None]
         # an LM head (or embedding) among the units: the reference logits need its fp weights
-        self._ref_head = (lambda: _Holding(self.modules, outside, self.fp_weights)) if outside else None
-        self.H = self._hessians() if self.quantizer.method == "gptq" else {}
+        self._ref_head = (lambda: _Holding(self.modules, outside, {u.name: self._fp(u.name) for u in outside})) \
+            if outside else None
+        self.H = self._hessians(grams) if self.quantizer.method == "gptq" else {}
         with torch.no_grad():
             self.reference = [self._outputs(b) for b in tqdm(self.workload.batches(), total=self.workload.n_batches(),
                                                               desc="fitness: fp reference", leave=False)]
@@ -68,9 +72,13 @@ class KLFitness:
     def _outputs(self, batch):
         return self._final(self.stream, batch) if self.head is not None else self.workload.logits(batch)
 
-    def _hessians(self) -> dict[str, torch.Tensor]:
+    def _hessians(self, grams: dict | None = None) -> dict[str, torch.Tensor]:
         """XᵀX of every unit (float32; units reading one input share it) on the windows after the scored ones
-        (all windows when there are no others), fp model."""
+        (all windows when there are no others), fp model. ``grams``: those the probe collected on these windows
+        (SensitivityTable.grams), used when they cover every Linear unit (one forward pass fewer)."""
+        linear = [u for u in self.units if u.kind not in ("embedding", "expert", "expert_t")]
+        if grams and all(u.name in grams for u in linear):
+            return {u.name: grams[u.name] for u in linear if grams[u.name].shape[0] == u.shape[1]}
         from .sensitivity.output_error import hessian_hooks
         H: dict[str, torch.Tensor] = {}
         with hessian_hooks(self.modules, self.units, H) as new_batch, torch.no_grad():
@@ -94,7 +102,7 @@ class KLFitness:
             self._cache.move_to_end(key)
             return self._cache[key]
         u = self.units[i]
-        W = self.fp_weights[u.name]
+        W = self._fp(u.name)
         q = self.quantizer.fake(W, self.options[j], self.H.get(u.name)).to(W.dtype)
         self._cache[key] = q
         self._cache_bytes += q.numel() * q.element_size()
@@ -109,7 +117,8 @@ class KLFitness:
             options = c.unique().tolist()
             if len(options) == 1:
                 return self.quantized(i, options[0])
-            out = torch.empty_like(self.fp_weights[self.units[i].name])
+            u = self.units[i]
+            out = torch.empty(u.shape, dtype=self.dtypes[u.name])
             for j in options:
                 rows = c == j
                 out[rows] = self.quantized(i, j)[rows]
@@ -126,8 +135,12 @@ class KLFitness:
         """Put the fp weights back (the model is borrowed, not owned)."""
         for i, u in enumerate(self.units):
             if self.loaded[i] is not None:
-                set_unit_weight(self.modules, u, self.fp_weights[u.name])
+                set_unit_weight(self.modules, u, self._fp(u.name))
                 self.loaded[i] = None
+
+    def _fp(self, name: str) -> torch.Tensor:
+        """Unit ``name``'s fp weight in the model's dtype."""
+        return self.fp_weights[name].to(self.dtypes[name])
 
     @torch.no_grad()
     def __call__(self, choice, n_windows: int | None = None) -> float:
@@ -150,6 +163,16 @@ class KLFitness:
             seen += len(batch)
         self.evaluations += 1
         return total / seen
+
+
+def _compact(W: torch.Tensor) -> torch.Tensor:
+    """A copy of ``W``: in bf16 when ``W`` is float32 holding only bf16 values (exact), else as it is."""
+    W = W.detach()
+    if W.dtype == torch.float32:
+        half = W.to(torch.bfloat16)
+        if torch.equal(half.float(), W):
+            return half
+    return W.clone()
 
 
 def _unscored(workload, scored: int):
@@ -248,7 +271,7 @@ class StreamedKLFitness:
 
 
 def make_fitness(prepared, *, max_windows: int | None = None, quantizer: "str | Quantizer" = "rtn",
-                 stride: int = 1):
+                 stride: int = 1, grams: dict | None = None):
     """KLFitness, or its block-streamed twin (RTN) when the weights stay on the host or their fp copy would
     pass 1 GiB (a causal LM with decoder blocks and no embedding units)."""
     from .sensitivity.base import STREAM_ABOVE_BYTES
@@ -266,5 +289,5 @@ def make_fitness(prepared, *, max_windows: int | None = None, quantizer: "str | 
             warnings.warn("the model is scored one block at a time for the search, with RTN weights: GPTQ for every "
                           "candidate would quantize the whole model each time", BitallocWarning, stacklevel=2)
         return StreamedKLFitness(prepared, max_windows=max_windows, stride=stride)
-    return KLFitness(prepared, max_windows=max_windows, quantizer=quantizer, stride=stride)
+    return KLFitness(prepared, max_windows=max_windows, quantizer=quantizer, stride=stride, grams=grams)
 

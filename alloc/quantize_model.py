@@ -191,7 +191,11 @@ def _gptq_model(model, units, plan, calibration, batch_size, progress, out, comp
                     hidden = [stream.run_block(i, h.to(device), e).cpu() for h, e in zip(hidden, extras)]
         rest = [u for u in units if stream.block_of(u) is None]
         if rest:
+            # only a Linear after the blocks (an untied LM head) needs their output: an embedding's input is a
+            # token (rounded to nearest), and the logits of Gemma-3's 262k vocabulary took half a minute
+            reads = any(u.kind not in ("embedding", *EXPERT_KINDS) for u in rest)
+
             def run_rest():
-                for h, b in zip(hidden, batches):
+                for h, b in zip(hidden, batches) if reads else ():
                     stream.rest(h.to(device), b)
             gptq_units(model, rest, plan, run_rest, out, quantizer)

@@ -37,12 +37,14 @@ def kfac_cost(W: torch.Tensor, G: torch.Tensor, Hn: torch.Tensor, options: list[
     rows = torch.zeros(W.shape[0], len(options), dtype=torch.float64)
     if Hn.dim() == 1:             # an embedding: row v is token v's vector, read by its share Hn[v] of the tokens
         return _embedding_cost(W, G, Hn, options, quantizer, head, rows)
+    Hf = Hn.float()               # the products in float32 (half the time of float64), their sums in float64
     for j, spec in enumerate(options):
-        dW = (quantizer.fake(W, spec, Hn) - W).double()
-        rows[:, j] = 0.5 * G * ((dW @ Hn) * dW).sum(1)
+        dW = quantizer.fake(W, spec, Hn) - W
+        rows[:, j] = 0.5 * G * ((dW @ Hf) * dW).sum(1, dtype=torch.float64)
     return rows
 
 
+KEEP_GRAMS_BYTES = 1 << 30      # the units' XᵀX kept for the checks' GPTQ (SensitivityTable.grams) up to this size
 EMBEDDING_SAMPLE = 1 << 15       # rows of a tied embedding no calibration token reads, priced by a sample this big
 
 
@@ -61,14 +63,15 @@ def _embedding_cost(W, G, Hn, options, quantizer, head, rows) -> torch.Tensor:
         weight = torch.ones(len(take), dtype=torch.float64)
         weight[len(take) - len(sample):] = len(unread) / max(len(sample), 1)
     step = max(1, (1 << 23) // W.shape[1])         # rows at a time: a 262k-row embedding is never copied whole
+    head_H = head[1].float() if head is not None else None
     for j, spec in enumerate(options):
         for r in range(0, len(take), step):
             idx = take[r:r + step]
             w = W[idx]
-            dW = (quantizer.fake(w, spec, None) - w).double()           # each row is rounded on its own
-            cost = 0.5 * Hn[idx] * (dW.pow(2) @ G)
+            dW = quantizer.fake(w, spec, None) - w                      # each row is rounded on its own
+            cost = 0.5 * Hn[idx] * (dW.double().pow(2) @ G)
             if head is not None:
-                cost += 0.5 * head[0][idx] * ((dW @ head[1]) * dW).sum(1) * weight[r:r + step]
+                cost += 0.5 * head[0][idx] * ((dW @ head_H) * dW).sum(1, dtype=torch.float64) * weight[r:r + step]
             rows[idx, j] = cost
     return rows
 
@@ -93,6 +96,9 @@ class KFACCollector:
         self.H: dict[str, torch.Tensor] = {}
         self.G: dict[str, torch.Tensor] = {}
         self.n_tokens = 0
+        self.grams: dict[str, torch.Tensor] = {}          # unit name -> float32 XᵀX / tokens (shared by q/k/v)
+        self._last = None                                 # (the last summed XᵀX, its kept copy)
+        self._gram_bytes = 0
 
     def params(self, units):
         return []                                   # only activations and their gradients
@@ -149,9 +155,27 @@ class KFACCollector:
             head = None
             if f"{u.name} (head)" in self.G:
                 head = (self.G.pop(f"{u.name} (head)"), self.H.pop(f"{u.name} (head)") / self.n_tokens)
-            self.rows[j] = kfac_cost(unit_weight(self.modules, u), self.G.pop(u.name),
-                                     self.H.pop(u.name) / self.n_tokens, self.options, self.quantizer, head)
+            H = self.H.pop(u.name)
+            Hn = H / self.n_tokens
+            self.rows[j] = kfac_cost(unit_weight(self.modules, u), self.G.pop(u.name), Hn, self.options,
+                                     self.quantizer, head)
             cost[j] = self.rows[j].sum(0)
+            self._keep(u.name, H, Hn)
+        self._last = None
+
+    def _keep(self, name: str, H: torch.Tensor, Hn: torch.Tensor) -> None:
+        """Keep a Linear unit's XᵀX for the checks (one copy per input tensor), while the total stays small."""
+        if Hn.dim() != 2:
+            return
+        last = self._last[0] if self._last is not None else None
+        same = self._last[1] if last is not None and last.shape == H.shape and torch.equal(last, H) else None
+        if same is None:
+            if self._gram_bytes + Hn.numel() * 4 > KEEP_GRAMS_BYTES:
+                return
+            same = Hn.float()
+            self._gram_bytes += same.numel() * 4
+        self.grams[name] = same
+        self._last = (H, same)                   # q/k/v (gate/up) come one after another with one XᵀX
 
     def row_table(self, n_units: int) -> torch.Tensor:
         """The row costs of units 0..n_units−1, one after another (SensitivityTable.row_cost)."""
@@ -179,8 +203,10 @@ class KFACProbe(Probe):
             collector = KFACCollector(model, options, workload, self.rounding)
             cost, _ = streamed_costs(workload, units, options, collector, micro_batch=self.micro_batch,
                                      desc="kfac (streamed)")
-            return self.table(units, options, cost, collector.row_table(len(units)), n_tokens=collector.n_tokens,
-                              streamed=True)
+            table = self.table(units, options, cost, collector.row_table(len(units)), n_tokens=collector.n_tokens,
+                               streamed=True)
+            table.grams = collector.grams
+            return table
         check_trainable(model, units)
         collector = KFACCollector(model, options, workload, self.rounding)
         first = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -194,13 +220,18 @@ class KFACProbe(Probe):
             with grads_only_for(model, carriers), collector.collect(units):
                 for i in tqdm(range(0, len(tokens), self.micro_batch), desc="kfac", leave=False):
                     batch = tokens[i:i + self.micro_batch]
-                    loss = workload.loss(batch)
+                    scale = collector.loss_scale(batch)                        # the summed per-token loss
+                    loss = workload.backward(batch, scale) if hasattr(workload, "backward") else None
+                    if loss is None:
+                        loss = workload.loss(batch)
+                        (loss * scale).backward()
                     check_loss(loss, f"calibration windows {i}..{i + len(batch) - 1}")
-                    (loss * collector.loss_scale(batch)).backward()           # summed per-token loss
         finally:
             for h in handles:
                 h.remove()
         n_tokens = collector.n_tokens
         cost = torch.zeros(len(units), len(options), dtype=torch.float64)
         collector.reduce(cost, list(range(len(units))), units, 0)
-        return self.table(units, options, cost, collector.row_table(len(units)), n_tokens=n_tokens, streamed=False)
+        table = self.table(units, options, cost, collector.row_table(len(units)), n_tokens=n_tokens, streamed=False)
+        table.grams = collector.grams
+        return table

@@ -38,6 +38,9 @@ class SensitivityTable:
     row_cost: torch.Tensor | None = None
     # what solvers derive from the costs alone and keep for the next budget (solvers/rows.py: the row knapsack)
     derived: dict = field(default_factory=dict, repr=False, compare=False)
+    # each unit's input XᵀX / tokens as the probe collected it (kfac), for GPTQ in the checks of the same
+    # process: kept in memory only (never saved), and only while small (sensitivity/kfac.py KEEP_GRAMS_BYTES)
+    grams: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.cost = torch.as_tensor(self.cost, dtype=torch.float64)

@@ -212,12 +212,26 @@ def plan_calibration(args, plan) -> None:
     args.seq_len = args.seq_len or recorded.get("seq_len") or DEFAULT_SEQ_LEN
 
 
+def plan_model(args, plan) -> None:
+    """--model left out: the model the plan was made from (its recorded path), when that is a local path here
+    (else the embedded model, which the plan's fingerprint then refuses if it is another)."""
+    import sys
+    from pathlib import Path
+    if getattr(args, "model", None) is not None:
+        return
+    recorded = plan.model.get("path") if isinstance(getattr(plan, "model", None), dict) else None
+    if recorded and Path(recorded).exists():
+        args.model = recorded
+        print(f"model: {recorded} (the plan's; --model for another)", file=sys.stderr)
+
+
 def prepare_for_plan(args, plan):
     """The model of ``args`` with the units the plan was made with (its include/exclude/experts; every one
     planned, units.planned_units), calibrated on --n-windows × --seq-len tokens of --calib (by default the
     plan's own calibration: ``plan_calibration``)."""
     from ..api import prepare
     from ..units import planned_units
+    plan_model(args, plan)
     plan_calibration(args, plan)
     scope = plan.extra.get("scope") if isinstance(plan.extra.get("scope"), dict) else {}
     prepared = prepare(args.model, calib_file=args.calib, n_windows=args.n_windows, seq_len=args.seq_len,

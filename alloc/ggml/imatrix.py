@@ -71,8 +71,9 @@ def input_sums(model: nn.Module, units, tokens: torch.Tensor, *, batch_size: int
                     for i in tqdm(range(len(stream.blocks)), desc="importance", leave=False, disable=not progress):
                         with stream.block_on_device(i, keep=True):
                             hidden = [(stream.run_block(i, h, e), e) for h, e in hidden]
-                    for (h, _), b in zip(hidden, batches):
-                        stream.rest(h, b)
+                    if any(stream.block_of(u) is None for u in linear):      # an untied LM head
+                        for (h, _), b in zip(hidden, batches):
+                            stream.rest(h, b)
     finally:
         for h in handles:
             h.remove()

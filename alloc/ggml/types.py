@@ -157,11 +157,18 @@ def _codes(X, S, M, t: GgmlType) -> torch.Tensor:
 
 
 def _error(X, h, S, M, t: GgmlType) -> torch.Tensor:
-    """Weighted squared rounding error of each sub-block (…, nsub) at scales S (and mins M)."""
-    u = _codes(X, S, M, t).float()
-    x = S[..., None] * (u - t.offset) - (M[..., None] if t.affine else 0)
-    err = (X - x).square_()
-    return (err * h if h is not None else err).sum(-1)
+    """Weighted squared rounding error of each sub-block (…, nsub) at scales S (and mins M): the values
+    ``_codes`` gives, in place on one temporary (the search calls this 24 times per type and matrix). A zero
+    scale gives the value −M (or 0) whatever the code, as there."""
+    s = S[..., None]
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    if t.affine:
+        m = M[..., None]
+        x = (X + m).div_(safe).round_().clamp_(0, 2 ** t.bits - 1).mul_(s).sub_(m)
+    else:
+        x = torch.div(X, safe).round_().add_(t.offset).clamp_(0, 2 ** t.bits - 1).sub_(t.offset).mul_(s)
+    err = x.sub_(X).square_()
+    return (err.mul_(h) if h is not None else err).sum(-1)
 
 
 class _Best:

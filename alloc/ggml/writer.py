@@ -104,8 +104,8 @@ def _source_gguf(model: nn.Module) -> Path | None:
 
 def _arch(model: nn.Module, source: Path | None) -> str:
     if source is not None:
-        from gguf import GGUFReader
-        return str(GGUFReader(source).fields["general.architecture"].contents())
+        from .reader import value
+        return str(value(source, "general.architecture"))
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ARCHS:
         raise BitallocError(f"GGUF output is written for {', '.join(ARCHS)} models from a Hugging Face folder (this "
@@ -233,14 +233,13 @@ def _file_type(types: dict[str, str]) -> int:
 
 
 def _copy_metadata(w, source: Path) -> None:
-    from gguf import GGUFReader, GGUFValueType
-    reader = GGUFReader(source)
-    for key, field in reader.fields.items():
+    from gguf import GGUFValueType
+
+    from .reader import metadata
+    for key, (vtype, value, sub) in metadata(source).items():
         if key.startswith(SKIP_KEYS) or key == "general.architecture":
             continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        w.add_key_value(key, value, GGUFValueType(vtype), sub_type=None if sub is None else GGUFValueType(sub))
 
 
 def _hf_metadata(w, config, arch: str) -> None:

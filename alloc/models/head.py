@@ -6,6 +6,9 @@ vocabulary one window of 512 tokens has 537 MB of logits, a batch of 8 four GB.
     kl(h_ref, h, batch)          per-window mean KL(p_ref ‖ p) over all T positions
     loss(h, batch)               the mean next-token cross-entropy, differentiable in h (each chunk's logits
                                  are recomputed in the backward pass instead of being kept)
+    backward(h, batch, scale)    backpropagates scale × the summed cross-entropy through the head chunk by
+                                 chunk, then through h's graph once: no chunk is computed twice (a third less
+                                 work than loss().backward() on Gemma-3's head); returns the mean loss
 
 Each chunk is the model's own forward after the blocks (``BlockStream.logits``, with every block replaced by a
 stand-in), so whatever the family does there (Gemma's soft-capping, OPT's projection) is done. ``chunk``
@@ -180,6 +183,23 @@ class Head:
         for s, e in self._chunks(T - 1, len(batch), min(LOSS_CHUNK_LOGITS, CHUNK_LOGITS)):
             total = total + checkpoint(self._chunk_loss, h[:, s:e], batch[:, s:e], batch[:, s + 1:e + 1],
                                        use_reentrant=False)
+        return total / n
+
+    def backward(self, h: torch.Tensor, batch: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``(loss(h, batch) × scale).backward()`` without computing any chunk twice: each chunk's graph is
+        built, run backward into a detached copy of ``h`` and freed; ``h``'s own graph then runs once with the
+        summed gradient. Hooks on the head see each chunk's gradient as they would. Returns the mean loss."""
+        batch = batch.to(h.device)
+        T = batch.shape[1]
+        n = len(batch) * (T - 1)
+        top = h.detach().requires_grad_(True)
+        total = torch.zeros((), dtype=torch.float64)
+        for s, e in self._chunks(T - 1, len(batch), min(LOSS_CHUNK_LOGITS, CHUNK_LOGITS)):
+            chunk = self._chunk_loss(top[:, s:e], batch[:, s:e], batch[:, s + 1:e + 1])
+            (chunk * (scale / n)).backward()
+            total += float(chunk.detach())
+        if h.requires_grad and top.grad is not None:
+            h.backward(top.grad)
         return total / n
 
     def _chunk_loss(self, h: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

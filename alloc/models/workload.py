@@ -61,15 +61,29 @@ class CausalLMWorkload:
             h = stream.run_block(i, h, extra)
         return self.head(stream).loss(h, batch)
 
+    def backward(self, batch: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``(loss(batch) × scale).backward()``, the LM head of a large vocabulary chunk by chunk with no chunk
+        computed twice (Head.backward); returns the loss (detached)."""
+        if not self.large_logits(batch):
+            loss = self.loss(batch)
+            (loss * scale).backward()
+            return loss.detach()
+        stream = self.stream(self.units)
+        h, extra = stream.inputs(batch)
+        for i in range(len(stream.blocks)):
+            h = stream.run_block(i, h, extra)
+        return self.head(stream).backward(h, batch, scale)
+
     def run(self, batch: torch.Tensor) -> None:
-        """A forward pass for the units' hooks: the decoder blocks only, when every unit lies inside them (the
-        LM head's logits are not needed: 4 GB for a batch of 8 windows of Gemma-3), else the whole model."""
+        """A forward pass for the units' hooks: the decoder blocks only, when every unit lies inside them or is
+        the token embedding (the LM head's logits are not needed: 4 GB for a batch of 8 windows of Gemma-3),
+        else the whole model."""
         from ..units import find_blocks
         if self.units is None or not find_blocks(self.model, self.units):
             self.model(input_ids=batch)
             return
         stream = self.stream(self.units)
-        if any(stream.block_of(u) is None for u in self.units):
+        if any(stream.block_of(u) is None and u.kind != "embedding" for u in self.units):
             self.model(input_ids=batch)
             return
         h, extra = stream.inputs(batch)

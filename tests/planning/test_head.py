@@ -49,6 +49,23 @@ def test_chunked_loss_has_the_full_gradient(gemma_like):
     assert torch.allclose(g_chunked, h.grad, rtol=1e-4, atol=1e-8)
 
 
+def test_eager_backward_equals_the_loss_backward(gemma_like):
+    """Head.backward (each chunk run backward at once, h's graph once after) gives loss().backward()'s
+    gradients, into h and through the graph before it, and returns the mean loss."""
+    model, tokens = gemma_like
+    stream, head = head_of(model, find_units(model))
+    with torch.no_grad():
+        h0 = final_states(stream, tokens)
+    x = h0.clone().requires_grad_(True)
+    loss = head.loss(x * 2, tokens)                          # a graph before h: the gradient must reach x
+    (loss * 3.0).backward()
+    expected = x.grad.clone()
+    x = h0.clone().requires_grad_(True)
+    mean = head.backward(x * 2, tokens, scale=3.0)
+    assert torch.allclose(x.grad, expected, rtol=1e-4, atol=1e-8)
+    assert float(mean) == pytest.approx(float(loss), rel=1e-5)
+
+
 def test_fused_reductions_equal_eager():
     a = torch.randn(2, 5, 70000, generator=torch.Generator().manual_seed(1)).bfloat16() * 4
     b = a + 0.1 * torch.randn(a.shape, generator=torch.Generator().manual_seed(2)).bfloat16()

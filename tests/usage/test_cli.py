@@ -244,3 +244,16 @@ def test_allocate_says_what_the_checks_decided():
     row, width = check_lines(plan)
     assert "row plan 0.06000 vs layer plan 0.05000: returned the layer plan" in row
     assert "the plan 0.05000 vs without low widths 0.04000: no widths below 3 bits" in width
+
+
+def test_apply_takes_the_plans_model_when_none_is_given(tiny_llama_dir, calib_file, tmp_path, capsys):
+    """The plan records the model it was made from: `apply --plan P` without --model uses it (not the embedded
+    model, which the plan's fingerprint would refuse), and says so."""
+    path = tmp_path / "p.json"
+    assert main(["allocate", "--model", str(tiny_llama_dir), "--calib", str(calib_file), "--budget", "4",
+                 "--out", str(path), *FAST, "--effort", "fast"]) == 0
+    capsys.readouterr()
+    code, _, err = run(["apply", "--plan", path, "--out", tmp_path / "packed"], capsys)
+    assert code == 0, err
+    assert f"model: {tiny_llama_dir}" in err and "the plan's" in err
+    assert (tmp_path / "packed").exists()
