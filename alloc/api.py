@@ -194,7 +194,7 @@ def _say_if_saturated(table, plan: BitPlan, budget_bits: float, count_overhead: 
 
 
 def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: float | None = None, *,
-             size: int | str | None = None,
+             size: int | str | None = None, format: str | None = None,
              calibration: str | torch.Tensor | None = None, tokenizer: Any = None, effort: Any = DEFAULT_EFFORT,
              probe: str | None = None, solver: str | None = None, options: list[QuantSpec] | str | None = None,
              include: tuple[str, ...] = (), fuse: bool = False, count_overhead: bool = True,
@@ -218,7 +218,7 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
     if budget_bits is None and size is None:
         budget_bits = 3.2
     config = AllocateConfig(
-        budget_bits=budget_bits, size=size, effort=effort, probe=probe, solver=solver, granularity=granularity, quantizer=quantizer,
+        budget_bits=budget_bits, size=size, format=format, effort=effort, probe=probe, solver=solver, granularity=granularity, quantizer=quantizer,
         options=options, group_size=group_size, symmetric=symmetric, fuse=fuse, count_overhead=count_overhead,
         experts=experts, include=tuple(include), exclude=tuple(exclude), target=target, seq_len=seq_len,
         n_windows=n_windows, dtype=dtype, stream=stream, check=check, refine=refine, generations=generations,
@@ -251,28 +251,31 @@ def run_allocate(config: AllocateConfig, model: nn.Module | str | os.PathLike | 
         plan = plan_for(table, config, prepared, progress=progress)
     else:                                     # a size too small is refused before the probe runs
         from .budgets import bits_for_size
-        bits = bits_for_size(prepared.model, prepared.tokenizer, prepared.units, prepared.options, config.size)
+        bits = bits_for_size(prepared.model, prepared.tokenizer, prepared.units, prepared.options, config.size,
+                             config.format)
         table = measure_for(prepared, config, tables)
         plan = _plan_for_size(table, config, prepared, bits, progress)
     return Allocation(config, prepared, table, plan)
 
 
 def _plan_for_size(table, config: AllocateConfig, prepared: Prepared, bits: float, progress: bool) -> BitPlan:
-    """The plan whose GGUF file fits ``config.size`` bytes, from ``bits`` per planned weight (what the size
-    leaves them); should the exact size (header written) pass the target, the budget shrinks by the excess."""
+    """The plan whose output (``config.format``) fits ``config.size`` bytes, from ``bits`` per planned weight
+    (what the size leaves them); should the exact size pass the target, the budget shrinks by the excess."""
     from .budgets import predicted_bytes
     tokenizer = prepared.tokenizer
     numel = sum(u.numel for u in prepared.units)
     for _ in range(4):
         plan = plan_for(table, config, prepared, progress=progress, budget_bits=bits)
-        predicted = predicted_bytes(prepared.model, tokenizer, plan, prepared.units)
+        # recorded before counting: a folder stores the plan, this entry included
+        plan.extra["size"] = {"format": config.format, "asked_bytes": config.size, "predicted_bytes": config.size,
+                              "budget_bits": bits}
+        predicted = predicted_bytes(prepared.model, tokenizer, plan, prepared.units, config.format)
+        plan.extra["size"]["predicted_bytes"] = predicted
         if predicted <= config.size:
             break
         bits -= (predicted - config.size) * 8 / numel
     else:
         raise BitallocError(f"no plan found under {config.size:,} B (the last took {predicted:,} B): give a larger size")
-    plan.extra["size"] = {"format": "gguf", "asked_bytes": config.size, "predicted_bytes": predicted,
-                          "budget_bits": bits}
     return plan
 
 
@@ -289,7 +292,8 @@ def prepare_for(config: AllocateConfig, model=None, *, calibration=None, tokeniz
         prepared.units = find_units(prepared.model, include=config.include, exclude=config.exclude, experts=per_layer)
         prepared.info = model_info(prepared.model, prepared.units)
         prepared.scope["experts"] = per_layer
-    if config.size is not None:              # every byte is the solver's: the embedding and head are units too
+    if config.size is not None and config.format == "gguf":    # every byte is the solver's: the embedding and
+                                                                # head are units too (a folder keeps them in 16 bits)
         from .budgets import size_units
         include = tuple(dict.fromkeys(config.include + tuple(size_units(prepared.model))))
         prepared.units = find_units(prepared.model, include=include, exclude=config.exclude,

@@ -3,8 +3,13 @@
     parse_size("240MB")             bytes (B, KB/MB/GB: powers of 1000; KiB/MiB/GiB: powers of 1024)
     size_units(model)               the token embedding and an untied output head: with --size they are
                                     units like any layer (every byte of the file is the solver's)
-    bits_for_size(...)              the budget in bits per planned weight that fills ``size`` bytes of GGUF
-    predicted_bytes(...)            the exact size ``apply --format gguf`` writes for a plan
+    bits_for_size(...)              the budget in bits per planned weight that fills ``size`` bytes of the
+                                    format (gguf, compressed-tensors or gptq)
+    predicted_bytes(...)            the exact size ``apply --format F`` writes for a plan
+
+A checkpoint folder (compressed-tensors, GPTQ: alloc/formats/sizes.py) stores its scales in its own dtypes
+(compressed-tensors: float32, twice our fp16), so its planned bytes are the true bits plus a per-weight
+overhead the first plan measures; the plan is solved again, smaller, while the exact count passes the size.
 
 A GGUF file is its header (metadata, tokenizer, tensor table), then every tensor padded to the alignment. The
 planned units' bytes are the solver's (ggml options: each type at its true size, fallbacks included); the rest
@@ -56,23 +61,32 @@ def _types(model, plan, units) -> dict[str, str]:
     return {**types, **embedding_type(model, types, "Q8_0")}
 
 
-def predicted_bytes(model, tokenizer, plan, units) -> int:
-    """The exact bytes of the GGUF file ``apply --format gguf`` writes for ``plan``."""
+def predicted_bytes(model, tokenizer, plan, units, fmt: str = "gguf") -> int:
+    """The exact bytes ``apply --format fmt`` writes for ``plan`` (a GGUF file, or every file of a folder)."""
+    if fmt != "gguf":
+        from .formats.sizes import folder_bytes
+        return folder_bytes(fmt, model, tokenizer, plan, units)
     from .ggml.writer import file_bytes
     return file_bytes(model, tokenizer, _types(model, plan, units))
 
 
-def bits_for_size(model, tokenizer, units, options, size: int) -> float:
-    """The true bits per planned weight that fill a ``size``-byte GGUF file (with worst-case padding)."""
-    from .ggml.writer import nbytes
+def bits_for_size(model, tokenizer, units, options, size: int, fmt: str = "gguf") -> float:
+    """The true bits per planned weight that fill a ``size``-byte file of ``fmt`` (GGUF: with worst-case
+    padding; a folder: with its format's overhead over our true bits, measured on the widest option)."""
     from .plan import BitPlan
-    from .options import QuantSpec
-    q8 = QuantSpec.of_ggml("Q8_0")
-    probe = BitPlan.from_choice(units, [q8] * len(units))
-    types = _types(model, probe, units)
-    planned = sum(nbytes((u.shape[0], u.shape[1]), types[u.name]) for u in units)
-    fixed = predicted_bytes(model, tokenizer, probe, units) - planned + PAD * len(units)
     numel = sum(u.numel for u in units)
+    if fmt == "gguf":
+        from .ggml.writer import nbytes
+        from .options import QuantSpec
+        probe = BitPlan.from_choice(units, [QuantSpec.of_ggml("Q8_0")] * len(units))
+        types = _types(model, probe, units)
+        planned = sum(nbytes((u.shape[0], u.shape[1]), types[u.name]) for u in units)
+        fixed = predicted_bytes(model, tokenizer, probe, units) - planned + PAD * len(units)
+    else:
+        widest = max(options, key=lambda o: o.bits)
+        probe = BitPlan.from_choice(units, [widest] * len(units))
+        planned = sum(widest.size_bits(u.shape) for u in units) / 8
+        fixed = predicted_bytes(model, tokenizer, probe, units, fmt) - planned
     smallest = sum(min(o.size_bits(u.shape) for o in options) for u in units) / 8
     if size < fixed + smallest:
         need = fixed + smallest

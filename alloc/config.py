@@ -67,6 +67,7 @@ TARGETS: dict[str, dict[str, Any]] = {
     "transformers": {"symmetric": True},
 }
 TARGET_FORMAT = {"vllm": "compressed-tensors", "llama.cpp": "gguf", "transformers": "compressed-tensors"}
+SIZE_FORMATS = ("gguf", "compressed-tensors", "gptq")          # what --size can count
 
 # the fields a sensitivity table depends on (the service keys its stored tables by them)
 TABLE_FIELDS = ("probe", "quantizer", "options", "group_size", "symmetric", "experts", "n_windows", "seq_len",
@@ -82,9 +83,12 @@ class AllocateConfig:
 
     budget_bits     average TRUE bits per quantized weight (codes + scales + zeros); nominal with
                     ``count_overhead=False``
-    size            instead of budget_bits: the bytes of the whole file written (GGUF: target llama.cpp), the
-                    token embedding and an untied head planned like any layer; the flow turns it into bits
-                    per planned weight once the model is loaded (alloc/budgets.py; the plan records both)
+    size            instead of budget_bits: the bytes of the whole output ``format`` writes (a GGUF file: its
+                    token embedding and an untied head planned like any layer; a compressed-tensors or GPTQ
+                    folder: every file); the flow turns it into bits per planned weight once the model is
+                    loaded (alloc/budgets.py; the plan records both)
+    format          the output --size counts: gguf, compressed-tensors or gptq; None: the target's
+                    (TARGET_FORMAT: llama.cpp gguf, vllm and transformers compressed-tensors)
     effort          fast, balanced or best (or seconds: balanced plus that long a refine): sets the fields
                     below marked (effort) that are left None, and ``by_effort`` lists which it set
     probe           sensitivity probe (registry.PROBES) (effort)
@@ -121,6 +125,7 @@ class AllocateConfig:
 
     budget_bits: float | None = None
     size: Any = None                            # bytes, or text such as "240MB" (alloc/budgets.py)
+    format: str | None = None                   # what size counts (SIZE_FORMATS); None: the target's
     effort: Any = DEFAULT_EFFORT
     probe: str | None = None
     solver: str | None = None
@@ -196,9 +201,19 @@ class AllocateConfig:
             return
         from .budgets import parse_size
         set_("size", parse_size(self.size))
-        if self.target != "llama.cpp":
-            raise SettingError("size", "{name} counts the bytes of a GGUF file so far: plan for target llama.cpp "
-                                       "(for other formats give the budget in bits per weight)")
+        fmt = self.format or TARGET_FORMAT.get(self.target)
+        if fmt not in SIZE_FORMATS:
+            raise SettingError("format" if self.format else "size",
+                               f"{{name}} counts the bytes of a file in a format: give --format ({', '.join(SIZE_FORMATS)}) "
+                               "or --target (llama.cpp: gguf; vllm, transformers: compressed-tensors)"
+                               if self.format is None else f"unknown {{name}} {self.format!r}: choose one of "
+                               f"{', '.join(SIZE_FORMATS)}")
+        if (fmt == "gguf") != (self.target == "llama.cpp"):
+            raise SettingError("format", "a GGUF file holds llama.cpp's types: --size for gguf plans with --target "
+                                         "llama.cpp, and --target llama.cpp writes gguf")
+        set_("format", fmt)
+        if fmt == "gptq":
+            set_("fuse", True)                # a GPTQ checkpoint's q/k/v and gate/up share one format (formats/gptq.py)
         if self.budget_bits is not None:
             raise SettingError("size", "give {name} or a budget in bits per weight, not both")
 

@@ -44,12 +44,7 @@ def apply_gguf(args) -> None:
     print(f"wrote {sum(report['types'].values())} layers as {mix} ({args.quantizer}): {report['bpw']:.4f} bpw in ggml types "
           f"(the plan: {report['plan_bpw']:.4f} true bpw){embedding} -> {args.out}\n"
           f"file {report['bytes']:,} bytes: tensors {report['tensor_bytes']:,} + metadata and tokenizer {rest:,}")
-    sized = plan.extra.get("size")
-    if sized:
-        verdict = "as predicted" if report["bytes"] == sized["predicted_bytes"] else \
-            f"{report['bytes'] - sized['predicted_bytes']:+,} B from the prediction"
-        print(f"size: asked {sized['asked_bytes']:,} B, predicted {sized['predicted_bytes']:,} B, written "
-              f"{report['bytes']:,} B ({verdict}; {100 * report['bytes'] / sized['asked_bytes']:.2f} % of the size asked)")
+    print_size(plan, report["bytes"], "gguf")
     if imatrix is not None:
         print(f"imatrix: {report['imatrix_entries']} tensors' input statistics over {len(prepared.tokens)} windows of "
               f"{prepared.tokens.shape[1]} tokens -> {imatrix} (llama-quantize --imatrix {imatrix})")
@@ -92,6 +87,7 @@ def apply_folder_format(args) -> None:
     print(f"wrote {len(stored.layers)} layers ({', '.join(formats)}; {args.quantizer}) as {args.format} ({layout}) -> "
           f"{args.out}\nmodel.safetensors {r['bytes']:,} bytes; its layers take {stored.true_bpw:.4f} true bpw "
           f"(the plan: {plan.true_bpw:.4f})")
+    print_size(plan, sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file()), args.format)
     if tokens is None:
         return
     fake = copy.deepcopy(model)
@@ -107,6 +103,22 @@ def apply_folder_format(args) -> None:
     ppl_file = perplexity(read_back, tokens, desc="ppl from the checkpoint")
     print(f"perplexity ({len(tokens)} windows of {tokens.shape[1]} tokens): read back by {how} {ppl_file:.6f} · "
           f"fake-quantized {ppl_fake:.6f} · relative difference {abs(ppl_file / ppl_fake - 1):.2e}")
+
+
+def print_size(plan, written: int, fmt: str) -> None:
+    """A plan made for a size (--size): asked, predicted and written bytes (a warning when it was sized for
+    another format)."""
+    sized = plan.extra.get("size")
+    if not sized:
+        return
+    if sized.get("format", "gguf") != fmt:
+        print(f"size: the plan was sized for {sized.get('format', 'gguf')} ({sized['asked_bytes']:,} B); this {fmt} "
+              f"output takes {written:,} B")
+        return
+    verdict = "as predicted" if written == sized["predicted_bytes"] else \
+        f"{written - sized['predicted_bytes']:+,} B from the prediction"
+    print(f"size: asked {sized['asked_bytes']:,} B, predicted {sized['predicted_bytes']:,} B, written {written:,} B "
+          f"({verdict}; {100 * written / sized['asked_bytes']:.2f} % of the size asked)")
 
 
 def _new_file(path: str, flag: str) -> Path:

@@ -72,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, windows=None)
     p.add_argument("--budget", type=budget_type, default=None, help="average TRUE bits per weight (codes+scales+zeros)")
     p.add_argument("--size", default=None, metavar="BYTES",
-                   help="instead of --budget: the whole GGUF file at most this big, e.g. 240MB, 0.25GB, 230MiB "
-                        "(with --target llama.cpp; the token embedding and head are planned like any layer)")
+                   help="instead of --budget: the whole output at most this big, e.g. 240MB, 0.25GB, 230MiB: a GGUF "
+                        "file (--target llama.cpp; the token embedding and head are planned like any layer) or a "
+                        "compressed-tensors / GPTQ folder (--target vllm|transformers, or --format)")
+    p.add_argument("--format", default=None, choices=["gguf", "compressed-tensors", "gptq"],
+                   help="the output --size counts (default: the target's; apply then writes this format)")
     p.add_argument("--effort", type=effort_type, default=DEFAULT_EFFORT, metavar="fast|balanced|best|SECONDS",
                    help="how much work buys quality: sets --probe, --quantizer, --n-windows, --check and --refine "
                         "where you leave them out (fast: kfac, rtn, 8 windows, no check; balanced: kfac, gptq, 16 "

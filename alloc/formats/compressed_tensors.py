@@ -91,6 +91,12 @@ def pack_layer(q, spec: QuantSpec) -> dict[str, torch.Tensor]:
     return out
 
 
+def stored_plan(plan: BitPlan, specs: dict[str, QuantSpec]) -> BitPlan:
+    """The plan as the folder stores it: each layer in the spec it is written in."""
+    return BitPlan({n: specs[n] for n in plan.layers}, dict(plan.shapes), plan.budget_bits, solver=plan.solver,
+                   probe=plan.probe, model=plan.model, extra=plan.extra)
+
+
 def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokenizer=None, quantizer="rtn",
          calibration: torch.Tensor | None = None, exact: bool = False, force: bool = False, info: dict | None = None,
          progress: bool = True) -> dict:
@@ -113,8 +119,7 @@ def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokeniz
             f"compressed-tensors: {few(asymmetric)} have zero points, which transformers' from_pretrained cannot "
             "load (transformers 5.25 with compressed-tensors 0.20: packed zero points); vLLM and bitalloc's "
             "reader can. For a file transformers loads, allocate with --target transformers (symmetric)"))
-    stored = BitPlan({n: specs[n] for n in plan.layers}, dict(plan.shapes), plan.budget_bits, solver=plan.solver,
-                     probe=plan.probe, model=plan.model, extra=plan.extra)
+    stored = stored_plan(plan, specs)
     tensors, modules = checkpoint_tensors(model, units, stored, lambda name, q: pack_layer(q, specs[name]),
                                           quantizer=quantizer, calibration=calibration, progress=progress)
     warn_mixed_experts(specs, units)

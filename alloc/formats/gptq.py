@@ -89,12 +89,21 @@ def check_plan(plan: BitPlan, units) -> None:
                             "projections and refuses such a GPTQ checkpoint; allocate with --fuse (or --target vllm)")
 
 
+def gptq_config(plan: BitPlan, modules: dict[str, str]) -> dict:
+    """The folder's quantization_config (and quantize_config.json); ``modules``: {module on disk: its unit}."""
+    from ..export import gptqmodel_config
+    config = gptqmodel_config({m: plan.layers[u] for m, u in sorted(modules.items())})
+    if not all(s.symmetric for s in plan.layers.values() if not s.is_float):
+        config["checkpoint_format"] = "gptq_v2"     # GPTQModel reads asymmetric v1 only from its own files
+    config["meta"] = {"quantizer": [f"bitalloc:{__version__}"]}
+    return config
+
+
 def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokenizer=None, quantizer="rtn",
          calibration: torch.Tensor | None = None, force: bool = False, info: dict | None = None,
          progress: bool = True) -> dict:
     """Write ``model`` quantized by ``plan`` as a GPTQ folder ``out_dir`` (whole or not at all); the model's own
     weights are left as they are. Returns {"bytes": the weights file's size, "config": quantization_config}."""
-    from ..export import gptqmodel_config
     from ..files import check_new_folder
     from ..units import planned_units
     from ..provenance import check_plan_model
@@ -109,9 +118,6 @@ def save(model: nn.Module, plan: BitPlan, out_dir: str | os.PathLike, *, tokeniz
     tensors, modules = checkpoint_tensors(model, units, plan, lambda name, q: pack_layer(q, plan.layers[name], v1),
                                           quantizer=quantizer, calibration=calibration, progress=progress)
     warn_mixed_experts(plan.layers, units)
-    config = gptqmodel_config({m: plan.layers[u] for m, u in sorted(modules.items())})
-    if not v1:                 # GPTQModel reads asymmetric v1 only from its own files (old v1 writers overflowed)
-        config["checkpoint_format"] = "gptq_v2"
-    config["meta"] = {"quantizer": [f"bitalloc:{__version__}"]}
+    config = gptq_config(plan, modules)
     size = write_folder(out, model, tensors, config, plan, tokenizer, {"quantize_config.json": config})
     return {"bytes": size, "config": config}

@@ -30,8 +30,11 @@ class PlanIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=64, description="a registered model's id")
     budget_bits: float | None = Field(None, gt=0, le=32, description="average TRUE bits per weight (or size)")
-    size: int | str | None = Field(None, description="instead of budget_bits: the GGUF file's bytes, e.g. 240MB "
-                                                     "(target llama.cpp)")
+    size: int | str | None = Field(None, description="instead of budget_bits: the output's bytes, e.g. 240MB (a "
+                                                     "GGUF file with target llama.cpp, or a compressed-tensors / GPTQ "
+                                                     "folder)")
+    format: Literal["gguf", "compressed-tensors", "gptq"] | None = Field(
+        None, description="the output size counts (default: the target's)")
     effort: Literal["fast", "balanced", "best"] | float | None = Field(
         None, description="sets probe, quantizer, n_windows, check and refine where left out (default balanced)")
     granularity: Literal["layer", "row"] = "layer"

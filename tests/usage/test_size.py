@@ -1,5 +1,6 @@
-"""--size (issues #34, #35): a budget as the bytes of the whole GGUF file, the token embedding and head planned
-like any layer; the plan predicts the file's exact size and apply writes that many bytes."""
+"""--size (issues #34, #35): a budget as the bytes of the whole output: a GGUF file (the token embedding and head
+planned like any layer) or a compressed-tensors / GPTQ folder; the plan predicts the exact size and apply writes
+that many bytes."""
 import json
 
 import pytest
@@ -23,9 +24,16 @@ def test_a_size_that_is_not_one_names_the_setting(text):
     assert e.value.field == "size"
 
 
-def test_a_size_needs_the_gguf_target_and_no_bits():
-    with pytest.raises(SettingError, match="target llama.cpp"):
+def test_a_size_needs_a_format_and_no_bits():
+    with pytest.raises(SettingError, match="--format"):
         AllocateConfig(size="20MB")
+    with pytest.raises(SettingError, match="llama.cpp"):
+        AllocateConfig(size="20MB", format="gguf")
+    with pytest.raises(SettingError, match="llama.cpp"):
+        AllocateConfig(size="20MB", target="llama.cpp", format="gptq")
+    assert AllocateConfig(size="20MB", target="vllm").format == "compressed-tensors"
+    gptq = AllocateConfig(size="20MB", format="gptq")
+    assert gptq.format == "gptq" and gptq.fuse                  # the format's q/k/v share one width
     with pytest.raises(SettingError, match="not both"):
         AllocateConfig(size="20MB", budget_bits=4.0, target="llama.cpp")
     config = AllocateConfig(size="20MB", target="llama.cpp")
@@ -49,7 +57,7 @@ FAST = ["--effort", "fast", "--n-windows", "2", "--seq-len", "64"]
 def test_bad_sizes_are_one_line_before_any_file(tmp_path, capsys):
     out = tmp_path / "p.json"
     line = _one_line_exit_2(["allocate", "--size", "20MB", "--out", str(out)], capsys, out)
-    assert "--size" in line and "target llama.cpp" in line
+    assert "--size" in line and "--format" in line and "--target" in line
     line = _one_line_exit_2(["allocate", "--out", str(out)], capsys, out)
     assert "--budget" in line and "--size" in line
     line = _one_line_exit_2(["allocate", "--size", "2MB", "--target", "llama.cpp", *FAST, "--out", str(out)],
@@ -69,3 +77,34 @@ def test_the_file_written_is_the_size_predicted_and_within_half_a_percent_of_the
     assert main(["apply", "--plan", str(plan_path), "--format", "gguf", "--out", str(gguf)]) == 0
     assert gguf.stat().st_size == sized["predicted_bytes"]
     assert "as predicted" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,flags", [("compressed-tensors", ["--target", "vllm"]),
+                                       ("gptq", ["--format", "gptq", "--symmetric"])])
+def test_a_folder_written_is_the_size_predicted_and_within_half_a_percent(fmt, flags, tmp_path, capsys):
+    """compressed-tensors (float32 scales) and GPTQ folders: every file counted (weights with their header,
+    config, plan, tokenizer), the 16-bit embedding and head fixed, the layers planned to fill the rest."""
+    from bitalloc.api import prepare
+    from bitalloc.budgets import predicted_bytes
+    from bitalloc.options import QuantSpec
+    from bitalloc.plan import BitPlan
+    prepared = prepare(None, n_windows=1, seq_len=64)
+    plans = [BitPlan.from_choice(prepared.units, [QuantSpec(b, 128, True)] * len(prepared.units)) for b in (4, 8)]
+    low, high = (predicted_bytes(prepared.model, prepared.tokenizer, p, prepared.units, fmt) for p in plans)
+    asked = (low + high) // 2
+    plan_path, out = tmp_path / "p.json", tmp_path / "folder"
+    assert main(["allocate", "--size", str(asked), *flags, *FAST, "--out", str(plan_path)]) == 0
+    sized = json.loads(plan_path.read_text())["extra"]["size"]
+    assert sized["format"] == fmt and 0.995 * asked <= sized["predicted_bytes"] <= asked
+    capsys.readouterr()
+    assert main(["apply", "--plan", str(plan_path), "--format", fmt, "--out", str(out)]) == 0
+    written = sum(f.stat().st_size for f in out.iterdir())
+    assert written == sized["predicted_bytes"], capsys.readouterr().out
+    assert "as predicted" in capsys.readouterr().out
+
+
+def test_a_folder_size_below_the_16_bit_parts_is_one_line(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    line = _one_line_exit_2(["allocate", "--size", "2MB", "--target", "vllm", *FAST, "--out", str(out)], capsys, out)
+    assert "below the smallest plan" in line
