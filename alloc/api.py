@@ -258,13 +258,16 @@ def run_allocate(config: AllocateConfig, model: nn.Module | str | os.PathLike | 
     return Allocation(config, prepared, table, plan)
 
 
+SIZE_SLACK = 4096          # bytes: the first margin when a plan for a size comes out over it (then 8× each time)
+
+
 def _plan_for_size(table, config: AllocateConfig, prepared: Prepared, bits: float, progress: bool) -> BitPlan:
     """The plan whose output (``config.format``) fits ``config.size`` bytes, from ``bits`` per planned weight
     (what the size leaves them); should the exact size pass the target, the budget shrinks by the excess."""
     from .budgets import predicted_bytes
     tokenizer = prepared.tokenizer
     numel = sum(u.numel for u in prepared.units)
-    for _ in range(4):
+    for attempt in range(5):
         plan = plan_for(table, config, prepared, progress=progress, budget_bits=bits)
         # recorded before counting: a folder stores the plan, this entry included
         plan.extra["size"] = {"format": config.format, "asked_bytes": config.size, "predicted_bytes": config.size,
@@ -273,7 +276,9 @@ def _plan_for_size(table, config: AllocateConfig, prepared: Prepared, bits: floa
         plan.extra["size"]["predicted_bytes"] = predicted
         if predicted <= config.size:
             break
-        bits -= (predicted - config.size) * 8 / numel
+        # the excess, plus a margin that grows each time: the same plan can come back for a budget cut by a few
+        # hundred bytes (a folder's config lists each width's layers: its length moves with the mix)
+        bits -= (predicted - config.size + SIZE_SLACK * 8 ** attempt) * 8 / numel
     else:
         raise BitallocError(f"no plan found under {config.size:,} B (the last took {predicted:,} B): give a larger size")
     return plan
