@@ -38,8 +38,11 @@ def cmd_allocate(args) -> None:
     print_plan(plan)
     sized = plan.extra.get("size")
     if sized:
-        print(f"\nsize {sized['asked_bytes']:,} B asked: the GGUF file will take {sized['predicted_bytes']:,} B "
-              f"({sized['budget_bits']:.4f} bits per planned weight, embedding and head included)", end="")
+        gguf = sized.get("format", "gguf") == "gguf"
+        what = "the GGUF file" if gguf else f"the {sized['format']} folder"
+        planned = "embedding and head included" if gguf else "the embedding and head kept in 16 bits"
+        print(f"\nsize {sized['asked_bytes']:,} B asked: {what} will take {sized['predicted_bytes']:,} B "
+              f"({sized['budget_bits']:.4f} bits per planned weight, {planned})", end="")
     print(f"\nbudget {plan.budget_bits:.6g} {'nominal' if args.nominal else 'true'} bits/weight · "
           f"true {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver}"
           f" · {len(plan.layers)} layers, {plan.n_params:,} weights, {plan.size_bytes() / 2**20:.2f} MiB packed")
