@@ -71,11 +71,14 @@ def folder_bytes(fmt: str, model, tokenizer, plan, units) -> int:
     layout = disk_layout(model)
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     packed_disk = set()
+    modules = {}                                  # module on disk -> its unit (the config's targets)
     for u in units:
         spec = plan.layers[u.name]
+        pieces = _unit_pieces(u, layout)
+        modules.update({p.module: u.name for p, _ in pieces})
         if spec.is_float:
             continue
-        for piece, _ in _unit_pieces(u, layout):
+        for piece, _ in pieces:
             packed_disk.add(piece.disk)
             rows, cols = piece.shape[0], piece.shape[-1]
             for k, entry in packed(fmt, spec, rows, cols).items():
@@ -86,15 +89,12 @@ def folder_bytes(fmt: str, model, tokenizer, plan, units) -> int:
             if piece.disk not in packed_disk:
                 tensors[piece.disk] = (ST_DTYPES[t.dtype], tuple(piece.shape))
     weights = header_bytes(tensors, {"format": "pt"}) + data_bytes(tensors)
-    return weights + _side_files(fmt, model, tokenizer, plan, units, dtype)
+    return weights + _side_files(fmt, model, tokenizer, plan, modules, dtype)
 
 
-def _side_files(fmt: str, model, tokenizer, plan, units, dtype) -> int:
-    """config.json, quantize_config.json (GPTQ), the plan and the tokenizer's files, as the writers write them."""
-    from .disk import disk_layout
-    from .folder import _unit_pieces
-    layout = disk_layout(model)
-    modules = {p.module: u.name for u in units for p, _ in _unit_pieces(u, layout)}
+def _side_files(fmt: str, model, tokenizer, plan, modules: dict[str, str], dtype) -> int:
+    """config.json, quantize_config.json (GPTQ), the plan and the tokenizer's files, as the writers write them;
+    ``modules``: {module on disk: its unit}."""
     if fmt == "compressed-tensors":
         from .compressed_tensors import quantization_config, stored_plan
         specs = {n: plan.layers[n] for n in plan.layers}
