@@ -142,27 +142,32 @@ class KLFitness:
         """Unit ``name``'s fp weight in the model's dtype."""
         return self.fp_weights[name].to(self.dtypes[name])
 
+    resumable = True                      # takes first=: windows first..n_windows−1 only (finish.check_widths)
+
     @torch.no_grad()
-    def __call__(self, choice, n_windows: int | None = None) -> float:
-        """Mean divergence over the first ``n_windows`` windows (all by default) of the plan ``choice``."""
+    def __call__(self, choice, n_windows: int | None = None, first: int = 0) -> float:
+        """Mean divergence over windows ``first``..``n_windows``−1 (all by default) of the plan ``choice``."""
         self._load(choice)
         n = self.max_windows if n_windows is None else min(n_windows, self.max_windows)
-        total, seen = 0.0, 0
+        total, seen, start = 0.0, 0, 0
         for k, batch in enumerate(self.workload.batches()):
-            if seen >= n:
-                break
-            batch = batch[: n - seen]
-            ref = self.reference[k][: len(batch)]
+            lo, hi = max(first - start, 0), min(n - start, len(batch))
+            start += len(batch)
+            if hi <= lo:
+                if start >= n:
+                    break
+                continue
+            rows = len(batch)
+            batch, ref = batch[lo:hi], self.reference[k][lo:hi]
             if self.head is not None:
-                whole = self.ref_logits is not None and len(batch) == len(self.reference[k])
-                logits = self.ref_logits[k] if whole else None
+                logits = [r[lo:hi] for r in self.ref_logits[k]] if self.ref_logits is not None else None
                 total += float(self.head.kl(ref, self._final(self.stream, batch), batch, stride=self.stride,
-                                            ref=logits, ref_head=self._ref_head).sum())
+                                            ref=logits, ref_head=self._ref_head, rows=rows).sum())
             else:
                 total += float(self.workload.divergence(ref, self.workload.logits(batch))) * len(batch)
             seen += len(batch)
         self.evaluations += 1
-        return total / seen
+        return total / max(seen, 1)
 
 
 def _compact(W: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ the per-added-layer slope (least squares over the depths) and the extrapolation 
     python examples/bench_scale.py --work /tmp/scale --depths 1,2,4
     python examples/bench_scale.py --work /tmp/scale70 --shape 70b --depths 1,2
     python examples/bench_scale.py --work /tmp/scalemoe --shape mixtral --depths 1,2
+    python examples/bench_scale.py --work /tmp/scale --depths 2,4 --path default   # kfac + GPTQ + check
 """
 from __future__ import annotations
 
@@ -107,6 +108,48 @@ def stage_allocate(folder: str, plan: str) -> dict:
     return out
 
 
+def stage_allocate_default(folder: str, plan: str, n_windows: int) -> dict:
+    """The default command's stages (`bitalloc allocate --model F --budget 3.2 --n-windows N --seq-len 256`, no
+    quality flag: effort balanced = kfac probe with GPTQ's ΔW, ilp, the check), through the functions the CLI
+    calls (api.run_allocate's steps), timed one by one."""
+    from bitalloc.api import measure_for, plan_for, prepare_for
+    from bitalloc.config import AllocateConfig
+    config = AllocateConfig(budget_bits=3.2, n_windows=n_windows, seq_len=256, cache=False)
+    out, t = {}, time.time()
+    prepared = prepare_for(config, folder)
+    config = config.for_model(moe=False)
+    out["load"] = (time.time() - t, *_peak())
+    t = time.time()
+    table = measure_for(prepared, config)
+    out[f"probe {config.probe}"] = (time.time() - t, *_peak())
+    t = time.time()
+    result = plan_for(table, config, prepared, progress=False)
+    result.save(plan)
+    out["solve+check"] = (time.time() - t, *_peak())
+    out["streamed"] = table.meta.get("streamed")
+    out["chosen"] = config.reasons() if config.by_effort else {}
+    return out
+
+
+def stage_apply_default(folder: str, plan: str, packed: str, n_windows: int) -> dict:
+    """`bitalloc apply --plan P --out D`: GPTQ by the plan (the quantizer it records), pack, save."""
+    from bitalloc.api import prepare
+    from bitalloc.packed import apply, save
+    from bitalloc.plan import BitPlan
+    from bitalloc.units import planned_units
+    loaded = BitPlan.load(plan)
+    out, t = {}, time.time()
+    prepared = prepare(folder, n_windows=n_windows, seq_len=256)
+    prepared.units = planned_units(prepared.model, loaded)
+    out["load "] = (time.time() - t, *_peak())
+    t = time.time()
+    apply(prepared.model, loaded, quantizer=loaded.extra.get("quantizer", "rtn"), calibration=prepared.tokens,
+          info=prepared.info, force=True)
+    save(prepared.model, packed, prepared.tokenizer)
+    out[f"{loaded.extra.get('quantizer', 'rtn')}+pack"] = (time.time() - t, *_peak())
+    return out
+
+
 def stage_apply(folder: str, plan: str, packed: str) -> dict:
     from bitalloc.api import prepare
     from bitalloc.packed import apply, save
@@ -124,16 +167,21 @@ def stage_apply(folder: str, plan: str, packed: str) -> dict:
 def child(args) -> None:
     global ANON
     ANON = AnonPeak()
-    result = stage_allocate(args.folder, args.plan) if args.stage == "allocate" else \
-        stage_apply(args.folder, args.plan, args.packed)
+    if args.path == "default":
+        result = stage_allocate_default(args.folder, args.plan, args.n_windows) if args.stage == "allocate" else \
+            stage_apply_default(args.folder, args.plan, args.packed, args.n_windows)
+    else:
+        result = stage_allocate(args.folder, args.plan) if args.stage == "allocate" else \
+            stage_apply(args.folder, args.plan, args.packed)
     print("RESULT " + json.dumps(result))
 
 
-def run_stage(stage: str, folder: Path, work: Path) -> dict:
-    packed = work / f"{folder.name}-packed"
+def run_stage(stage: str, folder: Path, work: Path, args) -> dict:
+    packed = work / f"{folder.name}-{args.path}-packed"
     shutil.rmtree(packed, ignore_errors=True)
     cmd = [sys.executable, __file__, "--child", stage, "--folder", str(folder), "--plan",
-           str(work / f"{folder.name}-plan.json"), "--packed", str(packed)]
+           str(work / f"{folder.name}-{args.path}-plan.json"), "--packed", str(packed), "--path", args.path,
+           "--n-windows", str(args.n_windows)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={"BITALLOC_CACHE": str(work / "cache"),
                                                                    **__import__("os").environ})
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -161,6 +209,10 @@ def main() -> None:
     p.add_argument("--depths", default="1,2,4")
     p.add_argument("--shape", default="8b", choices=list(SHAPES),
                    help="Llama-3.1-8B, Llama-3.1-70B or Mixtral-8x7B config values")
+    p.add_argument("--path", default="fisher", choices=("fisher", "default"),
+                   help="fisher: the fisher probe and RTN (the streamed path's floor); default: what `allocate` does "
+                        "with no quality flag (effort balanced: kfac with GPTQ's ΔW, the check, GPTQ in apply)")
+    p.add_argument("--n-windows", type=int, default=4, help="calibration windows of 256 tokens")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
@@ -179,11 +231,13 @@ def main() -> None:
     for depth in [int(d) for d in args.depths.split(",")]:
         folder = work / f"{SHAPES[args.shape][0]}-{depth}L"
         build(args.shape, depth, folder)
-        a = run_stage("allocate", folder, work)
-        b = run_stage("apply", folder, work)
+        a = run_stage("allocate", folder, work, args)
+        b = run_stage("apply", folder, work, args)
+        chosen = a.pop("chosen", None)
         rows.append((depth, a, b))
         weights = (rest_bytes + depth * layer_bytes) / GB
-        print(f"\n{depth} layer(s), {weights:.2f} GB of bf16 weights (fisher streamed: {a['streamed']})")
+        print(f"\n{depth} layer(s), {weights:.2f} GB of bf16 weights (probe streamed: {a['streamed']})"
+              + (f"; effort chose {chosen}" if chosen else ""))
         print(f"  {'stage':<14} {'wall s':>8} {'peak RSS GB':>12} {'× weights':>10} {'peak anon GB':>13}")
         for name, (sec, peak, anon) in [*((k, v) for k, v in a.items() if k != "streamed"), *b.items()]:
             print(f"  {name:<14} {sec:>8.1f} {peak:>12.2f} {peak / weights:>10.2f} {anon:>13.2f}")
@@ -191,7 +245,7 @@ def main() -> None:
     if len(rows) > 1:
         xs = [d for d, _, _ in rows]
         print(f"\nper added layer (least squares over depths {xs}); one layer is {layer_bytes / GB:.3f} GB in bf16")
-        stages = [("allocate", 0, "solve"), ("apply", 1, "quantize+pack")]
+        stages = [("allocate", 0, list(rows[0][1])[-2]), ("apply", 1, list(rows[0][2])[-1])]
         for label, which, last in stages:
             peaks = [r[1 + which][last][1] for r in rows]
             anons = [r[1 + which][last][2] for r in rows]

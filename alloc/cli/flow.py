@@ -83,9 +83,15 @@ def check_lines(plan) -> list[str]:
                      f"plan {rows['layer_kl']:.5f}: {kept}")
     widths = plan.extra.get("width_check")
     if isinstance(widths, dict):
-        others = ", ".join(f"{k.removesuffix('_kl').replace('_', ' ')} {v:.5f}" for k, v in widths.items()
-                           if k.startswith("without") and k.endswith("_kl"))
-        others = ", ".join(filter(None, [others] + [f"{k} {v:.5f}" for k, v in widths.get("alternatives", {}).items()]))
+        early = widths.get("early", {})      # candidates far behind on the first windows, not scored on the rest
+
+        def said(label, name, kl):
+            return f"{label} {kl:.5f}" + (f" (first {early[name]} windows)" if name in early else "")
+        floor = widths.get("floor_bits")
+        others = ", ".join([said(k.removesuffix('_kl').replace('_', ' '),
+                                 f"no widths below {floor if k == 'without_low_widths_kl' else k.split('_')[2]} bits", v)
+                            for k, v in widths.items() if k.startswith("without") and k.endswith("_kl")] +
+                           [said(k, k, v) for k, v in widths.get("alternatives", {}).items()])
         chosen = widths.get("chosen", "kept the plan")
         where = "held-out calibration" if widths.get("held_out") else "calibration"
         lines.append(f"check: KL on {widths['windows']} {where} windows, the plan {widths['kl']:.5f} vs "

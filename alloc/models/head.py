@@ -155,15 +155,16 @@ class Head:
 
     @torch.no_grad()
     def kl(self, h_ref: torch.Tensor | None, h: torch.Tensor, batch: torch.Tensor, *, stride: int = 1,
-           ref: list[torch.Tensor] | None = None, ref_head=None, head=None) -> torch.Tensor:
+           ref: list[torch.Tensor] | None = None, ref_head=None, head=None, rows: int | None = None) -> torch.Tensor:
         """(b,) mean KL(p_ref ‖ p) over the positions 0, stride, 2·stride, … of each window (a search's fitness:
         the head's cost falls with the stride, the decoder's does not). ``ref``: the reference's logits from
-        ``reference`` (then ``h_ref`` is not needed)."""
+        ``reference`` (then ``h_ref`` is not needed), taken for a batch of ``rows`` windows (default this one's:
+        some of a larger batch's rows chunk its positions as that batch did)."""
         batch = batch.to(h.device)
         h, batch = h[:, ::stride], batch[:, ::stride]
         kl = torch.zeros(len(batch), dtype=torch.float64, device=h.device)
         kl_fn = self._reduce(kl_terms)
-        for k, (s, e) in enumerate(self._chunks(batch.shape[1], len(batch))):
+        for k, (s, e) in enumerate(self._chunks(batch.shape[1], rows or len(batch))):
             if ref is not None:
                 a = ref[k]
             else:

@@ -227,3 +227,46 @@ def test_width_check_reads_ggml_types_at_the_width_each_unit_stores():
     checked = check_widths(table, plan, measured)
     assert checked.layers == no_q2.layers and checked.extra["width_check"]["chosen"] == "no widths below 3 bits"
     assert check_widths(table, plan, lambda choice, n_windows=None: 0.0).layers == plan.layers
+
+
+def test_the_check_stops_scoring_plans_far_behind_on_the_first_windows():
+    """The check scores every candidate on the first quarter of its windows and the rest only for those within
+    RACE_FACTOR of the best there; the plan itself is always scored in full, and a dropped candidate is never
+    returned."""
+    from bitalloc.finish import RACE_FACTOR, check_widths
+    per_unit = torch.tensor([[1000.0, 500.0, 1.0, 0.0]] + [[1.0, 0.5, 0.3, 0.0]] * 5, dtype=torch.float64)
+    units = [Unit(f"layer{i}", (128, 256)) for i in range(6)]
+    table = SensitivityTable(units, [QuantSpec(b) for b in (2, 3, 4, 8)], per_unit, {"probe": "toy"})
+    plan = api.solve(table, 3.3)             # 2 to 4 bits; the one candidate, no widths below 3, is all W3
+
+    def resumable(all_three: float):
+        calls = []
+
+        class Fitness:
+            resumable, max_windows = True, 8
+
+            def __call__(self, choice, n_windows=None, first=0):
+                calls.append(first)
+                bits = {table.options[int(c)].bits for c in choice}
+                return (all_three if bits == {3} else 1.5) + first     # later windows score worse: weighted
+        return Fitness(), calls
+    far, calls = resumable(100.0)
+    checked = check_widths(table, plan, far)
+    record = checked.extra["width_check"]
+    assert record["early"] == {"no widths below 3 bits": 2} and record["without_low_widths_kl"] == 100.0
+    assert checked.layers == plan.layers and "chosen" not in record
+    assert record["kl"] == pytest.approx((1.5 * 2 + 3.5 * 6) / 8) and calls == [0, 0, 2]
+    near, calls = resumable(1.5 / RACE_FACTOR)        # within the factor: scored in full, and it wins
+    checked = check_widths(table, plan, near)
+    assert checked.extra["width_check"]["chosen"] == "no widths below 3 bits" and calls == [0, 0, 2, 2]
+    assert "early" not in checked.extra["width_check"]
+
+
+def test_the_fitness_scores_any_run_of_windows_as_the_whole_does(tiny_llama_dir, calib_text):
+    from bitalloc.fitness import KLFitness
+    prepared = api.prepare(tiny_llama_dir, calibration=calib_text, n_windows=8, seq_len=64)
+    fit = KLFitness(prepared, max_windows=8, stride=2)
+    choice = [1] * len(prepared.units)
+    whole = fit(choice, 8)
+    assert whole == pytest.approx((fit(choice, 2) * 2 + fit(choice, 8, first=2) * 6) / 8, rel=1e-6)
+    assert fit(choice, 5, first=2) == pytest.approx((fit(choice, 5) * 5 - fit(choice, 2) * 2) / 3, rel=1e-6)
