@@ -48,6 +48,6 @@ def test_the_python_snippet_runs_after_the_walk_through(tmp_path):
     assert (tmp_path / "plan.json").read_text() == "{}"       # the walk-through's files are left alone
     assert (tmp_path / "packed" / "model.safetensors").read_text() == "walk-through"
     assert "compressed-tensors" in (tmp_path / "plan-py-ct" / "config.json").read_text()
-    import bitalloc
-    model = bitalloc.packed.load(tmp_path / "packed-py")
+    from bitalloc import packed                       # a submodule: imported here, not by `import bitalloc`
+    model = packed.load(tmp_path / "packed-py")
     assert model.bitalloc_plan.true_bpw == pytest.approx(3.1996, abs=1e-4)
