@@ -18,7 +18,7 @@ def _both(prepared):
 
 @pytest.mark.parametrize("dtype", ["auto", "fp32"])
 def test_streamed_fisher_equals_whole_model_on_refllama(dtype):
-    prepared = prepare(None, n_windows=4, seq_len=128, dtype=dtype)
+    prepared = prepare(None, n_windows=2, seq_len=64, dtype=dtype)    # 128 gradient samples: the equality, not the table, is tested
     whole, streamed = _both(prepared)
     assert (whole > 0).all()
     assert ((whole - streamed).abs() / whole).max() <= 1e-4
