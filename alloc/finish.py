@@ -203,7 +203,8 @@ def check_widths(table, plan: BitPlan, fitness, windows: int = REFINE_WINDOWS, *
 
 
 RACE_FACTOR = 1.5      # a candidate whose KL on the first quarter of the windows passes the best's by this factor
-                       # is not scored on the rest (Gemma-3-270M at Q2_K's size: uniform Q5_K 3.4×, Q3_K_S 15×)
+                       # is not scored on the rest (Gemma-3-270M at Q2_K's size: uniform Q5_K 0.157 and the Q3_K_S
+                       # mix 0.677 on 2 windows, the plan 0.036 on all 8)
 
 
 def _race(table, scored: dict, fitness, windows: int) -> tuple[dict, dict]:
