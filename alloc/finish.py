@@ -183,12 +183,14 @@ def check_widths(table, plan: BitPlan, fitness, windows: int = REFINE_WINDOWS, *
     scored = {"the plan": plan, **candidates, **others}
     kls, early = _race(table, scored, fitness, windows)
     kl_plan = kls.pop("the plan")
+    # how the record names each plan: a floor candidate by its field, an alternative by its name
+    field = {name: "without_low_widths_kl" if name.endswith(f" {top} bits") else
+             f"without_below_{name.split()[-2]}_kl" for name in candidates}
     checked = {"kl": kl_plan, "floor_bits": top, "windows": windows,
                "held_out": bool(getattr(fitness, "held_out", False)),
-               **{"without_low_widths_kl" if name.endswith(f" {top} bits") else
-                  f"without_below_{name.split()[-2]}_kl": kls[name] for name in candidates},
+               **{field[name]: kls[name] for name in candidates},
                **({"alternatives": {name: kls[name] for name in others}} if others else {}),
-               **({"early": early} if early else {})}
+               **({"early": {field.get(name, name): n for name, n in early.items()}} if early else {})}
     kls = {name: kl for name, kl in kls.items() if name not in early}
     best = min(kls, key=kls.get) if kls else None
     if best is None or kl_plan <= kls[best]:
@@ -209,29 +211,26 @@ RACE_FACTOR = 1.5      # a candidate whose KL on the first quarter of the window
 
 def _race(table, scored: dict, fitness, windows: int) -> tuple[dict, dict]:
     """Each plan's KL on ``windows`` windows, except that plans far behind the best on the first quarter of them
-    stop there (``early``: name -> windows scored). "the plan" is always scored in full. A fitness that cannot
+    stop there (``early``: name -> windows scored; their KL is that of those windows). "the plan" is always scored in full. A fitness that cannot
     resume (``resumable``) scores every plan on all windows."""
     from tqdm.auto import tqdm
     windows = min(windows, getattr(fitness, "max_windows", windows))
     first = max(1, windows // 4) if getattr(fitness, "resumable", False) and windows >= 4 else windows
-    bar = tqdm(desc="check", total=len(scored) * windows, leave=False)
-    head = {}
-    for name, p in scored.items():
-        head[name] = fitness(_choice(table, p), first)
-        bar.update(first)
-    if first == windows:
-        bar.close()
-        return head, {}
-    best = min(head.values())
     kls, early = {}, {}
-    for name, p in scored.items():
-        if name != "the plan" and head[name] > RACE_FACTOR * best:
-            kls[name], early[name] = head[name], first
-            continue
-        rest = fitness(_choice(table, p), windows, first=first)
-        kls[name] = (head[name] * first + rest * (windows - first)) / windows
-        bar.update(windows - first)
-    bar.close()
+    with tqdm(desc="check", total=len(scored) * windows, leave=False) as bar:
+        for name, p in scored.items():
+            kls[name] = fitness(_choice(table, p), first)
+            bar.update(first)
+        if first == windows:
+            return kls, early
+        best = min(kls.values())
+        for name, p in scored.items():
+            if name != "the plan" and kls[name] > RACE_FACTOR * best:
+                early[name] = first
+                continue
+            rest = fitness(_choice(table, p), windows, first=first)
+            kls[name] = (kls[name] * first + rest * (windows - first)) / windows
+            bar.update(windows - first)
     return kls, early
 
 

@@ -151,13 +151,13 @@ class KLFitness:
         n = self.max_windows if n_windows is None else min(n_windows, self.max_windows)
         total, seen, start = 0.0, 0, 0
         for k, batch in enumerate(self.workload.batches()):
-            lo, hi = max(first - start, 0), min(n - start, len(batch))
-            start += len(batch)
-            if hi <= lo:
-                if start >= n:
-                    break
-                continue
+            if start >= n:
+                break
             rows = len(batch)
+            lo, hi = max(first - start, 0), min(n - start, rows)
+            start += rows
+            if hi <= lo:
+                continue
             batch, ref = batch[lo:hi], self.reference[k][lo:hi]
             if self.head is not None:
                 logits = [r[lo:hi] for r in self.ref_logits[k]] if self.ref_logits is not None else None

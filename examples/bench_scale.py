@@ -245,7 +245,8 @@ def main() -> None:
     if len(rows) > 1:
         xs = [d for d, _, _ in rows]
         print(f"\nper added layer (least squares over depths {xs}); one layer is {layer_bytes / GB:.3f} GB in bf16")
-        stages = [("allocate", 0, list(rows[0][1])[-2]), ("apply", 1, list(rows[0][2])[-1])]
+        # each process's last stage (its peak so far is the process's peak)
+        stages = [("allocate", 0, [k for k in rows[0][1] if k != "streamed"][-1]), ("apply", 1, list(rows[0][2])[-1])]
         for label, which, last in stages:
             peaks = [r[1 + which][last][1] for r in rows]
             anons = [r[1 + which][last][2] for r in rows]

@@ -85,11 +85,9 @@ def check_lines(plan) -> list[str]:
     if isinstance(widths, dict):
         early = widths.get("early", {})      # candidates far behind on the first windows, not scored on the rest
 
-        def said(label, name, kl):
-            return f"{label} {kl:.5f}" + (f" (first {early[name]} windows)" if name in early else "")
-        floor = widths.get("floor_bits")
-        others = ", ".join([said(k.removesuffix('_kl').replace('_', ' '),
-                                 f"no widths below {floor if k == 'without_low_widths_kl' else k.split('_')[2]} bits", v)
+        def said(label, key, kl):
+            return f"{label} {kl:.5f}" + (f" (first {early[key]} windows)" if key in early else "")
+        others = ", ".join([said(k.removesuffix('_kl').replace('_', ' '), k, v)
                             for k, v in widths.items() if k.startswith("without") and k.endswith("_kl")] +
                            [said(k, k, v) for k, v in widths.get("alternatives", {}).items()])
         chosen = widths.get("chosen", "kept the plan")

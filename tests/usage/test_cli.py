@@ -246,7 +246,7 @@ def test_allocate_says_what_the_checks_decided():
     assert "the plan 0.05000 vs without low widths 0.04000: no widths below 3 bits" in width
     plan.extra["width_check"] = {"kl": 0.05, "floor_bits": 3, "windows": 8, "without_below_2_kl": 0.3,
                                  "alternatives": {"uniform Q5_K": 0.2, "llama.cpp Q3_K_S": 0.06},
-                                 "early": {"no widths below 2 bits": 2, "uniform Q5_K": 2}}
+                                 "early": {"without_below_2_kl": 2, "uniform Q5_K": 2}}
     _, width = check_lines(plan)
     assert ("without below 2 0.30000 (first 2 windows), uniform Q5_K 0.20000 (first 2 windows), llama.cpp Q3_K_S "
             "0.06000: kept the plan") in width
