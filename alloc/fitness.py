@@ -28,6 +28,7 @@ from .units import set_unit_weight, unit_weight
 CACHE_BYTES = 2 << 30            # quantized weights kept between calls (per unit and option)
 HESSIAN_WINDOWS = 32             # calibration windows after the scored ones on which GPTQ's XᵀX is collected
 REF_LOGITS_BYTES = 1 << 30       # the reference's logits (at the fitness's positions) are kept up to this size
+HESSIAN_BYTES = 1 << 30          # GPTQ's prepared XᵀX (inverse factors) kept between calls
 
 
 class KLFitness:
@@ -50,6 +51,8 @@ class KLFitness:
         self.evaluations = 0
         self._cache: OrderedDict = OrderedDict()
         self._cache_bytes = 0
+        self._prepared: OrderedDict = OrderedDict()      # id(XᵀX) -> its prepared form for GPTQ
+        self._prepared_bytes = 0
         self.stream, self.head = head_of(prepared.model, self.units) if prepared.kind == "causal_lm" else (None, None)
         self._final = final_states
         outside = [u for u in self.units if self.stream is not None and self.stream.block_of(u) is None]
@@ -103,13 +106,30 @@ class KLFitness:
             return self._cache[key]
         u = self.units[i]
         W = self._fp(u.name)
-        q = self.quantizer.fake(W, self.options[j], self.H.get(u.name)).to(W.dtype)
+        H, spec = self.H.get(u.name), self.options[j]
+        hessian = self._prepared_for(H) if self.quantizer.sweeps(spec) else None
+        q = self.quantizer.fake(W, spec, H, hessian).to(W.dtype)
         self._cache[key] = q
         self._cache_bytes += q.numel() * q.element_size()
         while self._cache_bytes > CACHE_BYTES and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
             self._cache_bytes -= old.numel() * old.element_size()
         return q
+
+    def _prepared_for(self, H: torch.Tensor | None):
+        """``Quantizer.prepare(H)``, kept (up to ``HESSIAN_BYTES``) for the unit's other widths and for the
+        units that read the same input (q/k/v share one XᵀX object)."""
+        if H is None or H.dim() != 2:
+            return None
+        key = id(H)
+        if key not in self._prepared:
+            self._prepared[key] = self.quantizer.prepare(H, self.options)
+            self._prepared_bytes += H.numel() * 4
+            while self._prepared_bytes > HESSIAN_BYTES and len(self._prepared) > 1:
+                _, old = self._prepared.popitem(last=False)
+                self._prepared_bytes -= old.Hinv.numel() * 4
+        self._prepared.move_to_end(key)
+        return self._prepared[key]
 
     def weight(self, i: int, c) -> torch.Tensor:
         """Unit ``i``'s weight for choice ``c``: an option index, or one per output row."""

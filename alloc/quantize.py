@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BitallocError
-from .gptq_sweep import damped, sweep
+from .gptq_sweep import Hessian, error_rows, prepare, start, sweep
 from .options import QuantSpec
 
 
@@ -199,29 +199,33 @@ def ggml_quantize(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = Non
     return quantize_ggml(W, spec.ggml_for(W.shape[1]), importance)
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
+def gptq(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, *, block_size: int = 128,
          damp: float = 0.01, row_bits: torch.Tensor | None = None, act_order: bool = False,
-         grid=(1.0,)) -> QuantizedWeight | RowQuantized:
+         grid=(1.0,), hessian: Hessian | None = None,
+         losses: torch.Tensor | None = None) -> QuantizedWeight | RowQuantized:
     """GPTQ (Frantar et al. 2022): quantize columns in order, spreading each column's error over the
-    columns not yet quantized through the inverse Hessian. ``W`` (out, in), ``H`` = XᵀX (in, in).
+    columns not yet quantized through the inverse Hessian. ``W`` (out, in), ``H`` = XᵀX (in, in), or
+    ``hessian``: its ``prepare``d form with this ``damp`` and ``act_order``, shared by several widths.
 
     Group parameters are taken from the error-updated weights when a group starts; with ``act_order`` the
     columns go in order of decreasing H_jj (the most active inputs first, whose error the others then
     absorb) and every group's parameters are fixed beforehand from the original weights ("static groups":
     the groups stay contiguous runs of columns, as the packer stores them). ``grid``: search each group's
     clipping, weighting each column's rounding error by H_jj (``searched_params``). With ``row_bits`` each
-    output row rounds to its own grid (the column sweep is unchanged) and a RowQuantized comes back."""
+    output row rounds to its own grid (the column sweep is unchanged) and a RowQuantized comes back.
+    ``losses``: (out,) float64 that gains each row's error on the damped H (gptq_sweep.sweep)."""
     out_f, in_f = W.shape
-    W, H, h = damped(W, H, damp)
+    hs = hessian if hessian is not None else prepare(H, damp, act_order, W.device)
+    W, Wt = start(W, hs)
+    h = hs.h
 
     g = in_f if spec.group_size == -1 else spec.group_size
     if spec.group_size != -1:
         block_size = max(block_size // g, 1) * g                            # groups never straddle blocks
     G = math.ceil(in_f / g)
     maxq = 2**spec.bits - 1 if row_bits is None else (2.0 ** row_bits.to(W.device).float() - 1)
-    codes = torch.zeros(out_f, in_f, dtype=torch.int32, device=W.device)       # on W's device (a GPU block)
-    scales = torch.zeros(out_f, G, device=W.device)
-    zeros = torch.zeros(out_f, G, dtype=torch.int32, device=W.device)
+    scales = torch.zeros(G, out_f, device=W.device)                            # group-major: a row per group
+    zeros = torch.zeros(G, out_f, dtype=torch.int32, device=W.device)
 
     def params(cols, weight):
         """(out, 1) scale and zero of one group of columns ``cols`` (out, n) with column importance ``weight``."""
@@ -232,23 +236,23 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int =
     if static:                      # every group's parameters from the original weights, before the sweep
         for gi in range(G):
             s, z = params(W[:, gi * g:(gi + 1) * g], h[gi * g:(gi + 1) * g])
-            scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
-    perm = torch.argsort(h, descending=True, stable=True) if act_order else torch.arange(in_f, device=W.device)
-    group_of = perm // g                                                       # each swept column's group
-    W, H = W[:, perm], H[perm][:, perm]
-    q_perm = torch.zeros_like(codes)
+            scales[gi], zeros[gi] = s[:, 0], z[:, 0]
+    group_of = (hs.perm // g).tolist()                                         # each swept column's group
+    q_perm = torch.zeros(in_f, out_f, dtype=torch.int32, device=W.device)      # codes, a row per swept column
 
-    def round_col(col, W1, i):
-        gi = int(group_of[col])
-        if not static and col % g == 0:
-            s, z = params(W1[:, i:i + g], h[col:col + g])
-            scales[:, gi], zeros[:, gi] = s[:, 0], z[:, 0]
-        q = torch.round(W1[:, i] / scales[:, gi]) + zeros[:, gi]
+    def round_col(k, w):
+        gi = group_of[k]
+        if not static and k % g == 0:          # no act order: column k is column k of W, its group starts here
+            s, z = params(Wt[k:k + g].T, h[k:k + g])
+            scales[gi], zeros[gi] = s[:, 0], z[:, 0]
+        q = torch.round(w / scales[gi]) + zeros[gi]
         q = torch.clamp(q, 0, maxq) if row_bits is None else torch.minimum(q.clamp(min=0), maxq)
-        q_perm[:, col] = q.to(torch.int32)
-        return (q - zeros[:, gi]) * scales[:, gi]
-    sweep(W, H, block_size, round_col)
-    codes[:, perm] = q_perm
+        q_perm[k] = q.to(torch.int32)
+        return (q - zeros[gi]) * scales[gi]
+    sweep(Wt, hs.Hinv, block_size, round_col, losses)
+    codes = torch.empty(out_f, in_f, dtype=torch.int32, device=W.device)
+    codes[:, hs.perm] = q_perm.T
+    scales, zeros = scales.T.contiguous(), zeros.T.contiguous()
     if row_bits is not None:
         return split_rows(codes, scales, zeros, row_bits, spec)
     return QuantizedWeight(codes, scales, zeros, spec)
@@ -297,13 +301,41 @@ class Quantizer:
         if spec.ggml:
             from .ggml.gptq import gptq_ggml
             from .ggml.types import get_type
+            kw.pop("hessian", None)             # prepared with this quantizer's act order; ggml's is always on
             return gptq_ggml(W, H, get_type(spec.ggml_for(W.shape[1])), damp=self.damp) if not kw \
                 else _no_ggml_rows(spec)
         return gptq(W, H, spec, damp=self.damp, act_order=self.act_order, grid=self.grid, **kw)
 
-    def fake(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None) -> torch.Tensor:
+    def sweeps(self, spec: QuantSpec) -> bool:
+        """Whether ``fake`` rounds ``spec`` by our GPTQ sweep (given an XᵀX): ggml types and fp16 it does not."""
+        return self.method == "gptq" and not spec.is_float and not spec.ggml
+
+    def prepare(self, H: torch.Tensor | None, options: list[QuantSpec]) -> Hessian | None:
+        """What GPTQ on ``H`` costs whatever the width (gptq_sweep.prepare), for ``fake``'s ``hessian``
+        when one layer is rounded at several ``options``; None where ``fake`` runs no GPTQ sweep on them."""
+        if H is None or H.dim() != 2 or not any(self.sweeps(s) for s in options):
+            return None
+        return prepare(H, self.damp, self.act_order)
+
+    def error_rows(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor,
+                   hessian: Hessian | None = None) -> torch.Tensor:
+        """(out,) float64 (ΔW H ΔWᵀ)_ii of each output row, ΔW = ``fake(W, spec, H)`` − W, ``H`` (in, in): what
+        the probes price (the product in H's dtype). Where GPTQ sweeps, its own losses give it (gptq_sweep.error_rows) at no cost beyond
+        the rounding; the product ΔW H would cost as much as the sweep again (out × in² each)."""
+        W = W.detach().float()
+        if self.sweeps(spec):
+            hs = hessian if hessian is not None else self.prepare(H, [spec])
+            losses = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
+            dW = self.gptq(W, H, spec, hessian=hs, losses=losses).dequantize() - W.masked_fill(hs.dead[None, :], 0)
+            return error_rows(dW, hs, losses)
+        dW = (self.fake(W, spec, H, hessian) - W).to(H.dtype)               # the product in H's precision
+        return ((dW @ H) * dW).sum(1, dtype=torch.float64)
+
+    def fake(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None,
+             hessian: Hessian | None = None) -> torch.Tensor:
         """W as this quantizer leaves it (float32; fp16 specs only round to fp16), the layer alone: GPTQ on
-        the layer's own XᵀX ``H`` (the probes' view: the layers before it unquantized); RTN without one."""
+        the layer's own XᵀX ``H`` (the probes' view: the layers before it unquantized); RTN without one.
+        ``hessian``: ``prepare(H)``, computed once for all of a layer's widths."""
         W = W.detach().float()
         if H is not None and H.dim() == 1:
             H = None                        # an embedding's token counts weigh its rows, not its inputs: RTN
@@ -312,7 +344,7 @@ class Quantizer:
         if spec.ggml:
             return ggml_quantize(W, spec, H).dequantize()
         if self.method == "gptq" and H is not None:
-            return self.gptq(W, H, spec).dequantize()
+            return self.gptq(W, H, spec, hessian=hessian).dequantize()
         return self.rtn(W, spec).dequantize()
 
 

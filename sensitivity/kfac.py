@@ -38,9 +38,9 @@ def kfac_cost(W: torch.Tensor, G: torch.Tensor, Hn: torch.Tensor, options: list[
     if Hn.dim() == 1:             # an embedding: row v is token v's vector, read by its share Hn[v] of the tokens
         return _embedding_cost(W, G, Hn, options, quantizer, head, rows)
     Hf = Hn.float()               # the products in float32 (half the time of float64), their sums in float64
+    hessian = quantizer.prepare(Hf, options)      # GPTQ's inverse factor, once for all the options
     for j, spec in enumerate(options):
-        dW = quantizer.fake(W, spec, Hn) - W
-        rows[:, j] = 0.5 * G * ((dW @ Hf) * dW).sum(1, dtype=torch.float64)
+        rows[:, j] = 0.5 * G * quantizer.error_rows(W, spec, Hf, hessian)
     return rows
 
 

@@ -113,8 +113,11 @@ def unit_row_errors(W: torch.Tensor, H: torch.Tensor, options: list[QuantSpec],
                     quantizer: Quantizer = DEFAULTS["rtn"]) -> torch.Tensor:
     """(out, O) row errors of one unit under each option, ΔW by ``quantizer`` (GPTQ: on this H)."""
     W = W.detach().float()
-    gptq_h = H if H.dim() == 2 else None                    # an embedding's H is a diagonal of counts
-    return torch.stack([row_errors(quantizer.fake(W, spec, gptq_h) - W, H) for spec in options], dim=1)
+    if H.dim() == 1:                                        # an embedding's H is a diagonal of counts
+        return torch.stack([row_errors(quantizer.fake(W, spec) - W, H) for spec in options], dim=1)
+    H = H.double()
+    hessian = quantizer.prepare(H, options)                 # GPTQ's inverse factor, once for all the options
+    return torch.stack([quantizer.error_rows(W, spec, H, hessian) for spec in options], dim=1)
 
 
 @dataclass(frozen=True)

@@ -11,36 +11,32 @@ from __future__ import annotations
 
 import torch
 
-from ..gptq_sweep import damped, sweep
+from ..gptq_sweep import prepare, start, sweep
 from .types import GgmlQuantized, GgmlType, quantize
 
 
 def gptq_ggml(W: torch.Tensor, H: torch.Tensor, t: GgmlType, *, damp: float = 0.01,
               block_size: int = 128) -> GgmlQuantized:
     """``W`` (out, in) in ggml type ``t`` by GPTQ with act order on ``t``'s grid; ``H`` = XᵀX (in, in)."""
-    out_f, in_f = W.shape
-    W, H, h = damped(W, H, damp)
-    grid = quantize(W, t, h)                                        # the static grid, from the original weights
-    sub_of = torch.arange(in_f, device=W.device) // t.sub
-    S, M = grid.S[:, sub_of], grid.M[:, sub_of]                     # (out, in): each column's scale and min
+    hs = prepare(H, damp, act_order=True, device=W.device)
+    W, Wt = start(W, hs)
+    grid = quantize(W, t, hs.h)                                     # the static grid, from the original weights
+    sub_of = hs.perm // t.sub                                       # each swept column's sub-block
+    S, M = grid.S.T[sub_of], grid.M.T[sub_of]                       # (in, out): each swept column's scale and min
     safe = torch.where(S == 0, torch.ones_like(S), S)
     maxq = 2 ** t.bits - 1
+    u = torch.zeros(Wt.shape, dtype=torch.uint8, device=W.device)   # codes, a row per swept column
 
-    perm = torch.argsort(h, descending=True, stable=True)
-    W, H, S, M, safe = W[:, perm], H[perm][:, perm], S[:, perm], M[:, perm], safe[:, perm]
-    u = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
-
-    def round_col(col, W1, i):
-        w = W1[:, i]
+    def round_col(k, w):
         if t.affine:
-            code = torch.round((w + M[:, col]) / safe[:, col]).clamp(0, maxq)
-            q = S[:, col] * code - M[:, col]
+            code = torch.round((w + M[k]) / safe[k]).clamp(0, maxq)
+            q = S[k] * code - M[k]
         else:
-            code = (torch.round(w / safe[:, col]) + t.offset).clamp(0, maxq)
-            q = S[:, col] * (code - t.offset)
-        u[:, col] = torch.where(S[:, col] == 0, torch.full_like(code, t.offset), code).to(torch.uint8)
+            code = (torch.round(w / safe[k]) + t.offset).clamp(0, maxq)
+            q = S[k] * (code - t.offset)
+        u[k] = torch.where(S[k] == 0, torch.full_like(code, t.offset), code).to(torch.uint8)
         return q
-    sweep(W, H, block_size, round_col)
-    codes = torch.empty_like(u)
-    codes[:, perm] = u
+    sweep(Wt, hs.Hinv, block_size, round_col)
+    codes = torch.empty(W.shape, dtype=torch.uint8, device=W.device)
+    codes[:, hs.perm] = u.T
     return GgmlQuantized(t, codes, grid.S, grid.M, grid.d, grid.dmin, grid.sc, grid.m)

@@ -84,3 +84,39 @@ def test_sequential_gptq_groups_follow_the_forward_pass(tiny_llama_dir):
              {}, order)
     names = [[u.name.rsplit(".", 1)[-1] for u in g] for g in _sequential_groups(units, order)]
     assert names == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def _correlated_gram(in_f: int, dead: int = 3) -> torch.Tensor:
+    """XᵀX / n of inputs that share a few directions, with an outlier channel and ``dead`` inputs never firing."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(4096, 16, generator=g) @ torch.randn(16, in_f, generator=g) + 0.1 * torch.randn(4096, in_f, generator=g)
+    X[:, :dead] = 0
+    X[:, dead] *= 20
+    return X.T @ X / len(X)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=2, group_size=32), QuantSpec(bits=4, group_size=32),
+                                  QuantSpec(bits=3, group_size=-1, symmetric=True)])
+def test_gptq_error_rows_from_its_sweep_equal_the_product(spec):
+    """The probes price GPTQ's ΔW by the sweep's own losses (ΔW H ΔWᵀ = E Eᵀ on the damped H, damping taken
+    back out) instead of the out × in² product: the two agree row by row, dead inputs included."""
+    from bitalloc.quantize import DEFAULTS
+    q = DEFAULTS["gptq"]
+    W = torch.randn(48, 96, generator=torch.Generator().manual_seed(2))
+    H = _correlated_gram(96).double()
+    fast = q.error_rows(W, spec, H, q.prepare(H, [spec]))
+    dW = (q.fake(W, spec, H) - W).double()
+    direct = ((dW @ H) * dW).sum(1)
+    assert torch.allclose(fast, direct, rtol=1e-3, atol=1e-9 * float(direct.max()))
+
+
+def test_gptq_on_a_prepared_hessian_rounds_as_on_the_gram_itself():
+    """One ``prepare`` shared by every width of a layer gives each width the codes GPTQ gives from XᵀX."""
+    from bitalloc.quantize import DEFAULTS
+    q = DEFAULTS["gptq"]
+    W = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
+    H = _correlated_gram(64)
+    specs = [QuantSpec(bits=b, group_size=32) for b in (2, 3, 4)]
+    shared = q.prepare(H, specs)
+    for spec in specs:
+        assert torch.equal(q.gptq(W, H, spec, hessian=shared).codes, q.gptq(W, H, spec).codes)

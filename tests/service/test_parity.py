@@ -19,6 +19,7 @@ GRID = [
     ("row-ilp", {"granularity": "row", "solver": "ilp"}),
     ("target-llama.cpp", {"target": "llama.cpp", "budget_bits": 4.6}),
     ("target-vllm", {"target": "vllm", "budget_bits": 5.0}),
+    ("size-gguf", {"target": "llama.cpp", "size": 12_000_000}),          # a budget in bytes, not bits
     ("evolutionary", {"solver": "evolutionary", "generations": 2}),
 ]
 
@@ -48,19 +49,19 @@ def test_api_cli_and_service_give_the_same_plan(settings, server, tmp_path, monk
     import bitalloc
     from bitalloc.cli import main
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path.parent / "parity-cache"))    # shared by the grid's cases
-    budget = settings.get("budget_bits", 3.2)
+    budget = settings.get("budget_bits", None if "size" in settings else 3.2)
     rest = {k: v for k, v in settings.items() if k != "budget_bits"}
 
     api = bitalloc.allocate(None, budget, **SMALL, **rest, progress=False).dumps().encode()
 
     out = tmp_path / "cli.json"
-    argv = ["allocate", "--budget", str(budget), "--n-windows", str(SMALL["n_windows"]), "--seq-len",
-            str(SMALL["seq_len"]), *_flags(rest), "--out", str(out)]
+    argv = ["allocate", *(["--budget", str(budget)] if budget is not None else []), "--n-windows",
+            str(SMALL["n_windows"]), "--seq-len", str(SMALL["seq_len"]), *_flags(rest), "--out", str(out)]
     assert main(argv) == 0
     cli = out.read_bytes()
 
-    status, _, served = server.call("POST", "/v1/plans?wait=600", {"model": "refllama-s", "budget_bits": budget,
-                                                                    **SMALL, **rest}, timeout=660)   # as the server waits
+    body = {"model": "refllama-s", **({"budget_bits": budget} if budget is not None else {}), **SMALL, **rest}
+    status, _, served = server.call("POST", "/v1/plans?wait=600", body, timeout=660)   # as the server waits
     assert status == 200, served
 
     assert _without_timings(api) == _without_timings(cli), "the Python API's plan differs from the CLI's"
