@@ -194,7 +194,8 @@ def _say_if_saturated(table, plan: BitPlan, budget_bits: float, count_overhead: 
 
 
 def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: float | None = None, *,
-             size: int | str | None = None, format: str | None = None,
+             size: int | str | None = None, format: str | None = None, memory: int | str | None = None,
+             context: int | None = None, kv_type: str = "f16", batch: int = 1,
              calibration: str | torch.Tensor | None = None, tokenizer: Any = None, effort: Any = DEFAULT_EFFORT,
              probe: str | None = None, solver: str | None = None, options: list[QuantSpec] | str | None = None,
              include: tuple[str, ...] = (), fuse: bool = False, count_overhead: bool = True,
@@ -206,7 +207,8 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
              seed: int | None = None, stream: str = "auto", device: str | None = None,
              progress: bool = True) -> BitPlan:
     """Choose a width per layer so the model fits ``budget_bits`` TRUE bits per weight on average (default
-    3.2), or a GGUF file of ``size`` bytes (e.g. "240MB"; with ``target="llama.cpp"``).
+    3.2), or a GGUF file of ``size`` bytes (e.g. "240MB"; with ``target="llama.cpp"``), or llama.cpp's whole
+    ``memory`` at ``context`` tokens (the file, its KV cache in ``kv_type`` and its buffers: alloc/memory.py).
 
     ``model``: an ``nn.Module`` (with ``tokenizer=`` or token-id ``calibration``) or a local model folder (None:
     the embedded refllama-s); ``calibration``: text, a (n, seq) tensor of token ids, or None for the default
@@ -215,10 +217,11 @@ def allocate(model: nn.Module | str | os.PathLike | None = None, budget_bits: fl
     they are None; ``solver`` None is ilp per layer, closed_form per row), so this call, `bitalloc allocate`
     and the service give the same plan for the same settings.
     """
-    if budget_bits is None and size is None:
+    if budget_bits is None and size is None and memory is None:
         budget_bits = 3.2
     config = AllocateConfig(
-        budget_bits=budget_bits, size=size, format=format, effort=effort, probe=probe, solver=solver, granularity=granularity, quantizer=quantizer,
+        budget_bits=budget_bits, size=size, format=format, memory=memory, context=context, kv_type=kv_type,
+        batch=batch, effort=effort, probe=probe, solver=solver, granularity=granularity, quantizer=quantizer,
         options=options, group_size=group_size, symmetric=symmetric, fuse=fuse, count_overhead=count_overhead,
         experts=experts, include=tuple(include), exclude=tuple(exclude), target=target, seq_len=seq_len,
         n_windows=n_windows, dtype=dtype, stream=stream, check=check, refine=refine, generations=generations,
@@ -246,41 +249,50 @@ def run_allocate(config: AllocateConfig, model: nn.Module | str | os.PathLike | 
     config = config.for_model(moe=any(u.kind in EXPERT_KINDS for u in prepared.units))
     if on_prepared is not None:
         on_prepared(prepared)
-    if config.size is None:
+    if config.size is None and config.memory is None:
         table = measure_for(prepared, config, tables)
         plan = plan_for(table, config, prepared, progress=progress)
     else:                                     # a size too small is refused before the probe runs
         from .budgets import bits_for_size
-        bits = bits_for_size(prepared.model, prepared.tokenizer, prepared.units, prepared.options, config.size,
+        size, memory = config.size, None
+        if config.memory is not None:         # the file's share of the memory at that context (alloc/memory.py)
+            from .memory import size_for_memory
+            size, memory = size_for_memory(prepared.model, prepared.tokenizer, prepared.units, prepared.options,
+                                           config.memory, config.context, config.kv_type, config.batch)
+        bits = bits_for_size(prepared.model, prepared.tokenizer, prepared.units, prepared.options, size,
                              config.format)
         table = measure_for(prepared, config, tables)
-        plan = _plan_for_size(table, config, prepared, bits, progress)
+        plan = _plan_for_size(table, config, prepared, bits, size, progress)
+        if memory is not None:
+            weights = plan.extra["size"]["predicted_bytes"]
+            plan.extra["memory"] = dict(memory, weights_bytes=weights, predicted_bytes=weights + memory["total"])
     return Allocation(config, prepared, table, plan)
 
 
 SIZE_SLACK = 4096          # bytes: the first margin when a plan for a size comes out over it (then 8× each time)
 
 
-def _plan_for_size(table, config: AllocateConfig, prepared: Prepared, bits: float, progress: bool) -> BitPlan:
-    """The plan whose output (``config.format``) fits ``config.size`` bytes, from ``bits`` per planned weight
-    (what the size leaves them); should the exact size pass the target, the budget shrinks by the excess."""
+def _plan_for_size(table, config: AllocateConfig, prepared: Prepared, bits: float, size: int,
+                   progress: bool) -> BitPlan:
+    """The plan whose output (``config.format``) fits ``size`` bytes, from ``bits`` per planned weight (what
+    the size leaves them); should the exact size pass the target, the budget shrinks by the excess."""
     from .budgets import predicted_bytes
     tokenizer = prepared.tokenizer
     numel = sum(u.numel for u in prepared.units)
     for attempt in range(5):
         plan = plan_for(table, config, prepared, progress=progress, budget_bits=bits)
         # recorded before counting: a folder stores the plan, this entry included
-        plan.extra["size"] = {"format": config.format, "asked_bytes": config.size, "predicted_bytes": config.size,
+        plan.extra["size"] = {"format": config.format, "asked_bytes": size, "predicted_bytes": size,
                               "budget_bits": bits}
         predicted = predicted_bytes(prepared.model, tokenizer, plan, prepared.units, config.format)
         plan.extra["size"]["predicted_bytes"] = predicted
-        if predicted <= config.size:
+        if predicted <= size:
             break
         # the excess, plus a margin that grows each time: the same plan can come back for a budget cut by a few
         # hundred bytes (a folder's config lists each width's layers: its length moves with the mix)
-        bits -= (predicted - config.size + SIZE_SLACK * 8 ** attempt) * 8 / numel
+        bits -= (predicted - size + SIZE_SLACK * 8 ** attempt) * 8 / numel
     else:
-        raise BitallocError(f"no plan found under {config.size:,} B (the last took {predicted:,} B): give a larger size")
+        raise BitallocError(f"no plan found under {size:,} B (the last took {predicted:,} B): give a larger size")
     return plan
 
 
@@ -297,8 +309,8 @@ def prepare_for(config: AllocateConfig, model=None, *, calibration=None, tokeniz
         prepared.units = find_units(prepared.model, include=config.include, exclude=config.exclude, experts=per_layer)
         prepared.info = model_info(prepared.model, prepared.units)
         prepared.scope["experts"] = per_layer
-    if config.size is not None and config.format == "gguf":    # every byte is the solver's: the embedding and
-                                                                # head are units too (a folder keeps them in 16 bits)
+    # a GGUF file's every byte is the solver's: the embedding and head are units too (a folder keeps them in 16 bits)
+    if (config.size, config.memory) != (None, None) and config.format == "gguf":
         from .budgets import size_units
         include = tuple(dict.fromkeys(config.include + tuple(size_units(prepared.model))))
         prepared.units = find_units(prepared.model, include=include, exclude=config.exclude,

@@ -70,11 +70,11 @@ def predicted_bytes(model, tokenizer, plan, units, fmt: str = "gguf") -> int:
     return file_bytes(model, tokenizer, _types(model, plan, units))
 
 
-def bits_for_size(model, tokenizer, units, options, size: int, fmt: str = "gguf") -> float:
-    """The true bits per planned weight that fill a ``size``-byte file of ``fmt`` (GGUF: with worst-case
-    padding; a folder: with its format's overhead over our true bits, measured on the widest option)."""
+def size_floor(model, tokenizer, units, options, fmt: str = "gguf") -> tuple[float, float]:
+    """(fixed, smallest): the bytes of a ``fmt`` output no plan changes (GGUF: with worst-case padding; a folder:
+    its format's overhead over our true bits, measured on the widest option), and the planned units' bytes at
+    their narrowest options."""
     from .plan import BitPlan
-    numel = sum(u.numel for u in units)
     if fmt == "gguf":
         from .ggml.writer import nbytes
         from .options import QuantSpec
@@ -87,10 +87,16 @@ def bits_for_size(model, tokenizer, units, options, size: int, fmt: str = "gguf"
         probe = BitPlan.from_choice(units, [widest] * len(units))
         planned = sum(widest.size_bits(u.shape) for u in units) / 8
         fixed = predicted_bytes(model, tokenizer, probe, units, fmt) - planned
-    smallest = sum(min(o.size_bits(u.shape) for o in options) for u in units) / 8
+    return fixed, sum(min(o.size_bits(u.shape) for o in options) for u in units) / 8
+
+
+def bits_for_size(model, tokenizer, units, options, size: int, fmt: str = "gguf") -> float:
+    """The true bits per planned weight that fill a ``size``-byte file of ``fmt`` (``size_floor``'s fixed bytes
+    aside)."""
+    fixed, smallest = size_floor(model, tokenizer, units, options, fmt)
     if size < fixed + smallest:
         need = fixed + smallest
         raise SettingError("size", f"{{name}} {size:,} B is below the smallest plan's {need:,.0f} B ({need / 1e6:.1f} "
                                    f"MB: the model's unplanned tensors and metadata take {fixed / 1e6:.1f} MB): give "
                                    f"at least {need / 1e6:.1f}MB")
-    return (size - fixed) * 8 / numel
+    return (size - fixed) * 8 / sum(u.numel for u in units)

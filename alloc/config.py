@@ -126,6 +126,10 @@ class AllocateConfig:
     budget_bits: float | None = None
     size: Any = None                            # bytes, or text such as "240MB" (alloc/budgets.py)
     format: str | None = None                   # what size counts (SIZE_FORMATS); None: the target's
+    memory: Any = None                          # bytes or text: weights + KV cache + buffers at ``context``
+    context: int | None = None                  # tokens of context --memory holds (alloc/memory.py)
+    kv_type: str = "f16"                        # the KV cache's type under --memory: f16, q8_0, q4_0
+    batch: int = 1                              # sequences held at once under --memory
     effort: Any = DEFAULT_EFFORT
     probe: str | None = None
     solver: str | None = None
@@ -194,6 +198,9 @@ class AllocateConfig:
                 set_("by_effort", tuple(n for n in self.by_effort if n != "check"))
 
     def _resolve_budget(self, set_) -> None:
+        if self.memory is not None or self.context is not None:
+            self._resolve_memory(set_)
+            return
         if self.size is None:
             if self.budget_bits is None:
                 raise SettingError("budget_bits", "give {name} (bits per weight) or a size in bytes")
@@ -216,6 +223,28 @@ class AllocateConfig:
             set_("fuse", True)                # a GPTQ checkpoint's q/k/v and gate/up share one format (formats/gptq.py)
         if self.budget_bits is not None:
             raise SettingError("size", "give {name} or a budget in bits per weight, not both")
+
+    def _resolve_memory(self, set_) -> None:
+        """--memory at --context: a GGUF for llama.cpp whose size the model's footprint there sets (on the model)."""
+        from .budgets import parse_size
+        from .memory import KV_TYPES
+        if self.memory is None:
+            raise SettingError("context", "{name} goes with --memory (the memory to fit at that context)")
+        if self.context is None:
+            raise SettingError("memory", "{name} needs --context: the tokens of context it must hold")
+        if self.budget_bits is not None or self.size is not None:
+            raise SettingError("memory", "give {name} or --size or --budget, one of them")
+        if self.target != "llama.cpp" or self.format not in (None, "gguf"):
+            raise SettingError("memory", "{name} models llama.cpp's KV cache and buffers: use it with --target "
+                                         "llama.cpp (or plan a file size with --size)")
+        try:
+            set_("memory", parse_size(self.memory))
+        except SettingError as e:
+            raise SettingError("memory", e.template) from None
+        set_("context", checks.count(self.context, "context"))
+        set_("batch", checks.count(self.batch, "batch"))
+        checks.one_of(self.kv_type, list(KV_TYPES), "kv_type")
+        set_("format", "gguf")
 
     def _resolve_effort(self, set_) -> None:
         effort = self.effort
@@ -303,7 +332,7 @@ class AllocateConfig:
     def on_model(self) -> bool:
         """Whether the plan is made on the model (checks, search), not from the table alone."""
         return bool(self.check or self.refine or self.solver in NEEDS_MODEL or self.granularity == "row"
-                    or self.size is not None)
+                    or self.size is not None or self.memory is not None)
 
     def table_fields(self) -> dict:
         return {k: _jsonable(getattr(self, k)) for k in TABLE_FIELDS}

@@ -118,7 +118,8 @@ def allocate_config(args):
     """The AllocateConfig of `bitalloc allocate`'s arguments: every default resolved there, not here."""
     from ..config import AllocateConfig
     return AllocateConfig(
-        budget_bits=args.budget, size=args.size, format=getattr(args, "format", None), effort=args.effort, probe=args.probe, solver=args.solver, granularity=args.granularity,
+        budget_bits=args.budget, size=args.size, format=getattr(args, "format", None), memory=args.memory,
+        context=args.context, kv_type=args.kv_type, batch=args.batch, effort=args.effort, probe=args.probe, solver=args.solver, granularity=args.granularity,
         quantizer=args.quantizer, options=args.options, group_size=args.group_size, symmetric=args.symmetric,
         fuse=args.fuse, count_overhead=not args.nominal, experts=args.experts, include=split_list(args.include),
         exclude=split_list(args.exclude), target=args.target, calib=args.calib, seq_len=args.seq_len,

@@ -25,8 +25,9 @@ def cmd_allocate(args) -> None:
     if getattr(args, "server", None):
         from .service import allocate_on_server
         return allocate_on_server(args)
-    if args.budget is None and args.size is None:
-        raise BitallocError("give --budget BITS (per weight) or --size BYTES (the whole GGUF file, with --target llama.cpp)")
+    if args.budget is None and args.size is None and args.memory is None:
+        raise BitallocError("give --budget BITS (per weight), --size BYTES (the whole GGUF file, with --target llama.cpp) "
+                            "or --memory BYTES --context TOKENS (llama.cpp's whole footprint)")
     config = allocate_config(args)
     check_model_args(args)
     if args.baselines and not args.eval:
@@ -43,6 +44,12 @@ def cmd_allocate(args) -> None:
         planned = "embedding and head included" if gguf else "the embedding and head kept in 16 bits"
         print(f"\nsize {sized['asked_bytes']:,} B asked: {what} will take {sized['predicted_bytes']:,} B "
               f"({sized['budget_bits']:.4f} bits per planned weight, {planned})", end="")
+    held = plan.extra.get("memory")
+    if held:
+        print(f"\nmemory {held['asked_bytes']:,} B asked at {held['context']:,} tokens: llama.cpp will hold "
+              f"{held['predicted_bytes']:,} B (the GGUF {held['weights_bytes']:,}, KV cache {held['kv_type']} "
+              f"{held['kv_bytes']:,}, compute and output buffers {held['compute_bytes'] + held['output_bytes']:,})",
+              end="")
     print(f"\nbudget {plan.budget_bits:.6g} {'nominal' if args.nominal else 'true'} bits/weight · "
           f"true {plan.true_bpw:.4f} · nominal {plan.nominal_bpw:.4f} · probe {plan.probe} · solver {plan.solver}"
           f" · {len(plan.layers)} layers, {plan.n_params:,} weights, {plan.size_bytes() / 2**20:.2f} MiB packed")

@@ -117,6 +117,14 @@ def print_size(plan, written: int, fmt: str) -> None:
         return
     verdict = "as predicted" if written == sized["predicted_bytes"] else \
         f"{written - sized['predicted_bytes']:+,} B from the prediction"
+    held = plan.extra.get("memory")
+    if held:                            # --memory: the file's share, then the whole footprint at that context
+        total = written + held["total"]
+        print(f"size: the file's share of the memory asked {sized['asked_bytes']:,} B, written {written:,} B ({verdict})")
+        print(f"memory: llama.cpp at {held['context']:,} tokens will hold {total:,} B of the {held['asked_bytes']:,} B "
+              f"asked (the file, KV cache {held['kv_type']} {held['kv_bytes']:,} B, buffers "
+              f"{held['compute_bytes'] + held['output_bytes']:,} B)")
+        return
     print(f"size: asked {sized['asked_bytes']:,} B, predicted {sized['predicted_bytes']:,} B, written {written:,} B "
           f"({verdict}; {100 * written / sized['asked_bytes']:.2f} % of the size asked)")
 

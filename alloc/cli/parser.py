@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "compressed-tensors / GPTQ folder (--target vllm|transformers, or --format)")
     p.add_argument("--format", default=None, choices=["gguf", "compressed-tensors", "gptq"],
                    help="the output --size counts (default: the target's; apply then writes this format)")
+    p.add_argument("--memory", default=None, metavar="BYTES",
+                   help="instead of --budget: what llama.cpp may hold in all at --context tokens, e.g. 1GiB: the "
+                        "GGUF file, its KV cache and its compute and output buffers (--target llama.cpp)")
+    p.add_argument("--context", type=count_type, default=None, metavar="TOKENS",
+                   help="with --memory: the context length the memory must hold")
+    p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"],
+                   help="with --memory: llama.cpp's KV cache type (its -ctk/-ctv; default f16)")
+    p.add_argument("--batch", type=count_type, default=1, metavar="N",
+                   help="with --memory: sequences held at once, each with --context tokens (default 1)")
     p.add_argument("--effort", type=effort_type, default=DEFAULT_EFFORT, metavar="fast|balanced|best|SECONDS",
                    help="how much work buys quality: sets --probe, --quantizer, --n-windows, --check and --refine "
                         "where you leave them out (fast: kfac, rtn, 8 windows, no check; balanced: kfac, gptq, 16 "

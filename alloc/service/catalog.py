@@ -122,7 +122,7 @@ def config_of(request: dict):
         raise Unprocessable(str(e)) from None
 
 
-FIELD_NAMES = ("budget_bits", "size", "format", "effort", "probe", "solver", "granularity", "quantizer", "options", "group_size", "symmetric",
+FIELD_NAMES = ("budget_bits", "size", "format", "memory", "context", "kv_type", "batch", "effort", "probe", "solver", "granularity", "quantizer", "options", "group_size", "symmetric",
                "fuse", "experts", "target", "seq_len", "n_windows", "dtype", "check", "refine", "generations",
                "time_limit", "seed")
 

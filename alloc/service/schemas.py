@@ -35,6 +35,11 @@ class PlanIn(BaseModel):
                                                      "folder)")
     format: Literal["gguf", "compressed-tensors", "gptq"] | None = Field(
         None, description="the output size counts (default: the target's)")
+    memory: int | str | None = Field(None, description="instead of budget_bits: what llama.cpp holds in all at "
+                                                      "context tokens, e.g. 1GiB (target llama.cpp)")
+    context: int | None = Field(None, ge=1, description="with memory: the context length it must hold")
+    kv_type: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="with memory: llama.cpp's KV cache type")
+    batch: int = Field(1, ge=1, le=4096, description="with memory: sequences held at once")
     effort: Literal["fast", "balanced", "best"] | float | None = Field(
         None, description="sets probe, quantizer, n_windows, check and refine where left out (default balanced)")
     granularity: Literal["layer", "row"] = "layer"

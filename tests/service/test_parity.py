@@ -20,6 +20,7 @@ GRID = [
     ("target-llama.cpp", {"target": "llama.cpp", "budget_bits": 4.6}),
     ("target-vllm", {"target": "vllm", "budget_bits": 5.0}),
     ("size-gguf", {"target": "llama.cpp", "size": 12_000_000}),          # a budget in bytes, not bits
+    ("memory-gguf", {"target": "llama.cpp", "memory": 40_000_000, "context": 1024}),   # llama.cpp's whole footprint
     ("evolutionary", {"solver": "evolutionary", "generations": 2}),
 ]
 
@@ -49,7 +50,7 @@ def test_api_cli_and_service_give_the_same_plan(settings, server, tmp_path, monk
     import bitalloc
     from bitalloc.cli import main
     monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path.parent / "parity-cache"))    # shared by the grid's cases
-    budget = settings.get("budget_bits", None if "size" in settings else 3.2)
+    budget = settings.get("budget_bits", None if {"size", "memory"} & set(settings) else 3.2)
     rest = {k: v for k, v in settings.items() if k != "budget_bits"}
 
     api = bitalloc.allocate(None, budget, **SMALL, **rest, progress=False).dumps().encode()

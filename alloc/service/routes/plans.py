@@ -31,7 +31,7 @@ def _config(body: PlanIn):
     """The request's AllocateConfig; what can be refused before any table exists is refused here (422)."""
     config = catalog.config_of(body.model_dump())
     try:
-        if config.size is None:               # a size is checked against the model once it is loaded
+        if config.size is None and config.memory is None:     # those are checked on the model once it is loaded
             checks.feasible(config.budget_bits, config.specs(), count_overhead=config.count_overhead)
     except SettingError as e:
         raise Unprocessable(e.worded("budget_bits")) from None
