@@ -107,7 +107,7 @@ class KLFitness:
         u = self.units[i]
         W = self._fp(u.name)
         H, spec = self.H.get(u.name), self.options[j]
-        hessian = self._prepared_for(H) if self.quantizer.sweeps(spec) else None
+        hessian = self._prepared_for(H, W.device) if self.quantizer.sweeps(spec) else None
         q = self.quantizer.fake(W, spec, H, hessian).to(W.dtype)
         self._cache[key] = q
         self._cache_bytes += q.numel() * q.element_size()
@@ -116,14 +116,14 @@ class KLFitness:
             self._cache_bytes -= old.numel() * old.element_size()
         return q
 
-    def _prepared_for(self, H: torch.Tensor | None):
-        """``Quantizer.prepare(H)``, kept (up to ``HESSIAN_BYTES``) for the unit's other widths and for the
-        units that read the same input (q/k/v share one XᵀX object)."""
+    def _prepared_for(self, H: torch.Tensor | None, device):
+        """``Quantizer.prepare(H)`` on ``device`` (the weight's), kept (up to ``HESSIAN_BYTES``) for the unit's
+        other widths and for the units that read the same input (q/k/v share one XᵀX object)."""
         if H is None or H.dim() != 2:
             return None
-        key = id(H)
+        key = (id(H), str(device))
         if key not in self._prepared:
-            self._prepared[key] = self.quantizer.prepare(H, self.options)
+            self._prepared[key] = self.quantizer.prepare(H, self.options, device)
             self._prepared_bytes += H.numel() * 4
             while self._prepared_bytes > HESSIAN_BYTES and len(self._prepared) > 1:
                 _, old = self._prepared.popitem(last=False)

@@ -82,10 +82,10 @@ def size_for_memory(model, tokenizer, units, options, memory: int, context: int,
     held = footprint(model.config, context, kv_type, batch)
     fixed, smallest = size_floor(model, tokenizer, units, options, "gguf")
     need = held.total + fixed + smallest
+    buffers = held.compute_bytes + held.output_bytes
     if memory < need:
         raise SettingError("memory", f"{{name}} {memory:,} B is below what the smallest plan needs at {context:,} "
                                      f"tokens: {need:,.0f} B (its GGUF {fixed + smallest:,.0f} B, KV cache "
-                                     f"{held.kv_bytes:,} B, llama.cpp's buffers {held.compute_bytes + held.output_bytes:,} "
-                                     f"B): give at least {-(-int(need) // 2**20)}MiB, or a shorter --context or "
-                                     f"--kv-type q8_0")
+                                     f"{held.kv_bytes:,} B, llama.cpp's buffers {buffers:,} B): give at least "
+                                     f"{-(-int(need) // 2**20)}MiB, or a shorter --context or --kv-type q8_0")
     return memory - held.total, {"asked_bytes": memory, "engine": "llama.cpp", "batch": batch, **held.as_dict()}

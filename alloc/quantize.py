@@ -310,21 +310,23 @@ class Quantizer:
         """Whether ``fake`` rounds ``spec`` by our GPTQ sweep (given an XᵀX): ggml types and fp16 it does not."""
         return self.method == "gptq" and not spec.is_float and not spec.ggml
 
-    def prepare(self, H: torch.Tensor | None, options: list[QuantSpec]) -> Hessian | None:
-        """What GPTQ on ``H`` costs whatever the width (gptq_sweep.prepare), for ``fake``'s ``hessian``
-        when one layer is rounded at several ``options``; None where ``fake`` runs no GPTQ sweep on them."""
+    def prepare(self, H: torch.Tensor | None, options: list[QuantSpec], device=None) -> Hessian | None:
+        """What GPTQ on ``H`` costs whatever the width (gptq_sweep.prepare), on ``device`` (the weight's; None:
+        H's), for ``fake``'s ``hessian`` when one layer is rounded at several ``options``; None where ``fake``
+        runs no GPTQ sweep on them."""
         if H is None or H.dim() != 2 or not any(self.sweeps(s) for s in options):
             return None
-        return prepare(H, self.damp, self.act_order)
+        return prepare(H, self.damp, self.act_order, device)
 
     def error_rows(self, W: torch.Tensor, spec: QuantSpec, H: torch.Tensor,
                    hessian: Hessian | None = None) -> torch.Tensor:
         """(out,) float64 (ΔW H ΔWᵀ)_ii of each output row, ΔW = ``fake(W, spec, H)`` − W, ``H`` (in, in): what
-        the probes price (the product in H's dtype). Where GPTQ sweeps, its own losses give it (gptq_sweep.error_rows) at no cost beyond
-        the rounding; the product ΔW H would cost as much as the sweep again (out × in² each)."""
+        the probes price (the product in H's dtype). Where GPTQ sweeps, its own losses give it
+        (gptq_sweep.error_rows) at no cost beyond the rounding; the product ΔW H would cost as much as the
+        sweep again (out × in² each)."""
         W = W.detach().float()
         if self.sweeps(spec):
-            hs = hessian if hessian is not None else self.prepare(H, [spec])
+            hs = hessian if hessian is not None else self.prepare(H, [spec], W.device)
             losses = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
             dW = self.gptq(W, H, spec, hessian=hs, losses=losses).dequantize() - W.masked_fill(hs.dead[None, :], 0)
             return error_rows(dW, hs, losses)
