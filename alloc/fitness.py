@@ -51,7 +51,7 @@ class KLFitness:
         self.evaluations = 0
         self._cache: OrderedDict = OrderedDict()
         self._cache_bytes = 0
-        self._prepared: OrderedDict = OrderedDict()      # id(XᵀX) -> its prepared form for GPTQ
+        self._prepared: OrderedDict = OrderedDict()      # (id(XᵀX), device) -> its prepared form for GPTQ
         self._prepared_bytes = 0
         self.stream, self.head = head_of(prepared.model, self.units) if prepared.kind == "causal_lm" else (None, None)
         self._final = final_states
