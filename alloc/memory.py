@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from . import checks
 from .errors import SettingError
 
 KV_TYPES = {"f16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}     # bytes per block of values, values per block
@@ -53,8 +54,7 @@ def footprint(config, context: int, kv_type: str = "f16", batch: int = 1) -> Foo
     """What llama.cpp holds beside the weights of a model with Hugging Face ``config`` at ``context`` tokens for
     ``batch`` sequences, its KV cache in ``kv_type``."""
     c = _text_config(config)
-    if kv_type not in KV_TYPES:
-        raise SettingError("kv_type", f"unknown {{name}} {kv_type!r}: choose one of {', '.join(KV_TYPES)}")
+    checks.one_of(kv_type, list(KV_TYPES), "kv_type")
     limit = getattr(c, "max_position_embeddings", None)
     if context <= 0:
         raise SettingError("context", "{name} must be a positive number of tokens")

@@ -61,6 +61,7 @@ def add_force_arg(p, verb: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     from ..config import DEFAULT_EFFORT, DEFAULT_PROBE
+    from ..memory import KV_TYPES
     from ..registry import PROBES
     PROBE_NAMES = list(PROBES)
     from ..config import DEFAULT_STORAGE
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "GGUF file, its KV cache and its compute and output buffers (--target llama.cpp)")
     p.add_argument("--context", type=count_type, default=None, metavar="TOKENS",
                    help="with --memory: the context length the memory must hold")
-    p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"],
+    p.add_argument("--kv-type", default="f16", choices=list(KV_TYPES),
                    help="with --memory: llama.cpp's KV cache type (its -ctk/-ctv; default f16)")
     p.add_argument("--batch", type=count_type, default=1, metavar="N",
                    help="with --memory: sequences held at once, each with --context tokens (default 1)")
